@@ -1,0 +1,57 @@
+"""The graph runner: bucketing, splitting, and results independent of batch companions and padding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphs.runner import GraphRunner, default_buckets
+from runtime.classifier import load_classifier
+from tests.checkpoints import make_dinov3, make_vit
+
+
+def test_default_buckets():
+    assert default_buckets(1) == (1,)
+    assert default_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert default_buckets(24) == (1, 2, 4, 8, 16, 24)
+
+
+def test_bucket_for_and_chunks():
+    runner = GraphRunner(lambda x: (x.sum((1, 2, 3)),), (3, 4, 4), torch.float32, "cpu", (1, 2, 4, 8))
+    assert [runner.bucket_for(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert runner.chunks(8) == [(0, 8)]
+    assert runner.chunks(19) == [(0, 8), (8, 8), (16, 3)]
+    with pytest.raises(AssertionError):
+        runner.bucket_for(9)
+
+
+@pytest.mark.parametrize("make", [make_dinov3, make_vit], ids=["dinov3", "vit"])
+def test_result_independent_of_batch_and_bucket(tmp_path, make):
+    make(tmp_path)
+    model = load_classifier(tmp_path, torch.float32)
+    runner = GraphRunner(model, (3, 32, 32), torch.float32, "cpu", default_buckets(16))
+    runner.warmup()
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 32, 32, generator=g)
+
+    runner.input[0] = target
+    alone = runner.run(1)[1][0].clone()
+    for n, slot in [(3, 2), (5, 4), (16, 9)]:  # buckets 4, 8, 16; stale padding rows left in place
+        runner.input[:n] = torch.randn(n, 3, 32, 32, generator=g) * 3
+        runner.input[slot] = target
+        torch.testing.assert_close(runner.run(n)[1][slot], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_eager(tmp_path):
+    make_dinov3(tmp_path)
+    model = load_classifier(tmp_path, torch.float32, "cuda")
+    runner = GraphRunner(model, (3, 32, 32), torch.float32, "cuda", (1, 2, 4, 8))
+    runner.warmup()
+    assert set(runner.graphs) == {1, 2, 4, 8}
+    x = torch.randn(5, 3, 32, 32, device="cuda")
+    runner.input[:5] = x
+    replayed = runner.run(5)[1].clone()
+    with torch.inference_mode():
+        eager = model(x)[1]
+    torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
