@@ -201,7 +201,8 @@ class EncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         if self.normalize_before:
             x = x + self.self_attn(self.self_attn_layer_norm(x), pos)
-            return x + self.mlp(self.final_layer_norm(x))
+            x = self.final_layer_norm(x)  # the reference's MLP residual is the normed input
+            return x + self.mlp(x)
         x = self.self_attn_layer_norm(x + self.self_attn(x, pos))
         return self.final_layer_norm(x + self.mlp(x))
 

@@ -1,0 +1,259 @@
+"""Parity of our DEIMv2 (DINOv3 variant) detector and post-processing with transformers on random weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch as st
+import torch
+from transformers import Deimv2Config, Deimv2ForObjectDetection, DINOv3ViTConfig, RTDetrImageProcessorPil
+
+from runtime.deimv2 import Deimv2Config as OurConfig
+from runtime.deimv2 import Deimv2Detector
+from runtime.detect_postprocess import post_process_object_detection
+from runtime.errors import ModelLoadError, WeightError
+
+TINY_BACKBONE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=16,
+                     num_register_tokens=2, out_indices=[2, 3, 4], apply_layernorm=False, image_size=64)
+TINY = dict(encoder_hidden_dim=32, encoder_in_channels=[32, 32, 32], encoder_ffn_dim=64, encoder_attention_heads=2,
+            d_model=32, decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64, decoder_layers=3,
+            decoder_attention_heads=4, num_queries=30, decoder_n_points=[3, 6, 3], num_labels=5,
+            encoder_has_trailing_conv=False, spatial_tuning_adapter_inplanes=8, depth_mult=0.34, hidden_expansion=0.5,
+            lqe_hidden_dim=16, activation_function="silu", decoder_activation_function="silu")
+
+# DEIMv2-S (Intellindust DEIMv2_DINOv3_S_COCO) as transformers' conversion script builds it: distilled ViT-Tiny
+# (192 wide, 3 heads, no registers, no key bias, plain layernorm only on the last stage), layers 6/9/12,
+# hybrid encoder 192 (depth 0.67, expansion 0.34, FFN 512), 4-layer decoder 192 with [3, 6, 3] points.
+DEIMV2_S_BACKBONE = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=12, num_attention_heads=3,
+                         patch_size=16, num_register_tokens=0, layerscale_value=1.0, key_bias=False,
+                         pos_embed_rescale=None, rope_theta=100.0, out_indices=[6, 9, 12], apply_layernorm=False,
+                         image_size=640)
+DEIMV2_S = dict(encoder_hidden_dim=192, encoder_in_channels=[192, 192, 192], encoder_ffn_dim=512,
+                encoder_attention_heads=8, depth_mult=0.67, hidden_expansion=0.34, d_model=192,
+                decoder_in_channels=[192, 192, 192], decoder_ffn_dim=512, decoder_layers=4, decoder_attention_heads=8,
+                decoder_n_points=[3, 6, 3], num_queries=300, num_labels=80, activation_function="silu",
+                decoder_activation_function="silu", encoder_has_trailing_conv=False, spatial_tuning_adapter_inplanes=16,
+                eval_size=[640, 640])
+
+TOL = 1e-4  # max abs diff relative to the reference output's max magnitude
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """transformers zero-inits several heads (offsets, attention weights, box and quality heads, gates) and leaves
+    BatchNorm at identity; give every tensor random values so every path matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("decoder.reg_scale", "decoder.up")) or "mask_token" in name:
+                continue
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif "norm" in name or "lambda1" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+
+
+def make_deimv2(path, seed=0, backbone=None, **overrides) -> Deimv2ForObjectDetection:
+    torch.manual_seed(seed)
+    cfg = Deimv2Config(backbone_config=DINOv3ViTConfig(**(backbone or TINY_BACKBONE)), **{**TINY, **overrides})
+    model = Deimv2ForObjectDetection(cfg).eval()
+    randomize_(model, seed + 1)
+    model.save_pretrained(path)
+    return model
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def check_parity(ref_model, ours, pixels) -> tuple[float, float]:
+    with torch.inference_mode():
+        ref = ref_model(pixels)
+        out = ours(pixels)
+    assert out.logits.shape == ref.logits.shape and out.pred_boxes.shape == ref.pred_boxes.shape
+    errs = rel_err(out.logits, ref.logits), rel_err(out.pred_boxes, ref.pred_boxes)
+    assert max(errs) <= TOL, errs
+    return errs
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(),
+    dict(encoder_type="lite"),
+    dict(decoder_method="discrete", use_gateway=False, normalize_before=True, encoder_layers=2,
+         encode_proj_layers=[1, 2], backbone=dict(TINY_BACKBONE, apply_layernorm=True, num_register_tokens=0)),
+    dict(d_model=48, num_feature_levels=4, decoder_n_points=[2, 3, 4, 2], share_bbox_head=True, eval_size=[128, 96],
+         backbone=dict(TINY_BACKBONE, out_indices=[1, 3, 4], use_gated_mlp=True, hidden_act="silu")),
+    dict(anchor_image_size=[128, 96], decoder_layers=2, max_num_bins=16, top_prob_values=3, lqe_layers=3),
+], ids=["hybrid", "lite", "discrete-nogate-prenorm", "proj-4levels-sharedbox", "fixed-anchors-2layers"])
+def test_parity_tiny(tmp_path, cfg):
+    ref_model = make_deimv2(tmp_path, **cfg)
+    ours = Deimv2Detector.from_pretrained(tmp_path)
+    check_parity(ref_model, ours, torch.randn(2, 3, 128, 96))
+
+
+def test_unfolded_batchnorm_is_exact_and_folding_stays_close(tmp_path):
+    ref_model = make_deimv2(tmp_path)
+    pixels = torch.randn(2, 3, 64, 64)
+    unfolded = Deimv2Detector.from_pretrained(tmp_path, fold_batchnorm=False)
+    assert max(check_parity(ref_model, unfolded, pixels)) <= 1e-6
+    folded = Deimv2Detector.from_pretrained(tmp_path)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert max(check_parity(ref_model, folded, pixels)) <= 1e-5
+
+
+def test_forward_from_backbone_matches(tmp_path):
+    ref_model = make_deimv2(tmp_path)
+    ours = Deimv2Detector.from_pretrained(tmp_path)
+    assert ours.hidden_layers == (2, 3, 4)
+    pixels = torch.randn(2, 3, 96, 128)
+    with torch.inference_mode():
+        ref = ref_model(pixels)
+        # transformers' own backbone hidden states (raw, before the final norm) drive our head ...
+        hf_hidden = ref_model.model.conv_encoder.backbone(pixels, output_hidden_states=True).hidden_states
+        from_hf = ours.forward_from_backbone(pixels, [hf_hidden[i] for i in ours.hidden_layers])
+        # ... and so do those of a shared DINOv3ViT pass.
+        _, shared = ours.model.conv_encoder.backbone(pixels, hidden_layers=ours.hidden_layers)
+        from_shared = ours.forward_from_backbone(pixels, shared)
+    for out in (from_hf, from_shared):
+        assert rel_err(out.logits, ref.logits) <= TOL
+        assert rel_err(out.pred_boxes, ref.pred_boxes) <= TOL
+
+
+def test_postprocess_equals_transformers_on_same_outputs(tmp_path):
+    ref_model = make_deimv2(tmp_path)
+    processor = RTDetrImageProcessorPil()
+    with torch.inference_mode():
+        ref = ref_model(torch.randn(3, 3, 64, 64))
+    sizes = [(480, 640), (64, 64), (1080, 1920)]
+    for threshold, target_sizes in [(0.5, torch.tensor(sizes)), (0.3, sizes), (0.6, None)]:
+        expected = processor.post_process_object_detection(ref, threshold=threshold, target_sizes=target_sizes)
+        got = post_process_object_detection(ref.logits, ref.pred_boxes, threshold, target_sizes)
+        assert len(got) == len(expected) == 3
+        for g, e in zip(got, expected):
+            assert torch.equal(g.scores, e["scores"]) and torch.equal(g.labels, e["labels"])
+            assert torch.equal(g.boxes, e["boxes"])
+    assert sum(len(e["scores"]) for e in expected) > 0
+
+
+def gap_threshold(scores: torch.Tensor) -> float:
+    """A threshold in a clear gap between consecutive sorted scores, so both runs keep the same set."""
+    s = scores.sort(descending=True).values
+    k = max(range(len(s) // 4, 3 * len(s) // 4), key=lambda i: s[i] - s[i + 1])
+    assert s[k] - s[k + 1] > 1e-4
+    return ((s[k] + s[k + 1]) / 2).item()
+
+
+def test_end_to_end_detections_match(tmp_path):
+    ref_model = make_deimv2(tmp_path)
+    ours = Deimv2Detector.from_pretrained(tmp_path)
+    pixels = torch.randn(2, 3, 128, 128)
+    sizes = torch.tensor([[720, 1280], [224, 224]])
+    with torch.inference_mode():
+        ref = ref_model(pixels)
+        out = ours(pixels)
+    threshold = gap_threshold(torch.sigmoid(ref.logits[0]).flatten())
+    expected = RTDetrImageProcessorPil().post_process_object_detection(ref, threshold=threshold, target_sizes=sizes)
+    got = post_process_object_detection(out.logits, out.pred_boxes, threshold, sizes)
+    for g, e, size in zip(got, expected, sizes):
+        assert len(g.scores) == len(e["scores"]) > 0
+        torch.testing.assert_close(g.scores, e["scores"], atol=1e-5, rtol=0)
+        # Equal scores may swap places; match every expected detection to one of ours.
+        unmatched = list(range(len(g.scores)))
+        for score, label, box in zip(e["scores"], e["labels"], e["boxes"]):
+            hit = next(j for j in unmatched if g.labels[j] == label and abs(g.scores[j] - score) <= 1e-5
+                       and (g.boxes[j] - box).abs().max() <= TOL * size.max())
+            unmatched.remove(hit)
+
+
+def test_bf16_runs_and_stays_near_fp32(tmp_path):
+    make_deimv2(tmp_path)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        ref = Deimv2Detector.from_pretrained(tmp_path)(pixels)
+        out = Deimv2Detector.from_pretrained(tmp_path, dtype=torch.bfloat16)(pixels)
+    assert out.logits.dtype == torch.bfloat16 and out.logits.shape == ref.logits.shape
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.pred_boxes).all()
+    # Query selection can flip between near-equal proposals in bf16, so compare the best score only.
+    assert abs(out.logits.float().max() - ref.logits.max()) <= 0.1 * ref.logits.abs().max()
+
+
+def test_input_size_must_fit_the_adapter(tmp_path):
+    make_deimv2(tmp_path)
+    ours = Deimv2Detector.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="multiples of 32"), torch.inference_mode():
+        ours(torch.randn(1, 3, 80, 64))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.decoder.layers.1.encoder_attn.sampling_offsets.weight"),
+     "missing tensor 'model.decoder.layers.1.encoder_attn.sampling_offsets.weight'"),
+    (lambda t: t.pop("model.conv_encoder.backbone.layer.3.mlp.up_proj.weight"),
+     "missing tensor 'model.conv_encoder.backbone.layer.3.mlp.up_proj.weight'"),
+    (lambda t: t.update({"model.encoder.fpn_blocks.0.conv1.norm.running_var": torch.ones(7)}),
+     r"tensor 'model.encoder.fpn_blocks.0.conv1.norm.running_var' has shape \(7,\), expected \(64,\)"),
+    (lambda t: t.update({"model.decoder.extra_head.weight": torch.ones(2)}),
+     "unexpected tensor 'model.decoder.extra_head.weight'"),
+], ids=["missing-head", "missing-backbone", "misshaped", "unexpected"])
+def test_weight_errors_name_the_tensor(tmp_path, edit, message):
+    make_deimv2(tmp_path)
+    tensors = st.load_file(tmp_path / "model.safetensors")
+    edit(tensors)
+    st.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightError, match=message):
+        Deimv2Detector.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"backbone_config": {"model_type": "hgnet_v2"}}, "backbone_config.model_type 'hgnet_v2' is not supported"),
+    ({"encoder_fuse_op": "cat"}, "encoder_fuse_op='cat' is not supported"),
+    ({"eval_idx": 0}, "eval_idx=0 is not supported"),
+    ({"decoder_method": "bicubic"}, "decoder_method='bicubic' is not supported"),
+    ({"learn_initial_query": True}, "learn_initial_query=true is not supported"),
+    ({"activation_function": "mish"}, "activation_function='mish' is not supported"),
+    ({"decoder_n_points": [4, 4]}, "decoder_n_points must be"),
+    ({"num_queries": "300"}, "field 'num_queries' must be int"),
+    ({"backbone_config": dict(TINY_BACKBONE, model_type="dinov3_vit", out_indices=[2, 4])},
+     "out_indices must name 3 layers"),
+], ids=["hgnetv2", "cat-fusion", "eval-idx", "decoder-method", "learned-queries", "activation", "points", "type",
+        "out-indices"])
+def test_unsupported_config_is_named(tmp_path, change, message):
+    make_deimv2(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(change)
+    with pytest.raises(ModelLoadError, match=message):
+        OurConfig.from_dict(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=message):
+        Deimv2Detector.from_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+def test_parity_deimv2_s_real_shape(tmp_path):
+    ref_model = make_deimv2(tmp_path, backbone=DEIMV2_S_BACKBONE, **DEIMV2_S)
+    ours = Deimv2Detector.from_pretrained(tmp_path)
+    assert ours.hidden_layers == (6, 9, 12)
+    check_parity(ref_model, ours, torch.randn(1, 3, 640, 640))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_parity_cuda(tmp_path):
+    ref_model = make_deimv2(tmp_path)
+    ours = Deimv2Detector.from_pretrained(tmp_path, device="cuda")
+    pixels = torch.randn(2, 3, 128, 96)
+    conv_tf32, mm_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity, not TF32
+    try:
+        with torch.inference_mode():
+            ref = ref_model(pixels)
+            out = ours(pixels.cuda())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, mm_tf32
+    assert rel_err(out.logits.cpu(), ref.logits) <= TOL
+    assert rel_err(out.pred_boxes.cpu(), ref.pred_boxes) <= TOL
