@@ -1,0 +1,200 @@
+"""Dynamic batching: a bounded queue of decoded images in front of one inference worker thread per device.
+
+An image waits until max_batch images are queued or the oldest has waited max_delay, then the batch runs in
+Engine.predict on the worker thread while the event loop keeps accepting work. Images whose request gave up
+(deadline passed, client gone) are dropped before they cost compute.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class BatcherClosed(Exception):
+    pass
+
+
+class InferenceFailed(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class WorkItem:
+    image: np.ndarray
+    deadline: float                     # time.monotonic() after which nobody wants the answer
+    enqueued_at: float
+    future: asyncio.Future
+    dropped: str | None = None          # why the requester gave up; written on the loop, read by the worker
+
+
+@dataclass
+class Computed:
+    result: Any                         # runtime.engine.ImageResult
+    queue_wait_s: float
+    compute_s: float
+    batch_size: int
+
+
+@dataclass
+class _BatchRun:
+    live: list[WorkItem]
+    expired: list[WorkItem]             # deadline passed, requester still waiting: answer 504
+    skipped: list[WorkItem]             # requester already gone
+    started_at: float
+    results: list[Any] = field(default_factory=list)
+    compute_s: float = 0.0
+    error: BaseException | None = None
+
+
+class Batcher:
+    def __init__(self, engine: Any, max_batch: int, max_delay_s: float, queue_size: int,
+                 metrics: ServerMetrics) -> None:
+        assert max_batch > 0 and queue_size > 0 and max_delay_s >= 0
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self._queue: deque[WorkItem] = deque()
+        self._wakeup = asyncio.Event()
+        # Engine.predict is not thread-safe: exactly one thread calls it (and warmup) for this device.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{engine.device}")
+        self._task: asyncio.Task | None = None
+        self._draining = False
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        assert self._task is None
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn on the inference thread, after whatever batches are already there (e.g. warmup)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def submit(self, images: list[np.ndarray], deadline: float) -> list[WorkItem]:
+        """Queue all images or none: a request never gets half its images rejected for lack of room."""
+        if self._closed:
+            raise BatcherClosed("server is shutting down")
+        if len(self._queue) + len(images) > self.queue_size:
+            self.metrics.queue_dropped.labels("queue_full").inc(len(images))
+            raise QueueFull(f"queue holds {len(self._queue)} of {self.queue_size} images; "
+                            f"{len(images)} more do not fit")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = [WorkItem(image, deadline, now, loop.create_future()) for image in images]
+        self._queue.extend(items)
+        self._wakeup.set()
+        return items
+
+    def abandon(self, item: WorkItem, reason: str) -> None:
+        """The requester stopped waiting: drop the item if still queued, else skip it if its batch not started."""
+        if item.future.done() or item.dropped is not None:
+            return
+        item.dropped = reason
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return  # already handed to the worker; it checks `dropped` right before computing
+        self.metrics.queue_dropped.labels(reason).inc()
+
+    def drain(self) -> None:
+        """Shutdown began: stop waiting for batches to fill, run what is queued at once."""
+        self._draining = True
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        """Finish queued work, then stop the loop and the worker thread."""
+        self._draining = True
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._worker.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if len(self._queue) < self.max_batch and not self._draining:
+                wait_s = self._queue[0].enqueued_at + self.max_delay_s - time.monotonic()
+                if wait_s > 0:
+                    self._wakeup.clear()
+                    try:
+                        async with asyncio.timeout(wait_s):
+                            await self._wakeup.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            run = await asyncio.get_running_loop().run_in_executor(self._worker, self._compute, batch)
+            self._resolve(run)
+
+    def _compute(self, batch: list[WorkItem]) -> _BatchRun:
+        """Worker thread: skip what nobody waits for any more, then one Engine.predict call."""
+        now = time.monotonic()
+        live = [item for item in batch if item.dropped is None and item.deadline > now]
+        expired = [item for item in batch if item.dropped is None and item.deadline <= now]
+        skipped = [item for item in batch if item.dropped is not None]
+        run = _BatchRun(live, expired, skipped, now)
+        if live:
+            start = time.perf_counter()
+            try:
+                run.results = self.engine.predict([item.image for item in live])
+            except Exception as e:  # a model failure fails this batch only; the server keeps serving
+                log.exception("Engine.predict failed on a batch of %d images", len(live))
+                run.error = e
+            run.compute_s = time.perf_counter() - start
+        return run
+
+    def _resolve(self, run: _BatchRun) -> None:
+        m = self.metrics
+        for item in run.skipped:
+            m.queue_dropped.labels(item.dropped).inc()
+        for item in run.expired:
+            m.queue_dropped.labels("deadline").inc()
+            if not item.future.done() and item.dropped is None:
+                item.future.set_exception(DeadlineExceeded("deadline passed before its batch started"))
+        if not run.live:
+            return
+        m.batch_size.observe(len(run.live))
+        m.compute_latency.observe(run.compute_s)
+        if run.error is not None:
+            for item in run.live:
+                if not item.future.done() and item.dropped is None:
+                    item.future.set_exception(InferenceFailed(f"model failed on this batch: {run.error}"))
+            return
+        assert len(run.results) == len(run.live), "Engine.predict must return one result per image"
+        for item, result in zip(run.live, run.results):
+            wait_s = run.started_at - item.enqueued_at
+            m.queue_wait.observe(wait_s)
+            m.stage_exits.labels(result.stage).inc()
+            if result.degraded:
+                m.degraded.inc()
+            if not item.future.done() and item.dropped is None:
+                item.future.set_result(Computed(result, wait_s, run.compute_s, len(run.live)))

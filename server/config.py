@@ -1,0 +1,140 @@
+"""Server settings: one dataclass, filled from the command line with environment-variable defaults."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "bundles" / "default"
+ENV_PREFIX = "ROADWORK_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Path = DEFAULT_MODEL_DIR
+    host: str = "127.0.0.1"
+    port: int = 8080
+    device: str = "cpu"
+    dtype: str | None = None              # None: the engine picks its default for the device
+    max_batch: int = 32                   # images per Engine.predict call
+    max_delay_ms: float = 5.0             # longest an image waits for its batch to fill
+    queue_size: int = 1024                # images waiting for a batch; beyond this requests get 503
+    timeout_s: float = 9.0                # per-request deadline (the validator's timeout)
+    max_body_mb: float = 32.0
+    max_pixels: int = 40_000_000          # decoded width*height limit (422 above)
+    max_batch_images: int = 256           # images in one /v1/predict/batch request (413 above)
+    decode_threads: int = 4
+    cache_entries: int = 100_000          # 0 disables the result cache
+    cache_mb: float = 64.0
+    cache_ttl_s: float = 3600.0
+    shutdown_timeout_s: float = 30.0      # how long SIGTERM waits for in-flight requests
+    access_log: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
+                    "decode_threads")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_delay_ms", "cache_entries", "cache_mb", "cache_ttl_s", "shutdown_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_mb * 2**20)
+
+
+_HELP = {
+    "model": "bundle directory (cascade.toml) or Hugging Face classifier directory; default: bundles/default",
+    "host": "address to bind (default 127.0.0.1)",
+    "port": "TCP port; 0 picks a free one (default 8080)",
+    "device": "cpu, cuda or cuda:N (default cpu)",
+    "dtype": "float32, bfloat16 or float16 (default: the engine's choice for the device)",
+    "max_batch": "largest batch per model call (default 32)",
+    "max_delay_ms": "longest a request waits for its batch to fill, in ms (default 5)",
+    "queue_size": "images allowed to wait for a batch; a full queue answers 503 at once (default 1024)",
+    "timeout_s": "per-request deadline in seconds; work not started by then is dropped with 504 (default 9)",
+    "max_body_mb": "largest request body in MiB; larger answers 413 (default 32)",
+    "max_pixels": "largest decoded image, width*height; larger answers 422 (default 40000000)",
+    "max_batch_images": "most images in one /v1/predict/batch request; more answers 413 (default 256)",
+    "decode_threads": "threads decoding images (default 4)",
+    "cache_entries": "result cache entries; 0 disables the cache (default 100000)",
+    "cache_mb": "result cache size bound in MiB (default 64)",
+    "cache_ttl_s": "seconds a cached result stays valid (default 3600)",
+    "shutdown_timeout_s": "seconds SIGTERM waits for in-flight requests (default 30)",
+    "access_log": "log one aiohttp access line per request",
+    "log_level": "debug, info, warning or error (default info); debug adds one structured line per request",
+}
+
+
+def _env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve roadwork predictions over HTTP. Every option can also be set with the environment "
+                    f"variable named in brackets ({ENV_PREFIX}<OPTION>); the command line wins.",
+    )
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        env = _env_name(f.name)
+        default = getattr(defaults, f.name)
+        help_text = f"{_HELP[f.name]} [{env}]"
+        if f.name == "access_log":
+            if env in environ:
+                try:
+                    default = _parse_bool(environ[env])
+                except ValueError as e:
+                    parser.error(f"environment variable {env}: {e}")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        kind = {"model": Path, "dtype": str}.get(f.name, type(default))
+        choices = {"dtype": ["float32", "bfloat16", "float16"],
+                   "log_level": ["debug", "info", "warning", "error"]}.get(f.name)
+        if env in environ:
+            try:
+                default = kind(environ[env])
+            except ValueError:
+                parser.error(f"environment variable {env}={environ[env]!r} is not a valid {kind.__name__}")
+        parser.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Command line over environment over defaults; exits with a usage error on a bad value."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    try:
+        return ServerConfig(**vars(args))
+    except ValueError as e:
+        parser.error(str(e))

@@ -1,0 +1,46 @@
+"""API errors: one exception type carrying the HTTP status, a stable machine code and a human message."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+
+@dataclass(eq=False)  # exceptions must stay hashable
+class ApiError(Exception):
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.body(), status=error.status, headers=error.headers or None)
+
+
+# Codes for errors aiohttp raises itself (routing, body size), so they share the JSON error format.
+HTTP_ERROR_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def from_http_exception(exc: web.HTTPException) -> ApiError:
+    code = HTTP_ERROR_CODES.get(exc.status, "http_error")
+    message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    return ApiError(exc.status, code, message, headers)

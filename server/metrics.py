@@ -1,0 +1,61 @@
+"""Prometheus metrics of one app, in a registry of its own (several apps can live in one process, e.g. tests)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 9.0, 15.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.requests = Counter("roadwork_http_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=r)
+        self.request_latency = Histogram("roadwork_http_request_duration_seconds",
+                                         "Time from request start to response, by route", ["route"],
+                                         buckets=LATENCY_BUCKETS_S, registry=r)
+        self.images = Counter("roadwork_images", "Images answered, by outcome (computed, cached, error code)",
+                              ["outcome"], registry=r)
+        self.decode_latency = Histogram("roadwork_decode_duration_seconds", "Time to decode one image",
+                                        buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_wait = Histogram("roadwork_queue_wait_seconds",
+                                    "Time an image waited in the queue before its batch started",
+                                    buckets=LATENCY_BUCKETS_S, registry=r)
+        self.batch_size = Histogram("roadwork_batch_size", "Images per Engine.predict call",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.compute_latency = Histogram("roadwork_compute_duration_seconds",
+                                         "Engine.predict wall time per batch", buckets=LATENCY_BUCKETS_S,
+                                         registry=r)
+        self.queue_depth = Gauge("roadwork_queue_depth", "Images waiting for a batch", registry=r)
+        self.queue_dropped = Counter("roadwork_queue_dropped",
+                                     "Images dropped without computing them, by reason",
+                                     ["reason"], registry=r)
+        self.stage_exits = Counter("roadwork_stage_exits", "Computed images by the stage that decided them",
+                                   ["stage"], registry=r)
+        self.degraded = Counter("roadwork_degraded", "Computed images answered by a fallback stage", registry=r)
+        self.cache_hits = Counter("roadwork_cache_hits", "Result cache hits", registry=r)
+        self.cache_misses = Counter("roadwork_cache_misses", "Result cache misses", registry=r)
+        self.cache_entries = Gauge("roadwork_cache_entries", "Entries in the result cache", registry=r)
+        self.cache_bytes = Gauge("roadwork_cache_bytes", "Estimated size of the result cache", registry=r)
+        self.ready = Gauge("roadwork_ready", "1 once every model is loaded and warmed up", registry=r)
+        self.warmup_duration = Gauge("roadwork_warmup_duration_seconds", "Time Engine.warmup took",
+                                     registry=r)
+
+    def track(self, queue_depth: Callable[[], int], cache_entries: Callable[[], int],
+              cache_bytes: Callable[[], int]) -> None:
+        """Gauges read live values at scrape time instead of being updated on every change."""
+        self.queue_depth.set_function(queue_depth)
+        self.cache_entries.set_function(cache_entries)
+        self.cache_bytes.set_function(cache_bytes)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
