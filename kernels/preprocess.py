@@ -1,0 +1,432 @@
+"""Preprocessing: a decoded (H, W, 3) uint8 image -> resized, rescaled, normalized (3, h, w) slot of an NCHW batch.
+
+Two orderings exist in Hugging Face image processors and both are reproduced exactly:
+  * DINOv3 ("resize in float"): x * rescale_factor -> bilinear/bicubic resize WITH antialias on the float image
+    (torch.nn.functional.interpolate(..., antialias=True)) -> (x - mean) / std.
+  * ViT and other PIL-backed processors ("resize in uint8"): Pillow's antialiased resize of the uint8 image
+    (integer fixed-point taps, each pass rounded to uint8) -> [center crop] -> x * rescale_factor -> normalize.
+
+Both resizes are the same separable convolution (Pillow's precompute_coeffs is what torch's antialias path
+copies): for each output index a window of input taps with triangle (bilinear) or a=-0.5 cubic weights whose
+support widens by the downscale factor, renormalized to sum to 1; upscaling reduces to plain half-pixel
+bilinear/bicubic. The host computes those taps once per (input size, output size) and the Triton kernel does the
+weighted sums, the uint8 rounding when asked, normalization and the dtype store.
+
+Layout: reference first (what the CPU runtime runs), then the Triton kernel, then dispatch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import PIL
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from PIL import Image
+
+BILINEAR = 2
+BICUBIC = 3
+_FILTER_SUPPORT = {BILINEAR: 1.0, BICUBIC: 2.0}
+_INTERPOLATE_MODE = {BILINEAR: "bilinear", BICUBIC: "bicubic"}
+_PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 4: "box", 5: "hamming"}
+
+# transformers' class defaults, used when a config omits the key.
+_IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # ViTImageProcessor
+_IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv3ViTImageProcessor
+
+_HANDLED_KEYS = frozenset({
+    "image_processor_type", "feature_extractor_type", "do_resize", "size", "default_to_square", "resample",
+    "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
+    "do_pad", "pad_size",
+})
+# Keys that describe input handling or the output container, never the pixels we produce.
+_INERT_KEYS = frozenset({
+    "processor_class", "do_convert_rgb", "data_format", "input_data_format", "device", "return_tensors",
+    "disable_grouping", "_valid_processor_keys",
+})
+
+# Pillow's 8-bit resampler: coefficients in 32-8-2 = 22-bit fixed point, sums rounded half up.
+_PIL_PRECISION_BITS = 22
+# Pillow >= 13 runs the vertical pass first when the height shrinks more than twice as much as the width;
+# with uint8 rounding between passes the pass order changes results by one level, so we mirror it.
+_PIL_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13
+
+
+def _positive_int(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"preprocessor config {key}={value!r} must be a positive integer")
+    return value
+
+
+def _three_floats(key: str, value: object) -> tuple[float, float, float]:
+    values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"preprocessor config {key}={value!r} must be a number or a list of 3 numbers (RGB)")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _height_width(key: str, value: object) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _positive_int(key, value), value
+    if isinstance(value, dict) and set(value) == {"height", "width"}:
+        return _positive_int(f"{key}.height", value["height"]), _positive_int(f"{key}.width", value["width"])
+    raise ValueError(f"preprocessor config {key}={value!r} must be an integer or {{'height': H, 'width': W}}")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything needed to turn one image into one model input; built from a preprocessor_config.json dict."""
+
+    height: int  # model input size (the crop size when center-cropping)
+    width: int
+    resize_to: tuple[int, int] | None  # fixed (height, width) resize target, or None ...
+    shortest_edge: int | None  # ... resize so the short side is this long, keeping the aspect ratio
+    center_crop: bool  # take the centered (height, width) window of the resized image
+    resample: int  # PIL code: 2 bilinear, 3 bicubic
+    resize_in_float: bool  # True: DINOv3 order (float resize); False: PIL order (uint8 resize, then rescale)
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    @classmethod
+    def from_preprocessor_config(cls, cfg: dict) -> PreprocessSpec:
+        unknown = sorted(set(cfg) - _HANDLED_KEYS - _INERT_KEYS)
+        if unknown:
+            raise ValueError(f"preprocessor config key(s) {unknown} are not supported")
+        kind = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
+        if not isinstance(kind, str):
+            raise ValueError("preprocessor config has no 'image_processor_type'")
+        if kind.startswith("DINOv3"):
+            resize_in_float, (default_mean, default_std) = True, _IMAGENET_DEFAULT
+        elif kind.startswith("ViT"):
+            resize_in_float, (default_mean, default_std) = False, _IMAGENET_STANDARD
+        else:
+            raise ValueError(f"preprocessor config image_processor_type={kind!r} is not supported "
+                             "(ViT* and DINOv3* image processors are)")
+
+        if not cfg.get("do_resize", True):
+            raise ValueError("preprocessor config do_resize=false is not supported: the static batch buffer needs "
+                             "one input size, so every image is resized")
+        if cfg.get("do_pad"):
+            raise ValueError("preprocessor config do_pad=true is not supported")
+        resample = cfg.get("resample", BILINEAR)
+        if resample not in _FILTER_SUPPORT or isinstance(resample, bool):
+            name = _PIL_RESAMPLE_NAMES.get(resample, "unknown") if isinstance(resample, int) else "unknown"
+            raise ValueError(f"preprocessor config resample={resample!r} ({name}) is not supported; "
+                             "use 2 (bilinear) or 3 (bicubic)")
+
+        if "size" not in cfg or cfg["size"] is None:
+            raise ValueError("preprocessor config has no 'size'")
+        size = cfg["size"]
+        resize_to, shortest_edge = None, None
+        if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+            shortest_edge = _positive_int("size.shortest_edge", size["shortest_edge"])
+        elif isinstance(size, int) and not isinstance(size, bool) and cfg.get("default_to_square") is False:
+            shortest_edge = _positive_int("size", size)
+        else:
+            resize_to = _height_width("size", size)
+
+        center_crop = bool(cfg.get("do_center_crop"))
+        if center_crop:
+            if cfg.get("crop_size") is None:
+                raise ValueError("preprocessor config do_center_crop=true needs 'crop_size'")
+            height, width = _height_width("crop_size", cfg["crop_size"])
+            # A crop larger than the resized image would need padding; shortest_edge bounds the resized size.
+            limit = (shortest_edge, shortest_edge) if resize_to is None else resize_to
+            if height > limit[0] or width > limit[1]:
+                raise ValueError(f"preprocessor config crop_size={cfg['crop_size']!r} is larger than the resized "
+                                 f"image (size={size!r}); padding is not supported")
+        elif resize_to is None:
+            raise ValueError(f"preprocessor config size={size!r} without do_center_crop gives every image its own "
+                             "output size; the static batch buffer needs a fixed one")
+        else:
+            height, width = resize_to
+
+        rescale_factor = cfg.get("rescale_factor", 1 / 255)
+        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) or rescale_factor <= 0:
+            raise ValueError(f"preprocessor config rescale_factor={rescale_factor!r} must be a positive number")
+        image_mean = _three_floats("image_mean", cfg.get("image_mean", default_mean))
+        image_std = _three_floats("image_std", cfg.get("image_std", default_std))
+        if min(image_std) <= 0:
+            raise ValueError(f"preprocessor config image_std={cfg.get('image_std')!r} must be positive")
+        return cls(height=height, width=width, resize_to=resize_to, shortest_edge=shortest_edge,
+                   center_crop=center_crop, resample=resample, resize_in_float=resize_in_float,
+                   do_rescale=bool(cfg.get("do_rescale", True)), rescale_factor=float(rescale_factor),
+                   do_normalize=bool(cfg.get("do_normalize", True)), image_mean=image_mean, image_std=image_std)
+
+    def resized_size(self, in_h: int, in_w: int) -> tuple[int, int]:
+        """(height, width) after the resize step, before any crop (transformers' shortest-edge rule)."""
+        if self.resize_to is not None:
+            return self.resize_to
+        short, long = (in_w, in_h) if in_w <= in_h else (in_h, in_w)
+        new_long = int(self.shortest_edge * long / short)
+        return (new_long, self.shortest_edge) if in_w <= in_h else (self.shortest_edge, new_long)
+
+    def crop_offsets(self, resized_h: int, resized_w: int) -> tuple[int, int]:
+        """(top, left) of the output window inside the resized image."""
+        if not self.center_crop:
+            return 0, 0
+        return (resized_h - self.height) // 2, (resized_w - self.width) // 2
+
+    def affine(self) -> tuple[list[float], list[float]]:
+        """Per-channel (scale, shift) with out = resized_0_255 * scale + shift: rescale and normalize fused."""
+        rescale = self.rescale_factor if self.do_rescale else 1.0
+        mean, std = (self.image_mean, self.image_std) if self.do_normalize else ((0.0,) * 3, (1.0,) * 3)
+        return [rescale / s for s in std], [-m / s for m, s in zip(mean, std)]
+
+
+def _check_args(image: torch.Tensor, spec: PreprocessSpec, out: torch.Tensor) -> None:
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"image must be a (H, W, 3) uint8 tensor, got {tuple(image.shape)} {image.dtype}")
+    if tuple(out.shape) != (3, spec.height, spec.width):
+        raise ValueError(f"out must have shape (3, {spec.height}, {spec.width}), got {tuple(out.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference (plain torch; Pillow for the uint8 resize, which is its definition)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _value_table(spec: PreprocessSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(3, 256): the output value of each uint8 level per channel, computed with the reference pipeline's own ops.
+
+    Whenever normalization starts from uint8 levels (the uint8-resize path, or no resize at all) a table lookup
+    is bit-identical to running rescale/normalize on the image, and several times faster on CPU.
+    """
+    levels = torch.arange(256, device=device)
+    if not spec.do_rescale:
+        values = levels.float()
+    elif spec.resize_in_float:
+        values = levels.float() * spec.rescale_factor  # torchvision: float32 image * factor
+    else:
+        values = (levels.double() * spec.rescale_factor).float()  # transformers np_rescale: float64, then float32
+    values = values.expand(3, 256)
+    if spec.do_normalize:
+        mean = torch.tensor(spec.image_mean, dtype=torch.float32, device=device).view(3, 1)
+        std = torch.tensor(spec.image_std, dtype=torch.float32, device=device).view(3, 1)
+        values = (values - mean) / std
+    return values.to(dtype).contiguous()
+
+
+def _normalize_levels(pixels: torch.Tensor, spec: PreprocessSpec, out: torch.Tensor) -> None:
+    """out[c] = table[c][pixels[..., c]] for (h, w, 3) uint8 pixels."""
+    table = _value_table(spec, out.dtype, out.device)
+    index = pixels.permute(2, 0, 1).to(out.device, torch.int64, memory_format=torch.contiguous_format)
+    target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    for c in range(3):
+        torch.index_select(table[c], 0, index[c].view(-1), out=target[c].view(-1))
+    if target is not out:
+        out.copy_(target)
+
+
+def preprocess_reference(image: torch.Tensor, spec: PreprocessSpec, out: torch.Tensor) -> None:
+    """Write the preprocessed `image` ((H, W, 3) uint8) into `out` ((3, h, w), any float dtype)."""
+    _check_args(image, spec, out)
+    in_h, in_w = image.shape[:2]
+    resized_h, resized_w = spec.resized_size(in_h, in_w)
+    top, left = spec.crop_offsets(resized_h, resized_w)
+    rows, cols = slice(top, top + spec.height), slice(left, left + spec.width)
+    # At equal sizes both resizes are exactly the identity (one tap of weight 1), so skip them.
+    if (resized_h, resized_w) == (in_h, in_w):
+        _normalize_levels(image[rows, cols], spec, out)
+    elif spec.resize_in_float:
+        x = image.permute(2, 0, 1).unsqueeze(0).to(torch.float32, memory_format=torch.contiguous_format)
+        if spec.do_rescale:
+            x.mul_(spec.rescale_factor)
+        x = F.interpolate(x, size=(resized_h, resized_w), mode=_INTERPOLATE_MODE[spec.resample],
+                          align_corners=False, antialias=True)[0, :, rows, cols]
+        if spec.do_normalize:
+            x = (x - torch.tensor(spec.image_mean, device=x.device).view(3, 1, 1)) / torch.tensor(
+                spec.image_std, device=x.device).view(3, 1, 1)
+        out.copy_(x)
+    else:
+        # The uint8 path is defined by Pillow's fixed-point resampler; calling it is exact and fast on CPU.
+        resized = Image.fromarray(image.cpu().numpy()).resize((resized_w, resized_h), resample=spec.resample)
+        _normalize_levels(torch.from_numpy(np.array(resized))[rows, cols], spec, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resampling taps (host side, mirrors Pillow's precompute_coeffs / normalize_coeffs_8bpc)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _filter(x: np.ndarray, resample: int) -> np.ndarray:
+    ax = np.abs(x)
+    if resample == BILINEAR:
+        return np.maximum(1.0 - ax, 0.0)
+    a = -0.5  # Pillow's and torch-antialias's cubic
+    return np.where(ax < 1.0, ((a + 2.0) * ax - (a + 3.0)) * ax * ax + 1.0,
+                    np.where(ax < 2.0, (((ax - 5.0) * ax + 8.0) * ax - 4.0) * a, 0.0))
+
+
+@functools.lru_cache(maxsize=256)
+def _taps(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray]:
+    """First input index (out_size,) and normalized float64 weights (out_size, taps); unused taps weigh 0."""
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)  # downscaling widens the filter; upscaling keeps it at one input pixel
+    support = _FILTER_SUPPORT[resample] * filter_scale
+    num_taps = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size) + 0.5) * scale
+    # C casts truncate toward zero; the max/min clamp the window into the image.
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    k = np.arange(num_taps)
+    weights = _filter((k + first[:, None] - center[:, None] + 0.5) * (1.0 / filter_scale), resample)
+    weights = np.where(k < count[:, None], weights, 0.0)
+    total = np.zeros(out_size)
+    for j in range(num_taps):  # sequential sum, in Pillow's order, so the fixed-point rounding matches bit for bit
+        total = total + weights[:, j]
+    weights = weights / np.where(total == 0.0, 1.0, total)[:, None]
+    return first, weights
+
+
+def _fixed_point(weights: np.ndarray) -> np.ndarray:
+    scaled = weights * (1 << _PIL_PRECISION_BITS)
+    return np.where(weights < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_taps(in_size: int, resized: int, offset: int, out_size: int, resample: int, fixed: bool,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Taps for the `out_size` outputs starting at `offset` of a resize in_size -> resized, on `device`."""
+    first, weights = _taps(in_size, resized, resample)
+    first, weights = first[offset:offset + out_size], weights[offset:offset + out_size]
+    weights = _fixed_point(weights) if fixed else weights.astype(np.float32)
+    return (torch.from_numpy(first.astype(np.int32)).to(device),
+            torch.from_numpy(np.ascontiguousarray(weights)).to(device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def preprocess_kernel(
+    img_ptr, out_ptr,  # (H, W, 3) uint8 contiguous; (3, out_h, out_w) contiguous slot
+    y_first_ptr, y_weight_ptr, x_first_ptr, x_weight_ptr,  # int32 (out,), weights (out, taps) float32 or int32
+    in_h, in_w, out_h, out_w, y_taps, x_taps,
+    scale0, scale1, scale2, shift0, shift1, shift2,  # out = value_0_255 * scale + shift, per channel
+    ROUND_UINT8: tl.constexpr,  # Pillow fixed point: each pass rounded and clamped to uint8
+    VERTICAL_FIRST: tl.constexpr,  # which pass Pillow runs first (matters only with ROUND_UINT8)
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Tiles are (channel, out row, out col, inner tap); the 3 channels are padded to a power of two.
+    oy = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ox = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    row_ok = oy < out_h
+    col_ok = ox < out_w
+    y_first = tl.load(y_first_ptr + oy, mask=row_ok, other=0)
+    x_first = tl.load(x_first_ptr + ox, mask=col_ok, other=0)
+    ch = tl.arange(0, 4)[:, None, None, None]
+    ch_ok = ch < 3
+    k = tl.arange(0, BLOCK_K)[None, None, None, :]
+    row_stride = in_w * 3
+
+    # The second pass's taps are the outer loop and the first pass's the inner one, so each inner sum is exactly
+    # one pixel of the intermediate image Pillow rounds to uint8 between its two passes.
+    if VERTICAL_FIRST:
+        outer_taps, inner_taps = x_taps, y_taps
+    else:
+        outer_taps, inner_taps = y_taps, x_taps
+    if ROUND_UINT8:
+        acc = tl.zeros((4, BLOCK_H, BLOCK_W), dtype=tl.int32)
+    else:
+        acc = tl.zeros((4, BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for a in range(outer_taps):
+        # Taps past a window weigh 0 (masked loads give 0); clamping keeps their pixel loads inside the image.
+        if VERTICAL_FIRST:
+            w_outer = tl.load(x_weight_ptr + ox * x_taps + a, mask=col_ok, other=0)[None, None, :]
+            col = tl.minimum(x_first + a, in_w - 1)
+            outer_offs = col[None, None, :, None] * 3 + ch
+        else:
+            w_outer = tl.load(y_weight_ptr + oy * y_taps + a, mask=row_ok, other=0)[None, :, None]
+            row = tl.minimum(y_first + a, in_h - 1)
+            outer_offs = (row * row_stride)[None, :, None, None] + ch
+        if ROUND_UINT8:
+            part = tl.zeros((4, BLOCK_H, BLOCK_W), dtype=tl.int32)
+        else:
+            part = tl.zeros((4, BLOCK_H, BLOCK_W), dtype=tl.float32)
+        for b0 in range(0, inner_taps, BLOCK_K):
+            b = b0 + k
+            if VERTICAL_FIRST:
+                w_ok = row_ok[None, :, None, None] & (b < y_taps)
+                w_inner = tl.load(y_weight_ptr + oy[None, :, None, None] * y_taps + b, mask=w_ok, other=0)
+                row = tl.minimum(y_first[None, :, None, None] + b, in_h - 1)
+                offs = outer_offs + row * row_stride
+            else:
+                w_ok = col_ok[None, None, :, None] & (b < x_taps)
+                w_inner = tl.load(x_weight_ptr + ox[None, None, :, None] * x_taps + b, mask=w_ok, other=0)
+                col = tl.minimum(x_first[None, None, :, None] + b, in_w - 1)
+                offs = outer_offs + col * 3
+            pix = tl.load(img_ptr + offs, mask=ch_ok, other=0)
+            if ROUND_UINT8:
+                part += tl.sum(w_inner * pix.to(tl.int32), axis=3)
+            else:
+                part += tl.sum(w_inner * pix.to(tl.float32), axis=3)
+        if ROUND_UINT8:  # Pillow's clip8: add half, shift out the fraction, clamp to a byte
+            part = tl.minimum(tl.maximum((part + (1 << 21)) >> 22, 0), 255)
+        acc += w_outer * part
+
+    if ROUND_UINT8:
+        value = tl.minimum(tl.maximum((acc + (1 << 21)) >> 22, 0), 255).to(tl.float32)
+    else:
+        value = acc
+    c = tl.arange(0, 4)[:, None, None]
+    scale = tl.where(c == 0, scale0, tl.where(c == 1, scale1, scale2))
+    shift = tl.where(c == 0, shift0, tl.where(c == 1, shift1, shift2))
+    result = value * scale + shift
+    out_offs = c * (out_h * out_w) + oy[None, :, None] * out_w + ox[None, None, :]
+    mask = (c < 3) & row_ok[None, :, None] & col_ok[None, None, :]
+    tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def preprocess_triton(image: torch.Tensor, spec: PreprocessSpec, out: torch.Tensor) -> None:
+    """Same contract as preprocess_reference, computed by the Triton kernel (image and out on one device)."""
+    _check_args(image, spec, out)
+    assert image.device == out.device, (image.device, out.device)
+    assert out.is_contiguous(), "out must be a contiguous (3, h, w) slot"
+    image = image.contiguous()
+    in_h, in_w = image.shape[:2]
+    assert in_h * in_w * 3 < 2**31, "int32 pixel offsets"
+    resized_h, resized_w = spec.resized_size(in_h, in_w)
+    top, left = spec.crop_offsets(resized_h, resized_w)
+    fixed = not spec.resize_in_float
+    y_first, y_weight = _device_taps(in_h, resized_h, top, spec.height, spec.resample, fixed, out.device)
+    x_first, x_weight = _device_taps(in_w, resized_w, left, spec.width, spec.resample, fixed, out.device)
+    vertical_first = (fixed and _PIL_ORDERS_PASSES and in_h - resized_h > 0
+                      and in_h - resized_h > 2 * (in_w - resized_w))
+    scale, shift = spec.affine()
+    # GPU: tiles sized for registers. Interpreter (CPU tensors, tests): few big tiles, since it pays per op.
+    block_h, block_w, block_k = (8, 32, 4) if image.is_cuda else (32, 32, 16)
+    grid = (triton.cdiv(spec.height, block_h), triton.cdiv(spec.width, block_w))
+    preprocess_kernel[grid](
+        image, out, y_first, y_weight, x_first, x_weight,
+        in_h, in_w, spec.height, spec.width, y_weight.shape[1], x_weight.shape[1],
+        *scale, *shift,
+        ROUND_UINT8=fixed, VERTICAL_FIRST=vertical_first, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_K=block_k,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def preprocess_into(batch: torch.Tensor, slot: int, image: torch.Tensor, spec: PreprocessSpec) -> None:
+    """Preprocess `image` into batch[slot] of an NCHW buffer: Triton on CUDA, the torch reference on CPU."""
+    assert 0 <= slot < batch.shape[0], (slot, batch.shape)
+    out = batch[slot]
+    if batch.is_cuda:
+        preprocess_triton(image.to(batch.device, non_blocking=True), spec, out)
+    else:
+        preprocess_reference(image, spec, out)

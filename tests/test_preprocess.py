@@ -1,0 +1,257 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import ViTImageProcessorPil
+
+from kernels.preprocess import PreprocessSpec, preprocess_into, preprocess_reference, preprocess_triton
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def random_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def vit_config(**overrides) -> dict:
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "resample": 2,
+            "size": {"height": 32, "width": 32}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, **overrides}
+
+
+def dinov3_config(**overrides) -> dict:
+    # As saved by transformers for facebook/dinov3-* checkpoints, including keys that do not affect pixels.
+    return {"crop_size": None, "data_format": "channels_first", "default_to_square": True, "device": None,
+            "disable_grouping": None, "do_center_crop": None, "do_convert_rgb": None, "do_normalize": True,
+            "do_rescale": True, "do_resize": True, "image_mean": IMAGENET_MEAN,
+            "image_processor_type": "DINOv3ViTImageProcessorFast", "image_std": IMAGENET_STD,
+            "input_data_format": None, "resample": 2, "rescale_factor": 1 / 255, "return_tensors": None,
+            "size": {"height": 32, "width": 32}, **overrides}
+
+
+def run_reference(image: torch.Tensor, spec: PreprocessSpec, dtype=torch.float32) -> torch.Tensor:
+    out = torch.empty(3, spec.height, spec.width, dtype=dtype)
+    preprocess_reference(image, spec, out)
+    return out
+
+
+def run_triton(image: torch.Tensor, spec: PreprocessSpec, dtype=torch.float32) -> torch.Tensor:
+    out = torch.empty(3, spec.height, spec.width, dtype=dtype)
+    preprocess_triton(image, spec, out)
+    return out
+
+
+# --- reference vs transformers ----------------------------------------------------------------------------------
+
+VIT_CASES = [  # (input h, w, processor kwargs)
+    (224, 224, {}),  # the validators' images: no resize at all
+    (300, 400, {}),
+    (97, 61, {"size": {"height": 48, "width": 40}}),
+    (13, 250, {"size": {"height": 32, "width": 64}, "resample": 3}),
+    (5, 7, {"size": {"height": 30, "width": 20}}),  # upscale
+    (80, 50, {"size": {"height": 20, "width": 40}}),  # height shrinks, width grows: Pillow >= 13 goes vertical first
+    (120, 90, {"size": {"shortest_edge": 40}, "do_center_crop": True, "crop_size": {"height": 32, "width": 36}}),
+    (60, 100, {"size": {"height": 48, "width": 48}, "do_center_crop": True, "crop_size": 40, "resample": 3}),
+]
+
+
+@pytest.mark.parametrize("h,w,kwargs", VIT_CASES)
+def test_vit_reference_matches_transformers_pil_processor(h, w, kwargs):
+    processor = ViTImageProcessorPil(**kwargs)
+    spec = PreprocessSpec.from_preprocessor_config(json.loads(processor.to_json_string()))
+    image = random_image(h, w, seed=h * w)
+    expected = processor(images=Image.fromarray(image.numpy()), return_tensors="np")["pixel_values"][0]
+    got = run_reference(image, spec)
+    assert got.shape == expected.shape
+    # Pillow's resampler is called directly and rescale/normalize run the same float ops: no tolerance needed,
+    # not even the usual +-1 uint8 level of a float re-implementation of Pillow's fixed point.
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def dinov3_pipeline(image: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """DINOv3ViTImageProcessor's order (torchvision is unavailable here): rescale -> antialiased resize -> normalize."""
+    x = image.permute(2, 0, 1).unsqueeze(0).float() * (1 / 255)
+    x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)[0]
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("h,w,out_h,out_w,mode", [
+    (224, 224, 224, 224, "bilinear"), (300, 400, 224, 224, "bilinear"), (17, 9, 32, 24, "bilinear"),
+    (100, 33, 32, 32, "bicubic"), (1, 1, 8, 8, "bilinear"),
+])
+def test_dinov3_reference_matches_interpolate_pipeline(h, w, out_h, out_w, mode):
+    resample = {"bilinear": 2, "bicubic": 3}[mode]
+    spec = PreprocessSpec.from_preprocessor_config(dinov3_config(size={"height": out_h, "width": out_w},
+                                                                 resample=resample))
+    image = random_image(h, w, seed=h + w)
+    got = run_reference(image, spec)
+    torch.testing.assert_close(got, dinov3_pipeline(image, (out_h, out_w), mode), atol=1e-5, rtol=0)
+
+
+def test_reference_writes_low_precision_outputs_as_cast_fp32():
+    for cfg in (vit_config(), dinov3_config()):
+        spec = PreprocessSpec.from_preprocessor_config(cfg)
+        for shape in ((32, 32), (70, 45)):
+            image = random_image(*shape, seed=5)
+            full = run_reference(image, spec)
+            for dtype in (torch.bfloat16, torch.float16):
+                assert torch.equal(run_reference(image, spec, dtype), full.to(dtype))
+
+
+# --- Triton kernel (interpreter) vs reference -------------------------------------------------------------------
+
+
+def float64_oracle(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """The DINOv3 pipeline in float64: what the float32 kernel and reference both approximate."""
+    resized = spec.resized_size(*image.shape[:2])
+    top, left = spec.crop_offsets(*resized)
+    x = image.permute(2, 0, 1).unsqueeze(0).double() * spec.rescale_factor
+    x = F.interpolate(x, size=resized, mode={2: "bilinear", 3: "bicubic"}[spec.resample], align_corners=False,
+                      antialias=True)[0, :, top:top + spec.height, left:left + spec.width]
+    mean = torch.tensor(spec.image_mean, dtype=torch.float64).view(3, 1, 1)
+    return (x - mean) / torch.tensor(spec.image_std, dtype=torch.float64).view(3, 1, 1)
+
+
+def check_kernel(image: torch.Tensor, spec: PreprocessSpec) -> None:
+    got, expected = run_triton(image, spec), run_reference(image, spec)
+    if spec.resize_in_float:
+        # torch's CPU antialias computes tap centres and weights in float32 (up to ~1e-5 off after normalizing);
+        # the kernel's host taps are float64, so it is held to the float64 pipeline much more tightly.
+        torch.testing.assert_close(got, expected, atol=3e-5, rtol=0)
+        torch.testing.assert_close(got.double(), float64_oracle(image, spec), atol=2e-6, rtol=0)
+    else:
+        # Identical uint8 levels (Pillow's fixed point reproduced); only the fused rescale*normalize differs (~1 ulp).
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+KERNEL_SHAPES = [  # (input h, w, output h, w)
+    (7, 5, 32, 32),  # upscale
+    (1000, 700, 32, 32),  # strong downscale: wide filter windows
+    (33, 17, 20, 40),  # odd sizes; height shrinks while width grows (vertical-first in Pillow >= 13)
+    (17, 33, 40, 20),
+    (1, 1, 16, 16),
+    (3, 900, 24, 40),  # very wide, non-square output
+    (32, 32, 32, 32),  # identity
+    (45, 61, 45, 30),  # one axis unchanged
+]
+
+
+@pytest.mark.parametrize("h,w,out_h,out_w", KERNEL_SHAPES)
+@pytest.mark.parametrize("family", ["vit", "dinov3"])
+def test_kernel_matches_reference(h, w, out_h, out_w, family):
+    make = vit_config if family == "vit" else dinov3_config
+    spec = PreprocessSpec.from_preprocessor_config(make(size={"height": out_h, "width": out_w}))
+    check_kernel(random_image(h, w, seed=h * 7 + w), spec)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov3"])
+def test_kernel_bicubic_and_center_crop(family):
+    make = vit_config if family == "vit" else dinov3_config
+    cfgs = [make(resample=3, size={"height": 24, "width": 40}),
+            make(size={"shortest_edge": 40}, do_center_crop=True, crop_size={"height": 32, "width": 24}),
+            make(size={"shortest_edge": 40}, do_center_crop=True, crop_size=32, resample=3)]
+    for cfg in cfgs:
+        spec = PreprocessSpec.from_preprocessor_config(cfg)
+        for h, w in ((90, 130), (131, 57), (9, 6)):
+            check_kernel(random_image(h, w, seed=h + 3 * w), spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["vit", "dinov3"])
+def test_kernel_low_precision_output(dtype, family):
+    make = vit_config if family == "vit" else dinov3_config
+    spec = PreprocessSpec.from_preprocessor_config(make(size={"height": 24, "width": 40}))
+    image = random_image(50, 37, seed=11)
+    got = run_triton(image, spec, dtype)
+    assert got.dtype == dtype
+    # Both sides cast fp32 results that agree to ~1e-6, so they may differ by at most one rounding step.
+    one_step = {torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(got.float(), run_reference(image, spec, dtype).float(), atol=1e-5, rtol=one_step)
+
+
+def test_kernel_writes_only_its_slot():
+    spec = PreprocessSpec.from_preprocessor_config(vit_config(size={"height": 20, "width": 28}))
+    batch = torch.full((3, 3, 20, 28), 7.0, dtype=torch.bfloat16)
+    image = random_image(41, 23, seed=2)
+    preprocess_triton(image, spec, batch[1])
+    assert (batch[0] == 7.0).all() and (batch[2] == 7.0).all()
+    torch.testing.assert_close(batch[1].float(), run_reference(image, spec, torch.bfloat16).float(),
+                               atol=1e-5, rtol=2**-7)
+
+
+def test_preprocess_into_cpu_uses_reference_and_only_its_slot():
+    spec = PreprocessSpec.from_preprocessor_config(dinov3_config(size={"height": 16, "width": 16}))
+    batch = torch.full((4, 3, 16, 16), -3.0)
+    image = random_image(30, 20, seed=4)
+    preprocess_into(batch, 2, image, spec)
+    assert torch.equal(batch[2], run_reference(image, spec))
+    assert (batch[[0, 1, 3]] == -3.0).all()
+
+
+def test_shape_errors_name_the_tensor():
+    spec = PreprocessSpec.from_preprocessor_config(vit_config())
+    with pytest.raises(ValueError, match=r"image must be a \(H, W, 3\) uint8 tensor"):
+        preprocess_reference(torch.zeros(8, 8, 4, dtype=torch.uint8), spec, torch.empty(3, 32, 32))
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 32, 32\)"):
+        preprocess_reference(random_image(8, 8), spec, torch.empty(3, 16, 32))
+
+
+# --- spec parsing -----------------------------------------------------------------------------------------------
+
+
+def test_spec_from_vit_configs():
+    spec = PreprocessSpec.from_preprocessor_config(json.loads(ViTImageProcessorPil().to_json_string()))
+    assert (spec.height, spec.width, spec.resample, spec.resize_in_float) == (224, 224, 2, False)
+    assert spec.image_mean == (0.5, 0.5, 0.5) and spec.rescale_factor == pytest.approx(1 / 255)
+    # google/vit-base-patch16-224 style: legacy feature extractor, integer size, class defaults for the rest.
+    legacy = PreprocessSpec.from_preprocessor_config({
+        "do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 224})
+    assert (legacy.height, legacy.width, legacy.do_rescale, legacy.resize_in_float) == (224, 224, True, False)
+
+
+def test_spec_from_dinov3_config():
+    spec = PreprocessSpec.from_preprocessor_config(dinov3_config(size={"height": 224, "width": 224}))
+    assert spec.resize_in_float and (spec.height, spec.width) == (224, 224)
+    assert spec.image_mean == tuple(IMAGENET_MEAN) and spec.image_std == tuple(IMAGENET_STD)
+    assert not spec.center_crop and spec.resize_to == (224, 224)
+
+
+def test_spec_shortest_edge_geometry():
+    spec = PreprocessSpec.from_preprocessor_config(vit_config(size={"shortest_edge": 256}, do_center_crop=True,
+                                                              crop_size={"height": 224, "width": 224}))
+    assert (spec.height, spec.width) == (224, 224)
+    assert spec.resized_size(480, 640) == (256, 341) and spec.crop_offsets(256, 341) == (16, 58)
+    assert spec.resized_size(640, 480) == (341, 256)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"resample": 1}, r"resample=1 \(lanczos\) is not supported"),
+    ({"resample": 0}, r"resample=0 \(nearest\) is not supported"),
+    ({"size": None}, "has no 'size'"),
+    ({"size": {"longest_edge": 224}}, "size="),
+    ({"size": {"height": 0, "width": 224}}, r"size.height=0 must be a positive integer"),
+    ({"size": {"shortest_edge": 224}}, "without do_center_crop"),
+    ({"do_center_crop": True}, "needs 'crop_size'"),
+    ({"do_center_crop": True, "crop_size": 64}, "larger than the resized image"),
+    ({"do_resize": False}, "do_resize=false is not supported"),
+    ({"do_pad": True}, "do_pad=true is not supported"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean="),
+    ({"image_std": [0.5, 0.0, 0.5]}, "image_std="),
+    ({"rescale_factor": 0}, "rescale_factor=0"),
+    ({"crop_pct": 0.875}, r"\['crop_pct'\] are not supported"),
+    ({"image_processor_type": "ConvNextImageProcessor"}, "image_processor_type='ConvNextImageProcessor'"),
+])
+def test_spec_errors_name_the_key(change, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessSpec.from_preprocessor_config(vit_config(**change))
+
+
+def test_spec_missing_size_key():
+    cfg = vit_config()
+    del cfg["size"]
+    with pytest.raises(ValueError, match="has no 'size'"):
+        PreprocessSpec.from_preprocessor_config(cfg)
