@@ -1,0 +1,96 @@
+"""Shared pieces of the benchmarks: model presets, random-weight checkpoints, timing, tables, JSON."""
+from __future__ import annotations
+
+import io
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Real architectures with random weights (no downloads): what users deploy.
+PRESETS = {
+    "dinov3-vits16": ("dinov3_vit", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
+                                         num_attention_heads=6, num_register_tokens=4, image_size=224, patch_size=16)),
+    "dinov3-vitb16": ("dinov3_vit", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                         num_attention_heads=12, num_register_tokens=4, image_size=224, patch_size=16)),
+    "vit-b16": ("vit", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=224, patch_size=16)),
+    "tiny": ("dinov3_vit", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_register_tokens=4, image_size=32, patch_size=16)),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_checkpoint(preset: str, path: Path):
+    """Write a random-weight checkpoint of `preset`; returns transformers' model on the same weights."""
+    from tests.checkpoints import make_dinov3, make_vit  # transformers: a benchmark/test dependency only
+
+    kind, cfg = PRESETS[preset]
+    return make_dinov3(path, **cfg) if kind == "dinov3_vit" else make_vit(path, **cfg)
+
+
+def jpeg_images(n: int, size: int = 224, seed: int = 0) -> list[bytes]:
+    """Smooth random images saved as quality-75 JPEGs, as the subnet's validators send them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((size, size), Image.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=75)
+        out.append(buf.getvalue())
+    return out
+
+
+def time_call(fn: Callable[[], object], min_time: float = 1.0, min_iters: int = 3, warmup: int = 1) -> float:
+    """Median seconds per call over at least `min_iters` calls and `min_time` seconds."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Row:
+    values: dict
+
+    def cell(self, key: str) -> str:
+        v = self.values[key]
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(Row(r).cell(c)) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(Row(r).cell(c).rjust(widths[c]) for c in columns))
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"machine": machine(), **payload}, indent=2))
