@@ -133,6 +133,9 @@ class Service:
 
     async def _run_batched(self, to_run: list[tuple[int, Any, float]], keys: dict[int, bytes],
                            answers: list, start: float, deadline: float, detail: bool) -> None:
+        if len(to_run) > self.batcher.queue_size:
+            raise ApiError(413, "too_many_images", f"{len(to_run)} images to compute exceed the queue size "
+                                                   f"({self.batcher.queue_size}); send smaller batches")
         try:
             items = self.batcher.submit([image for _, image, _ in to_run], deadline)
         except QueueFull as e:
@@ -379,7 +382,9 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
         await service.start()
 
     async def on_shutdown(_: web.Application) -> None:
-        service.batcher.drain()  # in-flight requests finish now; nothing waits for a batch to fill
+        service.ready = False  # load balancers stop routing here while in-flight requests finish
+        service.metrics.ready.set(0)
+        service.batcher.drain()  # nothing waits for a batch to fill any more
 
     async def on_cleanup(_: web.Application) -> None:
         await service.stop()

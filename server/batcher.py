@@ -21,6 +21,11 @@ from server.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("batcher loop stopped on a bug; requests will time out", exc_info=task.exception())
+
+
 class QueueFull(Exception):
     pass
 
@@ -88,6 +93,7 @@ class Batcher:
     def start(self) -> None:
         assert self._task is None
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._task.add_done_callback(_log_crash)
 
     async def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn on the inference thread, after whatever batches are already there (e.g. warmup)."""

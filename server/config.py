@@ -68,7 +68,8 @@ _HELP = {
     "device": "cpu, cuda or cuda:N (default cpu)",
     "dtype": "float32, bfloat16 or float16 (default: the engine's choice for the device)",
     "max_batch": "largest batch per model call (default 32)",
-    "max_delay_ms": "longest a request waits for its batch to fill, in ms (default 5)",
+    "max_delay_ms": "longest a request waits for its batch to fill, in ms; 0 runs whatever is queued as soon as "
+                    "the model is free (default 5)",
     "queue_size": "images allowed to wait for a batch; a full queue answers 503 at once (default 1024)",
     "timeout_s": "per-request deadline in seconds; work not started by then is dropped with 504 (default 9)",
     "max_body_mb": "largest request body in MiB; larger answers 413 (default 32)",

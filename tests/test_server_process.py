@@ -1,0 +1,139 @@
+"""`python -m server` as users run it: a subprocess, its command line, its exit codes, SIGTERM draining."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from runtime.decode import decode_image
+from runtime.engine import Engine
+from tests.checkpoints import make_vit
+from tests.test_server import jpeg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_vit")
+    make_vit(path, seed=5)
+    return path
+
+
+def run_server_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_documents_every_option_and_its_environment_variable():
+    done = run_server_cli("--help", timeout=30)
+    assert done.returncode == 0
+    for flag in ("--model", "--host", "--port", "--device", "--dtype", "--max-batch", "--max-delay-ms",
+                 "--queue-size", "--timeout-s", "--max-body-mb", "--max-pixels", "--cache-entries", "--cache-ttl-s",
+                 "--access-log", "--log-level"):
+        assert flag in done.stdout, flag
+        env = "ROADWORK_" + flag[2:].replace("-", "_").upper()
+        assert env in done.stdout, env
+
+
+def test_bad_settings_exit_with_usage_error():
+    done = run_server_cli("--max-batch", "0", timeout=30)
+    assert done.returncode == 2 and "max_batch must be > 0" in done.stderr
+
+
+@pytest.mark.parametrize("breakage", ["missing_dir", "unsupported_model_type", "broken_weights"])
+def test_bad_model_exits_nonzero_with_one_clear_line(tmp_path, model_dir, breakage):
+    target = tmp_path / "model"
+    if breakage == "missing_dir":
+        expected = "does not exist"
+    else:
+        target.mkdir()
+        for f in model_dir.iterdir():
+            (target / f.name).write_bytes(f.read_bytes())
+        if breakage == "unsupported_model_type":
+            config = json.loads((target / "config.json").read_text())
+            (target / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+            expected = "bert"
+        else:
+            weights = target / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:1000])
+            expected = "model.safetensors"
+    done = run_server_cli("--model", str(target), "--port", "0")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "cannot load model" in lines[0] and expected in lines[0], lines[0]
+    assert "listening" not in done.stderr
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_zero(model_dir):
+    images = [jpeg(200 + i) for i in range(6)]
+    engine = Engine.load(model_dir, dtype="float32", max_batch=8)
+    expected = [r.prediction for r in engine.predict([decode_image(im) for im in images])]
+
+    async def scenario():
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", "--model", str(model_dir), "--port", "0", "--dtype", "float32",
+            "--max-batch", "8", "--max-delay-ms", "3000", "--log-level", "info", cwd=REPO,
+            stderr=asyncio.subprocess.PIPE)
+        log_lines: list[str] = []
+        try:
+            url = None
+            while url is None:
+                line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+                assert line, "server exited before listening:\n" + "".join(log_lines)
+                log_lines.append(line)
+                found = re.search(r"listening on (http://\S+)", line)
+                url = found.group(1) if found else None
+
+            async def drain_log():
+                while line := await proc.stderr.readline():
+                    log_lines.append(line.decode())
+
+            log_task = asyncio.create_task(drain_log())
+            async with aiohttp.ClientSession() as client:
+                while True:
+                    async with client.get(url + "/readyz") as r:
+                        if r.status == 200:
+                            break
+                    await asyncio.sleep(0.02)
+
+                async def predict(image: bytes):
+                    async with client.post(url + "/v1/predict", json={"image": base64.b64encode(image).decode()}) as r:
+                        return r.status, await r.json()
+
+                in_flight = [asyncio.create_task(predict(im)) for im in images]
+                give_up = time.monotonic() + 10
+                while True:  # all six queued, waiting for a batch that the delay would hold back for 3 s
+                    async with client.get(url + "/metrics") as r:
+                        if re.search(r"^roadwork_queue_depth 6\.0$", await r.text(), re.M):
+                            break
+                    assert time.monotonic() < give_up
+                    await asyncio.sleep(0.01)
+                signalled = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                answers = await asyncio.gather(*in_flight)
+                answered_after = time.monotonic() - signalled
+            code = await asyncio.wait_for(proc.wait(), 30)
+            await log_task
+            return answers, answered_after, code, "".join(log_lines)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    answers, answered_after, code, log = asyncio.run(scenario())
+    assert code == 0, log
+    assert [a[0] for a in answers] == [200] * 6, answers
+    assert [a[1]["prediction"] for a in answers] == pytest.approx(expected, abs=1e-5)
+    assert answered_after < 2.5, "draining must run the queued batch at once, not after the batch delay"
+    assert "shutting down" in log and "stopped" in log
