@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import numpy as np
 import orjson
 from aiohttp import web
 from PIL import Image
@@ -51,13 +52,14 @@ class Service:
 
     async def _warmup(self) -> None:
         start = time.perf_counter()
-        # Decode threads first: they start lazily and the first PIL decode loads its codecs.
+        # Decode threads start lazily and the first decode loads codecs: run one validator-sized JPEG on each.
         sample = _warmup_jpeg()
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self.decode_pool, decode_image, sample)
-                               for _ in range(self.config.decode_threads)))
+        decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, decode_image, sample)
+                                         for _ in range(self.config.decode_threads)))
         try:
             await self.batcher.run_on_worker(self.engine.warmup)
+            await self.batcher.run_on_worker(self.engine.predict, decoded[:1])  # a real image, on the real thread
         except Exception:
             log.exception("Engine.warmup failed; the server will not become ready")
             raise
@@ -188,8 +190,11 @@ def _answer(result: Any, cached: bool, detail: bool, total_s: float, decode_s: f
 
 
 def _warmup_jpeg() -> bytes:
+    """224x224, JPEG quality 75: what the subnet's validators send."""
+    gradient = np.linspace(0, 255, 224, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(gradient[None, :], gradient[:, None], gradient[::-1, None]), axis=-1)
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (128, 96, 64)).save(buffer, format="JPEG")
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=75)
     return buffer.getvalue()
 
 
