@@ -604,6 +604,9 @@ VEHICLE_DIMENSIONS = {  # width, length, height
     "sedan": (1.8, 4.5, 1.45), "suv": (1.9, 4.7, 1.7), "van": (2.0, 5.2, 2.1), "truck": (2.45, 8.0, 3.3),
     "bus": (2.55, 12.0, 3.1),
 }
+CABINS = {  # window-line height, rear overhang, bonnet length (metres)
+    "sedan": (0.95, 0.9, 1.4), "suv": (0.95, 0.5, 1.1), "van": (1.05, 0.15, 0.7),
+}
 
 
 def draw_vehicle(p: Painter, cam: Camera, v: Vehicle) -> None:
@@ -622,8 +625,7 @@ def draw_vehicle(p: Painter, cam: Camera, v: Vehicle) -> None:
     if v.kind in ("truck", "bus"):
         _draw_big_vehicle(p, cam, v, l0, l1, z0, z1, side)
         return
-    belt = 0.95 if v.kind != "van" else 1.05
-    near_off, far_off = ((0.9, 1.4) if v.kind == "sedan" else (0.5, 1.1)) if v.kind != "van" else (0.15, 0.7)
+    belt, near_off, far_off = CABINS[v.kind]
     if v.front:
         near_off, far_off = far_off, near_off
     zc0, zc1 = z0 + near_off, z1 - far_off
@@ -1067,7 +1069,7 @@ def _place_cone_line(L: Layout, lats: list[float], zs: list[float], device: str,
 
 def _work_extras(L: Layout, l0: float, l1: float, z0: float, z1: float, on_road: bool) -> None:
     """Things inside a closed area: dug asphalt, a dirt pile, workers, machinery."""
-    rng, cam = L.rng, L.cam
+    rng = L.rng
     if rng.random() < 0.6:
         pts, zc, lc = [], 0.5 * (z0 + z1), 0.5 * (l0 + l1)
         hl, hz = 0.45 * (l1 - l0), 0.4 * (z1 - z0)
@@ -1112,7 +1114,7 @@ def _lane_closure(L: Layout) -> None:
     if device in ("cone", "barrel"):
         spacing = _u(rng, 2.5, 6.0) if device == "cone" else _u(rng, 4.0, 8.0)
         taper = int(rng.integers(2, 6))
-        zs = list(np.arange(z0, z1, spacing)[:30])
+        zs = [float(z) for z in np.arange(z0, z1, spacing)[:30]]
         lats = [outer + (inner - outer) * min(1.0, i / taper) for i in range(len(zs))]
         _place_cone_line(L, lats, zs, device, cone, bands)
     elif device == "jersey":
@@ -1174,7 +1176,7 @@ def _work_site(L: Layout) -> None:
             z, i = z + 2.0, i + 1
     else:
         cone, bands = _pick(rng, CONE_COLORS), int(rng.integers(1, 3))
-        zs = list(np.arange(z0, z1, _u(rng, 1.5, 3.0)))
+        zs = [float(z) for z in np.arange(z0, z1, _u(rng, 1.5, 3.0))]
         _place_cone_line(L, [side_l] * len(zs), zs, "cone", cone, bands)
         _place_cone_line(L, [l0 + (l1 - l0) * a for a in (0.33, 0.66)], [z0, z0], "cone", cone, bands)
     L.block(min(l0, l1) - 0.5, max(l0, l1) + 0.5, z0 - 6.0, z1 + 4.0)
