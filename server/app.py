@@ -61,7 +61,7 @@ class Service:
             await self.batcher.run_on_worker(self.engine.warmup)
             await self.batcher.run_on_worker(self.engine.predict, decoded[:1])  # a real image, on the real thread
         except Exception:
-            log.exception("Engine.warmup failed; the server will not become ready")
+            log.exception("warmup failed; the server will not become ready")
             raise
         took = time.perf_counter() - start
         self.metrics.warmup_duration.set(took)
@@ -114,6 +114,10 @@ class Service:
                     self.metrics.cache_misses.inc()
                 misses.append(i)
 
+        if misses:
+            self._check_room(len(misses))  # overloaded: reject before spending decode time
+        if misses:
+            self._check_room(len(misses))  # overloaded: reject before spending decode time
         decoded = await asyncio.gather(*(self._decode(blobs[i]) for i in misses), return_exceptions=True)
         to_run: list[tuple[int, Any, float]] = []
         for i, outcome in zip(misses, decoded):
@@ -133,17 +137,21 @@ class Service:
                 self.metrics.images.labels("cached" if answer["cached"] else "computed").inc()
         return answers
 
-    async def _run_batched(self, to_run: list[tuple[int, Any, float]], keys: dict[int, bytes],
-                           answers: list, start: float, deadline: float, detail: bool) -> None:
-        if len(to_run) > self.batcher.queue_size:
-            raise ApiError(413, "too_many_images", f"{len(to_run)} images to compute exceed the queue size "
+    def _check_room(self, count: int) -> None:
+        if count > self.batcher.queue_size:
+            raise ApiError(413, "too_many_images", f"{count} images to compute exceed the queue size "
                                                    f"({self.batcher.queue_size}); send smaller batches")
         try:
-            items = self.batcher.submit([image for _, image, _ in to_run], deadline)
+            self.batcher.check_room(count)
         except QueueFull as e:
-            raise ApiError(503, "queue_full", f"server is overloaded: {e}", {"Retry-After": RETRY_AFTER_S})
+            raise ApiError(503, "queue_full", f"server is overloaded: {e}", {"Retry-After": RETRY_AFTER_S}) from None
         except BatcherClosed as e:
-            raise ApiError(503, "shutting_down", str(e), {"Retry-After": RETRY_AFTER_S})
+            raise ApiError(503, "shutting_down", str(e), {"Retry-After": RETRY_AFTER_S}) from None
+
+    async def _run_batched(self, to_run: list[tuple[int, Any, float]], keys: dict[int, bytes],
+                           answers: list, start: float, deadline: float, detail: bool) -> None:
+        self._check_room(len(to_run))  # decoding yielded to other requests: the queue may have filled since
+        items = self.batcher.submit([image for _, image, _ in to_run], deadline)
         try:
             _, pending = await asyncio.wait([item.future for item in items],
                                             timeout=max(0.0, deadline - time.monotonic()))

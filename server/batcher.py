@@ -99,14 +99,17 @@ class Batcher:
         """Run fn on the inference thread, after whatever batches are already there (e.g. warmup)."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    def submit(self, images: list[np.ndarray], deadline: float) -> list[WorkItem]:
-        """Queue all images or none: a request never gets half its images rejected for lack of room."""
+    def check_room(self, count: int) -> None:
+        """Raise unless `count` more images fit now; callers check before decoding to reject overload cheaply."""
         if self._closed:
             raise BatcherClosed("server is shutting down")
-        if len(self._queue) + len(images) > self.queue_size:
-            self.metrics.queue_dropped.labels("queue_full").inc(len(images))
-            raise QueueFull(f"queue holds {len(self._queue)} of {self.queue_size} images; "
-                            f"{len(images)} more do not fit")
+        if len(self._queue) + count > self.queue_size:
+            self.metrics.queue_dropped.labels("queue_full").inc(count)
+            raise QueueFull(f"queue holds {len(self._queue)} of {self.queue_size} images; {count} more do not fit")
+
+    def submit(self, images: list[np.ndarray], deadline: float) -> list[WorkItem]:
+        """Queue all images or none: a request never gets half its images rejected for lack of room."""
+        self.check_room(len(images))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = [WorkItem(image, deadline, now, loop.create_future()) for image in images]

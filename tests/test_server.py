@@ -89,6 +89,9 @@ class Running:
     async def wait_ready(self, timeout_s: float = 20.0) -> None:
         give_up = time.monotonic() + timeout_s
         while (await self.get("/readyz"))[0] != 200:
+            warmup = self.service.warmup_task
+            if warmup.done():
+                warmup.result()  # a failed warmup fails the test with its own error
             assert time.monotonic() < give_up, "server never became ready"
             await asyncio.sleep(0.01)
 
