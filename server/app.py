@@ -14,7 +14,8 @@ from aiohttp import web
 from PIL import Image
 
 from runtime.decode import ImageDecodeError, decode_image
-from server.batcher import BatcherClosed, Batcher, Computed, DeadlineExceeded, InferenceFailed, QueueFull
+from server.batcher import (BatcherClosed, Batcher, Computed, DeadlineExceeded, InferenceFailed, QueueFull,
+                            WorkItem)
 from server.cache import ResultCache, image_key
 from server.config import ServerConfig
 from server.errors import ApiError, error_response, from_http_exception, json_response
@@ -114,22 +115,26 @@ class Service:
                     self.metrics.cache_misses.inc()
                 misses.append(i)
 
-        if misses:
-            self._check_room(len(misses))  # overloaded: reject before spending decode time
-        if misses:
-            self._check_room(len(misses))  # overloaded: reject before spending decode time
-        decoded = await asyncio.gather(*(self._decode(blobs[i]) for i in misses), return_exceptions=True)
         to_run: list[tuple[int, Any, float]] = []
-        for i, outcome in zip(misses, decoded):
-            if isinstance(outcome, ApiError):
-                answers[i] = outcome
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                to_run.append((i, *outcome))
+        items: list[WorkItem] = []
+        if misses:
+            self._admit(len(misses))
+            try:
+                decoded = await asyncio.gather(*(self._decode(blobs[i]) for i in misses), return_exceptions=True)
+                for i, outcome in zip(misses, decoded):
+                    if isinstance(outcome, ApiError):
+                        answers[i] = outcome
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                    else:
+                        to_run.append((i, *outcome))
+                if to_run:
+                    items = self.batcher.submit([image for _, image, _ in to_run], deadline)
+            finally:
+                self.batcher.release(len(misses) - len(items))  # room of images that will not be queued
 
-        if to_run:
-            await self._run_batched(to_run, keys, answers, start, deadline, detail)
+        if items:
+            await self._await_items(to_run, items, keys, answers, start, deadline, detail)
         for answer in answers:
             if isinstance(answer, ApiError):
                 self.metrics.images.labels(answer.code).inc()
@@ -137,21 +142,20 @@ class Service:
                 self.metrics.images.labels("cached" if answer["cached"] else "computed").inc()
         return answers
 
-    def _check_room(self, count: int) -> None:
+    def _admit(self, count: int) -> None:
         if count > self.batcher.queue_size:
             raise ApiError(413, "too_many_images", f"{count} images to compute exceed the queue size "
                                                    f"({self.batcher.queue_size}); send smaller batches")
         try:
-            self.batcher.check_room(count)
+            self.batcher.admit(count)
         except QueueFull as e:
             raise ApiError(503, "queue_full", f"server is overloaded: {e}", {"Retry-After": RETRY_AFTER_S}) from None
         except BatcherClosed as e:
             raise ApiError(503, "shutting_down", str(e), {"Retry-After": RETRY_AFTER_S}) from None
 
-    async def _run_batched(self, to_run: list[tuple[int, Any, float]], keys: dict[int, bytes],
-                           answers: list, start: float, deadline: float, detail: bool) -> None:
-        self._check_room(len(to_run))  # decoding yielded to other requests: the queue may have filled since
-        items = self.batcher.submit([image for _, image, _ in to_run], deadline)
+    async def _await_items(self, to_run: list[tuple[int, Any, float]], items: list[WorkItem],
+                           keys: dict[int, bytes], answers: list, start: float, deadline: float,
+                           detail: bool) -> None:
         try:
             _, pending = await asyncio.wait([item.future for item in items],
                                             timeout=max(0.0, deadline - time.monotonic()))

@@ -80,6 +80,7 @@ class Batcher:
         self.queue_size = queue_size
         self.metrics = metrics
         self._queue: deque[WorkItem] = deque()
+        self._admitted = 0                  # images admitted but not yet queued (being decoded)
         self._wakeup = asyncio.Event()
         # Engine.predict is not thread-safe: exactly one thread calls it (and warmup) for this device.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{engine.device}")
@@ -99,17 +100,25 @@ class Batcher:
         """Run fn on the inference thread, after whatever batches are already there (e.g. warmup)."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    def check_room(self, count: int) -> None:
-        """Raise unless `count` more images fit now; callers check before decoding to reject overload cheaply."""
+    def admit(self, count: int) -> None:
+        """Reserve room for `count` images before they are decoded, or raise: overload is refused before it
+        costs decode time, and images being decoded count against the queue size like queued ones."""
         if self._closed:
             raise BatcherClosed("server is shutting down")
-        if len(self._queue) + count > self.queue_size:
+        if len(self._queue) + self._admitted + count > self.queue_size:
             self.metrics.queue_dropped.labels("queue_full").inc(count)
-            raise QueueFull(f"queue holds {len(self._queue)} of {self.queue_size} images; {count} more do not fit")
+            raise QueueFull(f"{len(self._queue)} images queued and {self._admitted} being decoded, of "
+                            f"{self.queue_size} allowed; {count} more do not fit")
+        self._admitted += count
+
+    def release(self, count: int) -> None:
+        """Give back admitted room that will not be submitted (decode failed, client left)."""
+        self._admitted -= count
+        assert self._admitted >= 0, self._admitted
 
     def submit(self, images: list[np.ndarray], deadline: float) -> list[WorkItem]:
-        """Queue all images or none: a request never gets half its images rejected for lack of room."""
-        self.check_room(len(images))
+        """Queue admitted images; they wait for a batch."""
+        self.release(len(images))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = [WorkItem(image, deadline, now, loop.create_future()) for image in images]

@@ -294,6 +294,20 @@ def test_full_queue_rejects_at_once(engine, model_dir):
     assert dropped == 2
 
 
+def test_burst_beyond_queue_is_refused_before_decoding(engine, model_dir):
+    images = [jpeg(120 + i) for i in range(12)]
+
+    async def scenario():
+        async with serving(engine, model_dir, queue_size=3, max_delay_ms=300) as s:
+            answers = await asyncio.gather(*(s.post("/v1/predict", {"image": b64(im)}) for im in images))
+            return answers, await s.metric("roadwork_decode_duration_seconds_count")
+
+    answers, decoded = run(scenario())
+    statuses = sorted(a[0] for a in answers)
+    assert statuses.count(200) >= 3 and set(statuses) <= {200, 503}
+    assert decoded == statuses.count(200)  # refused requests cost no decode time
+
+
 def test_deadline_drops_queued_work_uncomputed(engine, model_dir):
     async def scenario():
         async with serving(engine, model_dir, timeout_s=0.3, max_delay_ms=2000) as s:
