@@ -21,7 +21,7 @@ class ServerConfig:
     dtype: str | None = None              # None: the engine picks its default for the device
     max_batch: int = 32                   # images per Engine.predict call
     max_delay_ms: float = 5.0             # longest an image waits for its batch to fill
-    queue_size: int = 1024                # images waiting for a batch; beyond this requests get 503
+    queue_size: int = 1024                # images being decoded or waiting for a batch; beyond this: 503
     timeout_s: float = 9.0                # per-request deadline (the validator's timeout)
     max_body_mb: float = 32.0
     max_pixels: int = 40_000_000          # decoded width*height limit (422 above)
@@ -70,7 +70,8 @@ _HELP = {
     "max_batch": "largest batch per model call (default 32)",
     "max_delay_ms": "longest a request waits for its batch to fill, in ms; 0 runs whatever is queued as soon as "
                     "the model is free (default 5)",
-    "queue_size": "images allowed to wait for a batch; a full queue answers 503 at once (default 1024)",
+    "queue_size": "images admitted at once (being decoded or waiting for a batch); beyond it requests get 503 "
+                  "with Retry-After at once (default 1024)",
     "timeout_s": "per-request deadline in seconds; work not started by then is dropped with 504 (default 9)",
     "max_body_mb": "largest request body in MiB; larger answers 413 (default 32)",
     "max_pixels": "largest decoded image, width*height; larger answers 422 (default 40000000)",
