@@ -118,7 +118,7 @@ class Service:
         to_run: list[tuple[int, Any, float]] = []
         items: list[WorkItem] = []
         if misses:
-            self._admit(len(misses))
+            self._admit(len(misses), deadline)
             try:
                 decoded = await asyncio.gather(*(self._decode(blobs[i]) for i in misses), return_exceptions=True)
                 for i, outcome in zip(misses, decoded):
@@ -142,12 +142,12 @@ class Service:
                 self.metrics.images.labels("cached" if answer["cached"] else "computed").inc()
         return answers
 
-    def _admit(self, count: int) -> None:
+    def _admit(self, count: int, deadline: float) -> None:
         if count > self.batcher.queue_size:
             raise ApiError(413, "too_many_images", f"{count} images to compute exceed the queue size "
                                                    f"({self.batcher.queue_size}); send smaller batches")
         try:
-            self.batcher.admit(count)
+            self.batcher.admit(count, deadline)
         except QueueFull as e:
             raise ApiError(503, "queue_full", f"server is overloaded: {e}", {"Retry-After": RETRY_AFTER_S}) from None
         except BatcherClosed as e:

@@ -21,6 +21,9 @@ from server.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 
+COST_SMOOTHING = 0.2  # weight of the newest batch in the per-image cost average: adapts within a few batches
+
+
 def _log_crash(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("batcher loop stopped on a bug; requests will time out", exc_info=task.exception())
@@ -81,6 +84,8 @@ class Batcher:
         self.metrics = metrics
         self._queue: deque[WorkItem] = deque()
         self._admitted = 0                  # images admitted but not yet queued (being decoded)
+        self._running = 0                   # images in the batch on the worker now
+        self.image_cost_s: float | None = None  # moving average of compute seconds per image
         self._wakeup = asyncio.Event()
         # Engine.predict is not thread-safe: exactly one thread calls it (and warmup) for this device.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{engine.device}")
@@ -100,15 +105,28 @@ class Batcher:
         """Run fn on the inference thread, after whatever batches are already there (e.g. warmup)."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    def admit(self, count: int) -> None:
+    def estimated_wait_s(self, count: int) -> float:
+        """Seconds until `count` more images would be computed: everything ahead of them at the measured
+        per-image cost (0 until the first batch is measured)."""
+        backlog = len(self._queue) + self._admitted + self._running + count
+        return backlog * (self.image_cost_s or 0.0)
+
+    def admit(self, count: int, deadline: float) -> None:
         """Reserve room for `count` images before they are decoded, or raise: overload is refused before it
-        costs decode time, and images being decoded count against the queue size like queued ones."""
+        costs decode time, and images being decoded count against the queue size like queued ones. Work that
+        could not finish before its deadline is refused too: serving it would only make everyone late."""
         if self._closed:
             raise BatcherClosed("server is shutting down")
         if len(self._queue) + self._admitted + count > self.queue_size:
             self.metrics.queue_dropped.labels("queue_full").inc(count)
             raise QueueFull(f"{len(self._queue)} images queued and {self._admitted} being decoded, of "
                             f"{self.queue_size} allowed; {count} more do not fit")
+        wait_s, budget_s = self.estimated_wait_s(count), deadline - time.monotonic()
+        # With nothing ahead, always try: that is also how an estimate inflated by one slow batch recovers.
+        nothing_ahead = not (self._queue or self._admitted or self._running)
+        if wait_s > budget_s and not nothing_ahead:
+            self.metrics.queue_dropped.labels("deadline_unreachable").inc(count)
+            raise QueueFull(f"estimated wait {wait_s:.2f} s exceeds the {budget_s:.2f} s left before the deadline")
         self._admitted += count
 
     def release(self, count: int) -> None:
@@ -170,7 +188,11 @@ class Batcher:
                         pass
                     continue
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
-            run = await asyncio.get_running_loop().run_in_executor(self._worker, self._compute, batch)
+            self._running = len(batch)
+            try:
+                run = await asyncio.get_running_loop().run_in_executor(self._worker, self._compute, batch)
+            finally:
+                self._running = 0
             self._resolve(run)
 
     def _compute(self, batch: list[WorkItem]) -> _BatchRun:
@@ -202,6 +224,9 @@ class Batcher:
             return
         m.batch_size.observe(len(run.live))
         m.compute_latency.observe(run.compute_s)
+        per_image_s = run.compute_s / len(run.live)
+        self.image_cost_s = per_image_s if self.image_cost_s is None else \
+            self.image_cost_s + COST_SMOOTHING * (per_image_s - self.image_cost_s)
         if run.error is not None:
             for item in run.live:
                 if not item.future.done() and item.dropped is None:

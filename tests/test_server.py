@@ -5,6 +5,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import itertools
 import shutil
 import subprocess
 import threading
@@ -306,6 +307,37 @@ def test_burst_beyond_queue_is_refused_before_decoding(engine, model_dir):
     statuses = sorted(a[0] for a in answers)
     assert statuses.count(200) >= 3 and set(statuses) <= {200, 503}
     assert decoded == statuses.count(200)  # refused requests cost no decode time
+
+
+def test_sustained_overload_refuses_what_cannot_meet_its_deadline(tmp_path):
+    """Closed-loop clients far beyond capacity on a model slow enough to matter (~10 ms/image): the server
+    must refuse early (503) what it cannot finish in time, so what it admits mostly finishes in time (200)
+    instead of every request queueing until its deadline (504)."""
+    make_vit(tmp_path, seed=4, hidden_size=192, intermediate_size=768, num_attention_heads=3, image_size=224)
+    slow_engine = Engine.load(tmp_path, dtype="float32", max_batch=8)
+    images = [jpeg(300 + i, size=(224, 224)) for i in range(64)]
+    statuses: dict[int, int] = {}
+
+    async def scenario():
+        async with serving(slow_engine, tmp_path, timeout_s=1.0, max_delay_ms=0, cache_entries=0) as s:
+            stop_at = time.monotonic() + 3.0
+
+            async def client(offset: int) -> None:
+                for i in itertools.count(offset, 32):
+                    if time.monotonic() > stop_at:
+                        return
+                    status, _, _ = await s.post("/v1/predict", {"image": b64(images[i % len(images)])})
+                    statuses[status] = statuses.get(status, 0) + 1
+                    if status == 503:
+                        await asyncio.sleep(0.05)
+
+            await asyncio.gather(*(client(k) for k in range(32)))
+            return await s.metric("roadwork_queue_dropped_total", reason="deadline_unreachable")
+
+    refused = run(scenario())
+    assert set(statuses) <= {200, 503, 504}, statuses
+    assert refused > 0 and statuses.get(503, 0) > 0, statuses
+    assert statuses.get(200, 0) > statuses.get(504, 0), statuses
 
 
 def test_deadline_drops_queued_work_uncomputed(engine, model_dir):

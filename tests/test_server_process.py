@@ -5,6 +5,7 @@ import asyncio
 import base64
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,29 +51,31 @@ def test_bad_settings_exit_with_usage_error():
     assert done.returncode == 2 and "max_batch must be > 0" in done.stderr
 
 
-@pytest.mark.parametrize("breakage", ["missing_dir", "unsupported_model_type", "broken_weights"])
-def test_bad_model_exits_nonzero_with_one_clear_line(tmp_path, model_dir, breakage):
-    target = tmp_path / "model"
-    if breakage == "missing_dir":
-        expected = "does not exist"
-    else:
-        target.mkdir()
-        for f in model_dir.iterdir():
-            (target / f.name).write_bytes(f.read_bytes())
-        if breakage == "unsupported_model_type":
-            config = json.loads((target / "config.json").read_text())
-            (target / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-            expected = "bert"
-        else:
-            weights = target / "model.safetensors"
-            weights.write_bytes(weights.read_bytes()[:1000])
-            expected = "model.safetensors"
-    done = run_server_cli("--model", str(target), "--port", "0")
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert "cannot load model" in lines[0] and expected in lines[0], lines[0]
-    assert "listening" not in done.stderr
+def test_bad_models_exit_nonzero_with_one_clear_line(tmp_path, model_dir):
+    """Missing directory, unsupported model_type, truncated weights: each refuses to start, in one line."""
+    cases = {}
+    cases[tmp_path / "missing"] = "does not exist"
+    unsupported = tmp_path / "unsupported"
+    shutil.copytree(model_dir, unsupported)
+    config = json.loads((unsupported / "config.json").read_text())
+    (unsupported / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    cases[unsupported] = "bert"
+    truncated = tmp_path / "truncated"
+    shutil.copytree(model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cases[truncated] = "model.safetensors"
+
+    # All three at once: each pays the interpreter and torch start-up, in parallel.
+    procs = {path: subprocess.Popen([sys.executable, "-m", "server", "--model", str(path), "--port", "0"],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for path in cases}
+    for path, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == 1, stderr
+        assert len(lines) == 1, stderr
+        assert "cannot load model" in lines[0] and cases[path] in lines[0], lines[0]
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_zero(model_dir):
