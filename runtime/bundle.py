@@ -1,0 +1,214 @@
+"""cascade.toml: the stages of a cascade, in order, and the models each one uses (docs/bundle.md lists every key).
+
+Parsing only checks the file itself (known keys, types, ranges, model directories present); the cascade checks
+what needs the models (label names, input sizes). Every error names the file, the stage and the key."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Union
+
+from runtime.errors import ModelLoadError
+
+BUNDLE_FILE = "cascade.toml"
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class ClassifierStageSpec:
+    """Stage 1: a Hugging Face image classifier that scores every image and lets the confident ones exit."""
+    name: str
+    model: Path
+    device: str | None = None  # None: the device Engine.load was given
+    exit_below: float | None = None  # p < exit_below or p > exit_above: the image exits here (set iff a later
+    exit_above: float | None = None  # stage exists)
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    name: str
+    model: Path
+    roadwork_classes: tuple[str | int, ...]  # id2label names or class ids that count as roadwork evidence
+    weight: float = 1.0
+    box_threshold: float = 0.5  # a roadwork box must score above this to count as a "roadwork" vote
+
+
+@dataclass(frozen=True)
+class DetectorStageSpec:
+    """Object detectors that vote on the images the classifier did not decide (kernels/vote.py)."""
+    name: str
+    detectors: tuple[DetectorSpec, ...]
+    device: str | None = None
+    majority: float = 2 / 3
+    classifier_weight: float = 0.0  # the classifier's weight as a voter; 0: only the detectors vote
+    time_budget_ms: float | None = None  # a call slower than this counts as a failure; None: no budget
+    failure_threshold: int = 3
+    cooldown_s: float = 30.0
+
+
+StageSpec = Union[ClassifierStageSpec, DetectorStageSpec]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path  # the bundle directory, or the classifier directory of a one-stage cascade
+    stages: tuple[StageSpec, ...]
+    from_toml: bool
+
+
+def keys_of(spec: type, renamed: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """A table's keys are its dataclass's field names (a TOML array of tables is singular: [[stage.detector]])."""
+    renamed = renamed or {}
+    return tuple(renamed.get(f.name, f.name) for f in fields(spec)) + extra
+
+
+class Table:
+    """One TOML table being read: unknown keys are rejected up front, then typed lookups."""
+
+    def __init__(self, data: dict, where: str, known: tuple[str, ...]):
+        self.data, self.where = data, where
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ModelLoadError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(known)})")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default=REQUIRED):
+        if key not in self.data:
+            if default is REQUIRED:
+                raise ModelLoadError(f"{self.where}: missing required key '{key}'")
+            return default
+        value = self.data[key]
+        number = kind is float or (isinstance(kind, tuple) and float in kind)
+        if number and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ModelLoadError(f"{self.where}: key '{key}' must be {name}, got {value!r}")
+        return value
+
+    def number(self, key: str, default, low: float, high: float, low_open: bool = False,
+               high_open: bool = False):
+        value = self.get(key, float, default)
+        if value is None:
+            return None
+        ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise ModelLoadError(f"{self.where}: key '{key}' must be in {interval}, got {value}")
+        return value
+
+
+def model_dir(root: Path, table: Table) -> Path:
+    value = table.get("model", str)
+    path = (root / value).resolve()
+    if not path.is_dir():
+        raise ModelLoadError(f"{table.where}: model directory '{value}' ({path}) does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{table.where}: model directory '{value}' has no config.json")
+    return path
+
+
+def parse_classifier_stage(root: Path, table: Table, has_next: bool) -> ClassifierStageSpec:
+    name = table.get("name", str, "classifier")
+    model = model_dir(root, table)
+    device = table.get("device", str, None)
+    below = table.number("exit_below", None if not has_next else REQUIRED, 0.0, 1.0)
+    above = table.number("exit_above", None if not has_next else REQUIRED, 0.0, 1.0)
+    if not has_next and (below is not None or above is not None):
+        raise ModelLoadError(f"{table.where}: exit_below/exit_above route images to a later stage, "
+                             f"but this is the last stage")
+    if has_next and below > above:
+        raise ModelLoadError(f"{table.where}: exit_below ({below}) must not exceed exit_above ({above})")
+    return ClassifierStageSpec(name, model, device, below, above)
+
+
+def parse_detector(root: Path, table: Table) -> DetectorSpec:
+    model = model_dir(root, table)
+    name = table.get("name", str, model.name)
+    classes = table.get("roadwork_classes", list)
+    if not classes or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes):
+        raise ModelLoadError(f"{table.where}: key 'roadwork_classes' must be a non-empty list of class names "
+                             f"or ids, got {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise ModelLoadError(f"{table.where}: key 'roadwork_classes' lists a class twice: {classes!r}")
+    weight = table.number("weight", 1.0, 0.0, float("inf"))
+    # Below 1 so that a detector that found nothing has 1 - c > 0 (the "no" side's geometric mean is defined).
+    box_threshold = table.number("box_threshold", 0.5, 0.0, 1.0, high_open=True)
+    return DetectorSpec(name, model, tuple(classes), weight, box_threshold)
+
+
+def parse_detector_stage(root: Path, table: Table, has_next: bool) -> DetectorStageSpec:
+    name = table.get("name", str, "detectors")
+    device = table.get("device", str, None)
+    majority = table.number("majority", 2 / 3, 0.0, 1.0, low_open=True)
+    classifier_weight = table.number("classifier_weight", 0.0, 0.0, float("inf"))
+    budget = table.number("time_budget_ms", None, 0.0, float("inf"))
+    threshold = table.get("failure_threshold", int, 3)
+    if threshold < 1:
+        raise ModelLoadError(f"{table.where}: key 'failure_threshold' must be >= 1, got {threshold}")
+    cooldown = table.number("cooldown_s", 30.0, 0.0, float("inf"))
+    entries = table.get("detector", list)
+    if not entries or not all(isinstance(e, dict) for e in entries):
+        raise ModelLoadError(f"{table.where}: needs at least one [[stage.detector]] table")
+    detectors = []
+    for i, entry in enumerate(entries):
+        detectors.append(parse_detector(root, Table(entry, f"{table.where} detector {i + 1}", keys_of(DetectorSpec))))
+    names = [d.name for d in detectors]
+    if len(set(names)) != len(names):
+        raise ModelLoadError(f"{table.where}: detector names must be unique, got {names}")
+    if classifier_weight + sum(d.weight for d in detectors) <= 0:
+        raise ModelLoadError(f"{table.where}: every voter has weight 0 (classifier_weight and all detector "
+                             f"weights); at least one must be positive")
+    if has_next:
+        raise ModelLoadError(f"{table.where}: a detectors stage decides every image it gets, so it must be the "
+                             f"last stage")
+    return DetectorStageSpec(name, tuple(detectors), device, majority, classifier_weight, budget, threshold, cooldown)
+
+
+# kind -> (parser, keys). A new stage kind is one more spec dataclass, parser and entry here.
+STAGE_KINDS = {
+    "classifier": (parse_classifier_stage, keys_of(ClassifierStageSpec, extra=("kind",))),
+    "detectors": (parse_detector_stage, keys_of(DetectorStageSpec, {"detectors": "detector"}, ("kind",))),
+}
+
+
+def read_bundle(root: str | Path) -> Bundle:
+    root = Path(root)
+    path = root / BUNDLE_FILE
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid TOML ({e})") from e
+    raw_stages = Table(data, str(path), ("stage",)).get("stage", list)
+    if not raw_stages or not all(isinstance(s, dict) for s in raw_stages):
+        raise ModelLoadError(f"{path}: needs at least one [[stage]] table")
+    stages: list[StageSpec] = []
+    for i, raw in enumerate(raw_stages):
+        where = f"{path} stage {i + 1}"
+        kind = Table(raw, where, tuple(raw)).get("kind", str)
+        if kind not in STAGE_KINDS:
+            raise ModelLoadError(f"{where}: kind '{kind}' is not supported (supported: {', '.join(STAGE_KINDS)})")
+        if (i == 0) != (kind == "classifier"):
+            raise ModelLoadError(f"{where}: kind '{kind}' here, but the first stage, and only it, must be "
+                                 f"a classifier")
+        parse, known = STAGE_KINDS[kind]
+        table = Table(raw, f"{where} ('{raw.get('name', kind)}')", known)
+        stages.append(parse(root, table, has_next=i + 1 < len(raw_stages)))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ModelLoadError(f"{path}: stage names must be unique, got {names}")
+    return Bundle(root, tuple(stages), from_toml=True)
+
+
+def single_classifier_bundle(model_dir: str | Path) -> Bundle:
+    """A plain Hugging Face classifier directory as a one-stage cascade."""
+    model_dir = Path(model_dir)
+    return Bundle(model_dir, (ClassifierStageSpec("classifier", model_dir),), from_toml=False)
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """A bundle directory (has cascade.toml) or a single classifier directory."""
+    path = Path(path)
+    return read_bundle(path) if (path / BUNDLE_FILE).is_file() else single_classifier_bundle(path)
