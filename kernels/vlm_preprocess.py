@@ -1,0 +1,264 @@
+"""Qwen2-VL/Qwen3-VL image preprocessing: smart resize -> rescale/normalize -> patchify into vision-tower rows.
+
+Matches transformers' PIL-backed Qwen2-VL image processor (the one Qwen3-VL checkpoints name):
+  1. smart_resize picks (h, w), both multiples of patch_size * merge_size, keeping the aspect ratio and the pixel
+     count within [min_pixels, max_pixels] (size.shortest_edge / size.longest_edge in the config);
+  2. Pillow resizes the uint8 image (bicubic by default), then x * rescale_factor -> (x - mean) / std; this is the
+     uint8-resize path of kernels/preprocess.py, reused as is;
+  3. patchify: rows in spatial-merge-block order (block row, block col, row in block, col in block), each row the
+     patch's (channel, time, y, x) values with the single frame repeated temporal_patch_size times.
+
+Layout: spec, reference, Triton patchify kernel, dispatch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kernels.preprocess import BICUBIC, BILINEAR, PreprocessSpec, preprocess_reference, preprocess_triton
+
+# transformers' Qwen2-VL class defaults, used when a config omits the key.
+_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_DEFAULT_MIN_PIXELS = 56 * 56
+_DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+_SUPPORTED_TYPES = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil")
+
+_HANDLED_KEYS = frozenset({
+    "image_processor_type", "do_resize", "size", "min_pixels", "max_pixels", "resample", "do_rescale",
+    "rescale_factor", "do_normalize", "image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size",
+})
+_INERT_KEYS = frozenset({
+    "processor_class", "do_convert_rgb", "data_format", "input_data_format", "device", "return_tensors",
+    "disable_grouping", "_valid_processor_keys", "default_to_square",
+})
+
+
+def _positive_int(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"preprocessor config {key}={value!r} must be a positive integer")
+    return value
+
+
+def _three_floats(key: str, value: object) -> tuple[float, float, float]:
+    values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"preprocessor config {key}={value!r} must be a number or a list of 3 numbers (RGB)")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(h, w) multiples of `factor`, near the input aspect ratio, with min_pixels <= h * w <= max_pixels.
+
+    The float expressions keep transformers' exact order: e.g. 224x224 with min_pixels 65536 lands on 256, and
+    a different association of the same math can round to 288."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image {height}x{width}: aspect ratio above 200 is not supported")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class VisionPreprocessSpec:
+    """Everything needed to turn one image into vision-tower rows; built from a preprocessor_config.json dict."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    resample: int  # PIL code: 2 bilinear, 3 bicubic
+    do_resize: bool
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    @classmethod
+    def from_preprocessor_config(cls, cfg: dict) -> VisionPreprocessSpec:
+        unknown = sorted(set(cfg) - _HANDLED_KEYS - _INERT_KEYS)
+        if unknown:
+            raise ValueError(f"preprocessor config key(s) {unknown} are not supported")
+        kind = cfg.get("image_processor_type")
+        if kind not in _SUPPORTED_TYPES:
+            raise ValueError(f"preprocessor config image_processor_type={kind!r} is not supported "
+                             f"(supported: {', '.join(_SUPPORTED_TYPES)})")
+        size = cfg.get("size") or {}
+        if not isinstance(size, dict):
+            raise ValueError(f"preprocessor config size={size!r} must be {{'shortest_edge': min_pixels, "
+                             f"'longest_edge': max_pixels}}")
+        # Legacy top-level min_pixels/max_pixels override size, as transformers does.
+        min_pixels = _positive_int("min_pixels", cfg.get("min_pixels", size.get("shortest_edge", _DEFAULT_MIN_PIXELS)))
+        max_pixels = _positive_int("max_pixels", cfg.get("max_pixels", size.get("longest_edge", _DEFAULT_MAX_PIXELS)))
+        if min_pixels > max_pixels:
+            raise ValueError(f"preprocessor config min_pixels {min_pixels} exceeds max_pixels {max_pixels}")
+        resample = cfg.get("resample", BICUBIC)
+        if resample not in (BILINEAR, BICUBIC) or isinstance(resample, bool):
+            raise ValueError(f"preprocessor config resample={resample!r} is not supported; use 2 (bilinear) or "
+                             "3 (bicubic)")
+        rescale_factor = cfg.get("rescale_factor", 1 / 255)
+        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) or rescale_factor <= 0:
+            raise ValueError(f"preprocessor config rescale_factor={rescale_factor!r} must be a positive number")
+        image_std = _three_floats("image_std", cfg.get("image_std", _OPENAI_CLIP_STD))
+        if min(image_std) <= 0:
+            raise ValueError(f"preprocessor config image_std={cfg.get('image_std')!r} must be positive")
+        return cls(min_pixels=min_pixels, max_pixels=max_pixels,
+                   patch_size=_positive_int("patch_size", cfg.get("patch_size", 14)),
+                   temporal_patch_size=_positive_int("temporal_patch_size", cfg.get("temporal_patch_size", 2)),
+                   merge_size=_positive_int("merge_size", cfg.get("merge_size", 2)),
+                   resample=resample, do_resize=bool(cfg.get("do_resize", True)),
+                   do_rescale=bool(cfg.get("do_rescale", True)), rescale_factor=float(rescale_factor),
+                   do_normalize=bool(cfg.get("do_normalize", True)),
+                   image_mean=_three_floats("image_mean", cfg.get("image_mean", _OPENAI_CLIP_MEAN)),
+                   image_std=image_std)
+
+    @property
+    def row_size(self) -> int:
+        """Values per vision-tower input row: channels x time x patch x patch."""
+        return 3 * self.temporal_patch_size * self.patch_size ** 2
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        factor = self.patch_size * self.merge_size
+        if not self.do_resize:
+            if height % factor or width % factor:
+                raise ValueError(f"image {height}x{width}: with do_resize=false both sides must be multiples of "
+                                 f"patch_size * merge_size = {factor}")
+            return height, width
+        return smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+
+    def grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """(t, h, w) patch grid of an input image of this size."""
+        h, w = self.resized_size(height, width)
+        return 1, h // self.patch_size, w // self.patch_size
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """Language-model placeholder tokens for an image of this size (patches / merge^2)."""
+        _, gh, gw = self.grid(height, width)
+        return gh * gw // self.merge_size ** 2
+
+    def pixel_spec(self, height: int, width: int) -> PreprocessSpec:
+        """kernels/preprocess.py's spec for the resize + normalize step of an image of this size."""
+        h, w = self.resized_size(height, width)
+        return PreprocessSpec(height=h, width=w, resize_to=(h, w), shortest_edge=None, center_crop=False,
+                              resample=self.resample, resize_in_float=False, do_rescale=self.do_rescale,
+                              rescale_factor=self.rescale_factor, do_normalize=self.do_normalize,
+                              image_mean=self.image_mean, image_std=self.image_std)
+
+
+def _check_image(image: torch.Tensor) -> None:
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"image must be a (H, W, 3) uint8 tensor, got {tuple(image.shape)} {image.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference (plain torch)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def patchify_reference(pixels: torch.Tensor, spec: VisionPreprocessSpec) -> torch.Tensor:
+    """(3, H, W) normalized image -> (patches, row_size) rows in merge-block order, the frame repeated over time."""
+    c, h, w = pixels.shape
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    gh, gw = h // p, w // p
+    x = pixels.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # (bh, bw, ih, iw, c, y, x)
+    x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)
+    return x.reshape(gh * gw, c * t * p * p)
+
+
+def vision_input_reference(image: torch.Tensor, spec: VisionPreprocessSpec, dtype: torch.dtype = torch.float32
+                           ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(rows, grid_thw) for a (H, W, 3) uint8 image, computed with the reference ops."""
+    _check_image(image)
+    pixel_spec = spec.pixel_spec(image.shape[0], image.shape[1])
+    pixels = torch.empty(3, pixel_spec.height, pixel_spec.width, dtype=torch.float32)
+    preprocess_reference(image.cpu(), pixel_spec, pixels)
+    return patchify_reference(pixels, spec).to(dtype), spec.grid(image.shape[0], image.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton patchify kernel
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def patchify_kernel(
+    pixels_ptr, out_ptr,  # (3, H, W) contiguous; (grid_h * grid_w, 3 * T * P * P) contiguous
+    height, width, blocks_w,  # image size in pixels; merge blocks per grid row
+    P: tl.constexpr, M: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr,
+):
+    patch = tl.program_id(0)
+    # Patch index -> (block row, block col, row in block, col in block) -> patch row / col in the grid.
+    in_col = patch % M
+    in_row = (patch // M) % M
+    block = patch // (M * M)
+    grid_y = (block // blocks_w) * M + in_row
+    grid_x = (block % blocks_w) * M + in_col
+    offs = tl.arange(0, BLOCK)  # one frame's (channel, y, x) values of the patch
+    mask = offs < 3 * P * P
+    ch = offs // (P * P)
+    y = (offs // P) % P
+    x = offs % P
+    src = ch * (height * width) + (grid_y * P + y) * width + grid_x * P + x
+    value = tl.load(pixels_ptr + src, mask=mask, other=0.0)
+    row = out_ptr + patch * (3 * T * P * P)
+    dst = ch * (T * P * P) + y * P + x
+    for t in tl.static_range(T):
+        tl.store(row + dst + t * (P * P), value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def patchify_triton(pixels: torch.Tensor, spec: VisionPreprocessSpec, out: torch.Tensor) -> None:
+    """Same result as patchify_reference, written into `out` (patches, row_size) by the Triton kernel."""
+    c, h, w = pixels.shape
+    p, m = spec.patch_size, spec.merge_size
+    assert c == 3 and h % (p * m) == 0 and w % (p * m) == 0, (tuple(pixels.shape), p, m)
+    num_patches = (h // p) * (w // p)
+    assert tuple(out.shape) == (num_patches, spec.row_size) and out.is_contiguous(), tuple(out.shape)
+    assert pixels.is_contiguous() and pixels.device == out.device
+    assert pixels.numel() < 2**31, "int32 pixel offsets"
+    block = triton.next_power_of_2(3 * p * p)
+    patchify_kernel[(num_patches,)](pixels, out, h, w, w // (p * m), P=p, M=m, T=spec.temporal_patch_size, BLOCK=block)
+
+
+def vision_input_triton(image: torch.Tensor, spec: VisionPreprocessSpec, dtype: torch.dtype, device: torch.device
+                        ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(rows, grid_thw) computed by the two Triton kernels (resize + normalize, then patchify) on `device`."""
+    _check_image(image)
+    pixel_spec = spec.pixel_spec(image.shape[0], image.shape[1])
+    pixels = torch.empty(3, pixel_spec.height, pixel_spec.width, dtype=torch.float32, device=device)
+    preprocess_triton(image.to(device), pixel_spec, pixels)
+    grid = spec.grid(image.shape[0], image.shape[1])
+    out = torch.empty(grid[1] * grid[2], spec.row_size, dtype=dtype, device=device)
+    patchify_triton(pixels, spec, out)
+    return out, grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def vision_input(image: np.ndarray | torch.Tensor, spec: VisionPreprocessSpec, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Vision-tower rows (patches, row_size) in `dtype` on `device` and the (t, h, w) grid of one RGB uint8
+    image: the Triton kernels on CUDA, the torch reference on CPU."""
+    image = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if torch.device(device).type == "cuda":
+        return vision_input_triton(image, spec, dtype, torch.device(device))
+    rows, grid = vision_input_reference(image, spec, dtype)
+    return rows.to(device), grid

@@ -1,0 +1,113 @@
+"""Continuous batching: each step decodes every running sequence and fills what is left of the token budget with
+prefills of waiting ones, so requests join and leave between steps.
+
+  * decode first, oldest first: a stream in progress is never starved by new arrivals;
+  * when a decoding sequence needs a block and none is free, the newest running sequence is preempted by
+    recompute: its blocks are freed (their prefix-cache entries survive until reused) and it goes back to the
+    front of the queue, to be prefilled again with its generated tokens;
+  * no admissions in a step that preempted, so a victim is not re-admitted only to be preempted again;
+  * a prefill costs its uncached tokens against max_num_batched_tokens; prefills are never split.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from runtime.kv_cache import BlockManager
+from runtime.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledBatch:
+    prefill: list[Sequence] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        """Prefill sequences first, then decoding ones: the order of the model's output rows."""
+        return self.prefill + self.decode
+
+    def __bool__(self) -> bool:
+        return bool(self.prefill or self.decode)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
+        if max_num_batched_tokens < max_model_len:
+            raise ValueError(f"max_num_batched_tokens {max_num_batched_tokens} must be >= max_model_len "
+                             f"{max_model_len}: prefills are not split, so one full prompt must fit a step")
+        if max_num_seqs < 1 or max_num_seqs > max_num_batched_tokens:
+            raise ValueError(f"max_num_seqs {max_num_seqs} must be in 1..max_num_batched_tokens")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if len(seq) > self.max_model_len:
+            raise ValueError(f"prompt of {len(seq)} tokens exceeds max_model_len {self.max_model_len}")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        bm = self.block_manager
+        batch = ScheduledBatch()
+        queue = deque(self.running)
+        preempted = False
+        while queue:
+            seq = queue.popleft()
+            while not bm.can_append(seq):
+                preempted = True
+                if queue:
+                    self._preempt(queue.pop())
+                else:
+                    self._preempt(seq)
+                    seq = None
+                    break
+            if seq is not None:
+                bm.append_slot(seq)
+                batch.decode.append(seq)
+        budget = self.max_num_batched_tokens - len(batch.decode)
+        while self.waiting and not preempted and len(batch.decode) + len(batch.prefill) < self.max_num_seqs:
+            seq = self.waiting[0]
+            matched = bm.match_prefix(seq)
+            cost = len(seq) - len(matched) * bm.block_size
+            if cost > budget or not bm.can_allocate(seq, matched):
+                break
+            bm.allocate(seq, matched)
+            if seq.first_cached_tokens is None:
+                seq.first_cached_tokens = seq.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            batch.prefill.append(seq)
+            budget -= cost
+        self.running = batch.decode + batch.prefill
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End seq now and release its blocks (they stay in the prefix cache until reused)."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.debug("preempting sequence %d at %d tokens (out of KV blocks)", seq.seq_id, len(seq))
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,0 +1,145 @@
+"""Turns a scheduled batch into one model forward: flat token ids, multimodal positions, cache slots, attention
+metadata, and the image features of the images whose placeholders are not cached. Returns each sequence's
+last-position logits.
+
+Vision-tower outputs are kept in a small LRU keyed by image content, so an image whose prompt is only partly
+cached (same image, another question) does not run the vision tower again."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from runtime.qwen3_vl import Qwen3VL
+from runtime.qwen3_vl_text import AttentionMetadata
+from runtime.scheduler import ScheduledBatch
+from runtime.sequence import ImageInput, Sequence
+
+
+class VisionCache:
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self.entries: OrderedDict[int, tuple[torch.Tensor, list[torch.Tensor]]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, digest: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        entry = self.entries.get(digest)
+        if entry is not None:
+            self.entries.move_to_end(digest)
+            self.hits += 1
+        else:
+            self.misses += 1
+        return entry
+
+    def put(self, digest: int, features: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+        if self.max_entries <= 0:
+            return
+        self.entries[digest] = features
+        self.entries.move_to_end(digest)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
+
+def _block_tables(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+    width = max((len(s.block_table) for s in seqs), default=0)
+    table = torch.full((len(seqs), max(width, 1)), -1, dtype=torch.int32)
+    for i, s in enumerate(seqs):
+        table[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+    return table.to(device)
+
+
+class ModelRunner:
+    def __init__(self, model: Qwen3VL, kv_cache: torch.Tensor, block_size: int, vision_cache_entries: int = 16):
+        assert kv_cache.shape[3] == block_size, (tuple(kv_cache.shape), block_size)
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = kv_cache.device
+        self.vision_cache = VisionCache(vision_cache_entries)
+        self.merge = model.cfg.vision.spatial_merge_size
+
+    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [seq.block_table[i // bs] * bs + i % bs for i in range(start, end)]
+
+    def image_features(self, images: list[ImageInput]) -> dict[int, tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Vision features by digest for `images`: cached ones looked up, the rest in one vision-tower call."""
+        features: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        todo: list[ImageInput] = []
+        for image in images:
+            if image.digest in features or any(t.digest == image.digest for t in todo):
+                continue
+            cached = self.vision_cache.get(image.digest)
+            if cached is not None:
+                features[image.digest] = cached
+            else:
+                todo.append(image)
+        if todo:
+            rows = torch.cat([t.pixel_rows for t in todo]) if len(todo) > 1 else todo[0].pixel_rows
+            embeds, deepstack = self.model.encode_images(rows, [t.grid for t in todo])
+            start = 0
+            for t in todo:
+                part = slice(start, start + t.num_tokens)
+                features[t.digest] = (embeds[part], [d[part] for d in deepstack])
+                self.vision_cache.put(t.digest, features[t.digest])
+                start += t.num_tokens
+        return features
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, all_positions: bool = False) -> torch.Tensor:
+        """(sequences, vocab) float32 logits at each sequence's last token, prefill sequences first; with
+        all_positions, (tokens, vocab) at every token computed (the uncached prompt tokens, then decodes)."""
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[int] = []
+        cu = [0]
+        context_lens: list[int] = []
+        last_rows: list[int] = []
+        # (first flat row, image, first and end token within the image) of each run of uncached placeholders
+        image_runs: list[tuple[int, ImageInput, int, int]] = []
+        for seq in batch.prefill:
+            start, end = seq.num_cached_tokens, len(seq)
+            base = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            positions.append(seq.position_ids(start, end))
+            slots.extend(self.slots(seq, start, end))
+            for image in seq.images:
+                lo, hi = max(image.start, start), min(image.end, end)
+                if lo < hi:
+                    image_runs.append((base + lo - start, image, lo - image.start, hi - image.start))
+            cu.append(len(ids))
+            context_lens.append(end)
+            last_rows.append(len(ids) - 1)
+        num_prefill = len(ids)
+        for seq in batch.decode:
+            i = len(seq) - 1
+            ids.append(seq.last_token_id)
+            positions.append(seq.position_ids(i, i + 1))
+            slots.extend(self.slots(seq, i, i + 1))
+            last_rows.append(len(ids) - 1)
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev),
+            num_prefill_tokens=num_prefill,
+            prefill_cu_seqlens=cu,
+            prefill_context_lens=context_lens,
+            prefill_block_tables=_block_tables(batch.prefill, dev),
+            decode_context_lens=torch.tensor([len(s) for s in batch.decode], dtype=torch.int32).to(dev),
+            decode_block_tables=_block_tables(batch.decode, dev),
+        )
+        rows = embeds = None
+        deepstack: list[torch.Tensor] = []
+        if image_runs:
+            features = self.image_features([image for _, image, _, _ in image_runs])
+            rows = torch.cat([torch.arange(row, row + hi - lo) for row, _, lo, hi in image_runs]).to(dev)
+            embeds = torch.cat([features[image.digest][0][lo:hi] for _, image, lo, hi in image_runs])
+            num_deepstack = len(self.model.cfg.vision.deepstack_visual_indexes)
+            deepstack = [torch.cat([features[image.digest][1][d][lo:hi] for _, image, lo, hi in image_runs])
+                         for d in range(num_deepstack)]
+        hidden = self.model(torch.tensor(ids, dtype=torch.int64).to(dev), torch.cat(positions, dim=1).to(dev),
+                            meta, self.kv_cache, rows, embeds, deepstack)
+        if not all_positions:
+            hidden = hidden[torch.tensor(last_rows, device=dev)]
+        return self.model.logits(hidden).float()
