@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import statistics
 import time
@@ -26,6 +27,12 @@ PRESETS = {
                                 num_register_tokens=4, image_size=32, patch_size=16)),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def preset_config(preset: str) -> dict:
+    """The config.json fields of `preset` that the FLOP count reads (two labels, as the subnet's models)."""
+    kind, cfg = PRESETS[preset]
+    return {"model_type": kind, **cfg, "num_labels": 2}
 
 
 def make_checkpoint(preset: str, path: Path):
@@ -62,6 +69,22 @@ def time_call(fn: Callable[[], object], min_time: float = 1.0, min_iters: int = 
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, called round-robin: on a shared machine every function sees
+    the same background load, so ratios between them hold even when absolute figures drift."""
+    assert rounds >= 1
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 @dataclass
 class Row:
     values: dict
@@ -87,8 +110,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+    try:
+        load = os.getloadavg()[0]  # other processes' work shares the cores: absolute figures drift with it
+    except OSError:
+        load = float("nan")
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load_avg_1min": load,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def write_json(path: str | None, payload: dict) -> None:

@@ -1,0 +1,67 @@
+"""The machine's limit: measured matrix-multiply throughput for fp32, bf16 and int8, in the same run.
+
+    python -m bench.peak [--size 2048] [--rounds 5]
+
+fp32 and bf16: torch.mm of two n x n matrices; int8: torch._int_mm (int8 x int8 -> int32, the product the
+int8 path in runtime/quant.py runs). Each figure is the median over `rounds` calls taken round-robin, so a
+burst of background load hits all three alike and the ratios stay fair. The peak is what the BLAS reaches on
+a large square product; a model's own (tall, narrow) products can reach less."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+
+from bench.common import print_table, time_interleaved, write_json
+
+PEAK_DTYPES = ("fp32", "bf16", "int8")
+
+
+def matmul_fn(dtype_name: str, size: int, device: str = "cpu") -> tuple[Callable[[], object], int]:
+    """(a call of one size x size product in `dtype_name`, its FLOPs = 2 n^3)."""
+    g = torch.Generator().manual_seed(0)
+    if dtype_name == "int8":
+        a = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=g).to(device)
+        b = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=g).to(device)
+        product = lambda: torch._int_mm(a, b)  # noqa: E731
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        a = torch.randn(size, size, generator=g).to(device, dtype)
+        b = torch.randn(size, size, generator=g).to(device, dtype)
+        product = lambda: torch.mm(a, b)  # noqa: E731
+    if device.startswith("cuda"):
+        def call():
+            product()
+            torch.cuda.synchronize(device)
+        return call, 2 * size**3
+    return product, 2 * size**3
+
+
+def measure_peaks(dtypes: tuple[str, ...] = PEAK_DTYPES, size: int = 2048, rounds: int = 5,
+                  device: str = "cpu") -> dict[str, float]:
+    """GFLOP/s (GOP/s for int8) per dtype, measured interleaved."""
+    calls, flops = {}, {}
+    for name in dtypes:
+        calls[name], flops[name] = matmul_fn(name, size, device)
+    seconds = time_interleaved(calls, rounds)
+    return {name: flops[name] / seconds[name] / 1e9 for name in dtypes}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=2048, help="n of the n x n x n products")
+    ap.add_argument("--rounds", type=int, default=5, help="timed calls per dtype (median)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    peaks = measure_peaks(PEAK_DTYPES, args.size, args.rounds, args.device)
+    rows = [{"dtype": name, "size": args.size, "gflop_s": peaks[name], "vs_fp32": peaks[name] / peaks["fp32"],
+             "vs_bf16": peaks[name] / peaks["bf16"]} for name in PEAK_DTYPES]
+    print_table(rows, ["dtype", "size", "gflop_s", "vs_fp32", "vs_bf16"])
+    write_json(args.json, {"benchmark": "peak", "device": args.device, "rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
