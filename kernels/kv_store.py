@@ -36,7 +36,7 @@ def kv_store_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    mask = (offs < ROW) & (slot >= 0)
+    mask = offs < tl.where(slot >= 0, ROW, 0)  # a padded slot stores nothing
     k = tl.load(key_ptr + token * key_stride + offs, mask=mask)
     v = tl.load(value_ptr + token * value_stride + offs, mask=mask)
     tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
