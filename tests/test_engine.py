@@ -83,3 +83,11 @@ def test_load_errors(tmp_path):
     (tmp_path / "preprocessor_config.json").unlink()
     with pytest.raises(ModelLoadError, match="preprocessor_config.json: file not found"):
         Engine.load(tmp_path)
+
+
+def test_single_classifier_dir_is_a_one_stage_cascade(tmp_path):
+    make_vit(tmp_path)
+    engine = Engine.load(tmp_path, "cpu", "float32", max_batch=2)
+    assert engine.stage_states() == {} and engine.describe()["bundle"] is False
+    results = engine.predict(random_images(3), boxes=True)
+    assert [r.boxes for r in results] == [None] * 3 and all(r.detector_scores == {} for r in results)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphs.runner import GraphRunner, default_buckets
+from graphs.runner import BucketGraphs, GraphRunner, default_buckets
 from runtime.classifier import load_classifier
 from tests.checkpoints import make_dinov3, make_vit
 
@@ -55,3 +55,61 @@ def test_cuda_graph_replay_matches_eager(tmp_path):
     with torch.inference_mode():
         eager = model(x)[1]
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_scalar_tells_padding_apart():
+    """Functions see how many rows of their bucket are real through `runner.rows` (a device scalar)."""
+    runner = GraphRunner(lambda x: ((torch.arange(x.shape[0]) < runner.rows).float(),), (1,), torch.float32, "cpu",
+                         (1, 2, 4, 8))
+    assert runner.run(3)[0].tolist() == [1, 1, 1]
+    assert runner.rows.item() == 3
+    assert runner.replay(4)[0].tolist() == [1, 1, 1, 0]  # the bucket of 3 is 4: one padding row
+
+
+def test_bucket_graphs_segment_writes_static_buffers():
+    """A segment reads and writes static max-batch buffers; replay returns the bucket's outputs."""
+    src = torch.arange(8, dtype=torch.float32)
+    dst = torch.zeros(8)
+
+    def segment(b: int) -> tuple[torch.Tensor, ...]:
+        dst[:b].copy_(src[:b] * 2)
+        return (dst[:b],)
+
+    graphs = BucketGraphs(segment, (2, 4, 8), "cpu")
+    graphs.warmup()
+    assert not graphs.graphs  # CPU: eager
+    dst.zero_()
+    assert graphs.replay(4)[0].tolist() == [0, 2, 4, 6] and dst.tolist() == [0, 2, 4, 6, 0, 0, 0, 0]
+    with pytest.raises(AssertionError):
+        graphs.replay(3)  # only buckets run
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_segments_share_a_pool_and_replay_in_any_order():
+    """Two segments captured into one pool: each keeps what it hands on in static buffers, so the other's
+    temporaries never clobber it, whatever the replay order."""
+    w = torch.randn(16, 16, device="cuda")
+    a_in, a_out, b_out = torch.randn(8, 16, device="cuda"), torch.zeros(8, 16, device="cuda"), torch.zeros(8, 16,
+                                                                                                        device="cuda")
+
+    def first(n):
+        a_out[:n].copy_((a_in[:n] @ w).softmax(-1) + 1)
+        return (a_out[:n],)
+
+    def second(n):
+        b_out[:n].copy_((a_out[:n] @ w).relu() * 3)
+        return (b_out[:n],)
+
+    pool = torch.cuda.graph_pool_handle()
+    segments = [BucketGraphs(first, (4, 8), "cuda"), BucketGraphs(second, (4, 8), "cuda")]
+    for s in segments:
+        s.warmup(pool)
+    assert all(set(s.graphs) == {4, 8} for s in segments)
+    for order in ([0, 1], [1, 0], [0, 1, 1]):
+        a_in.normal_()
+        for i in order:
+            segments[i].replay(4)
+        torch.testing.assert_close(a_out[:4], (a_in[:4] @ w).softmax(-1) + 1)
+        segments[1].replay(8)
+        torch.testing.assert_close(b_out, (a_out @ w).relu() * 3)
