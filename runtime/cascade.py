@@ -165,7 +165,8 @@ class LoadedDetector:
     model: Deimv2Detector
     preprocess: PreprocessSpec
     class_ids: tuple[int, ...]
-    shared: bool  # reads the classifier's backbone layers
+    shared: bool  # reads the classifier's backbone layers ...
+    layer_pos: tuple[int, ...] = ()  # ... these entries of the kept-layer list, in its hidden_layers order
     logits: torch.Tensor | None = None  # static [max_batch, queries, labels], for boxes
     boxes: torch.Tensor | None = None  # static [max_batch, queries, 4]
 
@@ -188,8 +189,10 @@ class DetectorStage:
         self.local = device == first.device
         self.index = first.index if self.local else torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.stage1_prob = first.prob if self.local else torch.zeros(max_batch, dtype=torch.float32, device=device)
-        self.layer_pos = {id(d): tuple(first.keep_layers.index(layer) for layer in d.model.hidden_layers)
-                          for d in detectors if d.shared}
+        for d in detectors:
+            if d.shared:
+                d.layer_pos = tuple(first.keep_layers.index(layer) for layer in d.model.hidden_layers)
+        self.any_shared = any(d.shared for d in detectors)
         self.own_pixels = {d.preprocess: torch.zeros(max_batch, 3, d.preprocess.height, d.preprocess.width,
                                                      dtype=dtype, device=device) for d in detectors if not d.shared}
         for d in detectors:
@@ -208,13 +211,14 @@ class DetectorStage:
 
     def segment(self, c: int) -> tuple[torch.Tensor, ...]:
         idx = self.index[:c].clamp(min=0)  # bucket padding holds -1: it reads row 0 and its answer is ignored
-        if self.layer_pos:
+        pixels, hidden = None, []
+        if self.any_shared:
             pixels = self.first.runner.input.index_select(0, idx)
             hidden = [h.index_select(0, idx) for h in self.first.hidden]
         scores = []
         for d, class_index in zip(self.detectors, self.class_index):
             if d.shared:
-                out = d.model.forward_from_backbone(pixels, [hidden[i] for i in self.layer_pos[id(d)]])
+                out = d.model.forward_from_backbone(pixels, [hidden[i] for i in d.layer_pos])
             else:
                 out = d.model(self.own_pixels[d.preprocess][:c])
             d.logits[:c].copy_(out.logits)

@@ -153,17 +153,17 @@ def expected_results(ref, detectors: list[tuple[str, float]], cls_weight: float 
     return rows
 
 
-def check_results(results, expected):
+def check_results(results, expected, tol: float = 1e-5):
     assert len(results) == len(expected)
     for r, (stage, prediction, scores, det_scores) in zip(results, expected):
         assert r.stage == stage and not r.degraded
-        assert r.prediction == pytest.approx(prediction, abs=1e-5)
+        assert r.prediction == pytest.approx(prediction, abs=tol)
         assert r.label == ("roadwork" if r.prediction > 0.5 else "none")
         assert r.scores.keys() == scores.keys() and r.detector_scores.keys() == det_scores.keys()
         for k in scores:
-            assert r.scores[k] == pytest.approx(scores[k], abs=1e-5)
+            assert r.scores[k] == pytest.approx(scores[k], abs=tol)
         for k in det_scores:
-            assert r.detector_scores[k] == pytest.approx(det_scores[k], abs=1e-5)
+            assert r.detector_scores[k] == pytest.approx(det_scores[k], abs=tol)
 
 
 @pytest.mark.parametrize("max_batch", [4, 16], ids=["chunks-of-4", "one-chunk"])
@@ -351,11 +351,14 @@ def test_cuda_graphs_match_cpu(models, reference, tmp_path):
     ref = reference
     bundle = write_bundle(tmp_path, classifier_stage(models, ref["low"], ref["high"])
                           + detector_stage(models, ref["box"]["a"], ref["box"]["b"]))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     engine = Engine.load(bundle, "cuda", "float32", max_batch=8)
-    engine.warmup()
-    assert engine.describe()["cuda_graphs"] and set(engine.cascade.later[0].graphs.graphs) == {1, 2, 4, 8}
-    results = engine.predict(ref["images"])
-    expected = expected_results(ref, [("a", 1.0), ("b", 2.0)])
-    # The exit decisions may differ only for probabilities within rounding of a threshold; these are not.
-    check_results(results, expected)
+    conv_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, to compare with the CPU reference
+    try:
+        engine.warmup()
+        assert engine.describe()["cuda_graphs"] and set(engine.cascade.later[0].graphs.graphs) == {1, 2, 4, 8}
+        results = engine.predict(ref["images"])
+    finally:
+        torch.backends.cudnn.allow_tf32 = conv_tf32
+    # Exit and vote decisions could flip only within rounding of a threshold; the thresholds sit in gaps.
+    check_results(results, expected_results(ref, [("a", 1.0), ("b", 2.0)]), tol=1e-4)
