@@ -132,3 +132,10 @@ class IncrementalDetokenizer:
         delta = text[len(self.text):] if text.startswith(self.text) else text
         self.text = text
         return delta
+
+    def flush(self) -> str:
+        """Whatever push() held back (a partial character at the end decodes to U+FFFD)."""
+        text = self.tokenizer.decode(self.ids)
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text
+        return delta

@@ -270,7 +270,9 @@ class VLMEngine:
     def _emit(self, seq: Sequence, new: list[int]) -> RequestOutput:
         finished = seq.finish_reason is not None
         detok = self._detokenizers.get(seq.seq_id)
-        text = "".join(detok.push(t) for t in new) if detok is not None else ""
+        text = ""
+        if detok is not None:
+            text = "".join(detok.push(t) for t in new) + (detok.flush() if finished else "")
         out = RequestOutput(request_id=seq.seq_id, new_token_ids=new, text=text, finished=finished,
                             finish_reason=seq.finish_reason, p_yes=seq.p_yes, num_prompt_tokens=seq.num_prompt_tokens,
                             num_cached_tokens=seq.first_cached_tokens or 0,
