@@ -25,6 +25,8 @@ PRESETS = {
                             image_size=224, patch_size=16)),
     "tiny": ("dinov3_vit", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                 num_register_tokens=4, image_size=32, patch_size=16)),
+    "tiny-vit": ("vit", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=16)),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--image-size", type=int, help="input side in pixels (default: the preset's)")
     args = ap.parse_args(argv)
     rows = []
-    for preset in args.preset or [p for p in PRESETS if p != "tiny"]:
+    for preset in args.preset or [p for p in PRESETS if not p.startswith("tiny")]:
         f = vision_flops(preset_config(preset), args.image_size)
         rows.append({"preset": preset, **{k: v / 1e9 for k, v in asdict(f).items()}, "total_gflop": f.total / 1e9})
     print("GFLOP per image")

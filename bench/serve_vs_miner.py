@@ -1,0 +1,302 @@
+"""Our server against the reference miner's way, same weights, same load, same concurrency levels, loopback only.
+
+    python -m bench.serve_vs_miner [--preset vit-b16 | --model DIR] [--concurrency 1,8,32,128]
+                                   [--duration 20] [--requests 400]
+
+1. A random-weight checkpoint of the preset (default ViT-B/16, the reference miner's architecture) is written
+   to a temporary directory, or --model names one.
+2. Offline: Engine.predict on full batches in this process (decoded images, and JPEG bytes -> decode ->
+   predict): the runtime's throughput without HTTP, the ceiling the server is held to.
+3. Each server in turn, alone on the machine: `python -m bench.miner_baseline` (BASELINE: transformers
+   pipeline run synchronously in the async handler, fp32, one request at a time) and `python -m server`
+   (result cache off, so every request is computed). Each starts on 127.0.0.1 with a free port; once /readyz
+   answers 200 one request is timed alone (first request after ready), then for each concurrency level a
+   closed loop of that many clients POSTs ImageSynapse JSON ({"image": base64 JPEG, "prediction": -1.0, ...})
+   back to back, bounded by --requests and --duration. Between levels the server is left to drain.
+4. A request succeeds on HTTP 200 with a prediction in [0, 1]; anything else, or no answer within --timeout
+   (default 9 s, the validator's), is an error, as the validator scores it.
+
+The load generator shares the cores with the server under test (both are on one machine), which costs both
+servers alike. Environment variables set on this command (e.g. OMP_WAIT_POLICY=PASSIVE) reach both servers
+and the offline measurement alike."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import gc
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import orjson
+
+from bench.common import PRESETS, jpeg_images, make_checkpoint, print_table, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+SERVERS = ("baseline", "server")
+
+
+@dataclass
+class Level:
+    server: str
+    concurrency: int
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # reason -> count
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+    def record(self, outcome: str, latency_s: float) -> None:
+        if outcome == "ok":
+            self.ok += 1
+            self.latencies_ms.append(latency_s * 1e3)
+        else:
+            self.errors[outcome] = self.errors.get(outcome, 0) + 1
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([np.nan])
+        return {"server": self.server, "concurrency": self.concurrency, "ok": self.ok,
+                "errors": sum(self.errors.values()), "errors_by_kind": dict(self.errors),
+                "seconds": self.seconds, "req_s": self.ok / self.seconds if self.seconds else 0.0,
+                "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def synapse_bodies(jpegs: list[bytes], timeout_s: float) -> list[bytes]:
+    """ImageSynapse JSON as the validator's dendrite sends it (the fields a miner reads, plus its envelope)."""
+    return [orjson.dumps({"name": "ImageSynapse", "timeout": timeout_s, "image": base64.b64encode(j).decode(),
+                          "prediction": -1.0, "testnet_label": -1}) for j in jpegs]
+
+
+async def post(client: aiohttp.ClientSession, url: str, body: bytes) -> str:
+    """'ok', or why not: an HTTP status, 'bad_prediction', 'timeout' or 'connection'."""
+    try:
+        async with client.post(url + "/ImageSynapse", data=body, headers={"Content-Type": "application/json"}) as r:
+            data = await r.read()
+            if r.status != 200:
+                return str(r.status)
+        prediction = orjson.loads(data).get("prediction")
+        return "ok" if isinstance(prediction, (int, float)) and 0.0 <= prediction <= 1.0 else "bad_prediction"
+    except asyncio.TimeoutError:
+        return "timeout"
+    except aiohttp.ClientError:
+        return "connection"
+
+
+async def closed_loop(server: str, url: str, bodies: list[bytes], concurrency: int, requests: int,
+                      duration_s: float, timeout_s: float) -> Level:
+    level = Level(server, concurrency)
+    counter = iter(range(requests))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
+        start = time.perf_counter()
+        stop_at = start + duration_s
+
+        async def client_loop() -> None:
+            for i in counter:
+                if time.perf_counter() > stop_at:
+                    return
+                sent = time.perf_counter()
+                level.record(await post(client, url, bodies[i % len(bodies)]), time.perf_counter() - sent)
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        level.seconds = time.perf_counter() - start
+    return level
+
+
+async def wait_answering(url: str, path: str, timeout_s: float) -> None:
+    """Until GET path answers 200: readiness, or (after a level) a drained request backlog."""
+    give_up = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
+        while True:
+            try:
+                async with client.get(url + path) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"{url}{path} did not answer 200 within {timeout_s:.0f} s")
+            await asyncio.sleep(0.05)
+
+
+async def start(command: list[str], timeout_s: float) -> tuple[asyncio.subprocess.Process, str]:
+    proc = await asyncio.create_subprocess_exec(*command, cwd=REPO, stderr=asyncio.subprocess.PIPE)
+    lines: list[str] = []
+    give_up = time.monotonic() + timeout_s
+    while True:
+        try:
+            line = (await asyncio.wait_for(proc.stderr.readline(), max(1.0, give_up - time.monotonic()))).decode()
+        except asyncio.TimeoutError:
+            proc.kill()
+            raise RuntimeError(f"{command[2]} did not start listening within {timeout_s:.0f} s") from None
+        if not line:
+            raise RuntimeError(f"{command[2]} exited before listening:\n" + "".join(lines[-20:]))
+        lines.append(line)
+        found = re.search(r"listening on (http://\S+)", line)
+        if found:
+            asyncio.get_running_loop().create_task(_drain(proc.stderr))
+            return proc, found.group(1)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+def server_command(name: str, model: Path, args: argparse.Namespace) -> list[str]:
+    if name == "baseline":
+        return [sys.executable, "-m", "bench.miner_baseline", "--model", str(model), "--port", "0"]
+    return [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
+            "--cache-entries", "0", "--max-batch", str(args.max_batch), *args.server_arg]
+
+
+async def measure_server(name: str, model: Path, bodies: list[bytes], args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    proc, url = await start(server_command(name, model, args), args.start_timeout)
+    try:
+        await wait_answering(url, "/readyz", args.start_timeout)
+        ready_s = time.perf_counter() - started
+        first = await closed_loop(name, url, bodies, 1, 1, args.timeout, args.timeout)
+        levels = []
+        for concurrency in args.concurrency:
+            levels.append((await closed_loop(name, url, bodies, concurrency, args.requests, args.duration,
+                                             args.timeout)).summary())
+            await wait_answering(url, "/healthz", args.drain_timeout)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 60)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+    return {"server": name, "ready_after_s": ready_s, "first_request": first.summary(), "levels": levels,
+            "exit_code": proc.returncode}
+
+
+def offline(model: Path, jpegs: list[bytes], batch: int, batches: int, dtype: str | None) -> dict:
+    """Images/s of Engine.predict in this process: on decoded images, and from JPEG bytes (decode included)."""
+    import torch
+
+    from runtime.decode import decode_image
+    from runtime.engine import Engine
+
+    engine = Engine.load(model, "cpu", dtype, max_batch=batch)
+    chunk = [jpegs[i % len(jpegs)] for i in range(batch)]
+    decoded = [decode_image(j) for j in chunk]
+    engine.predict(decoded)
+    times, e2e_times = [], []
+    with torch.inference_mode():
+        for _ in range(batches):  # alternate, so both see the same background load
+            t0 = time.perf_counter()
+            engine.predict(decoded)
+            t1 = time.perf_counter()
+            engine.predict([decode_image(j) for j in chunk])
+            times.append(t1 - t0)
+            e2e_times.append(time.perf_counter() - t1)
+    result = {"batch": batch, "img_s": batch / statistics.median(times),
+              "e2e_img_s": batch / statistics.median(e2e_times), "dtype": str(engine.dtype).removeprefix("torch.")}
+    del engine
+    gc.collect()
+    return result
+
+
+def report(results: list[dict], offline_result: dict) -> dict:
+    rows = [level for r in results for level in r["levels"]]
+    by = {(row["server"], row["concurrency"]): row for row in rows}
+    ratios = []
+    for concurrency in sorted({row["concurrency"] for row in rows}):
+        base, ours = by.get(("baseline", concurrency)), by.get(("server", concurrency))
+        if base and ours:
+            ratios.append({"concurrency": concurrency, "server_req_s": ours["req_s"], "baseline_req_s": base["req_s"],
+                           "throughput_ratio": ours["req_s"] / base["req_s"] if base["req_s"] else float("inf"),
+                           "server_errors": ours["errors"], "baseline_errors": base["errors"],
+                           "p50_ratio": base["p50_ms"] / ours["p50_ms"]})
+    print("\nper server and concurrency (closed loop)")
+    print_table(rows, ["server", "concurrency", "ok", "errors", "seconds", "req_s", "p50_ms", "p99_ms"])
+    if ratios:
+        print("\nserver / baseline")
+        print_table(ratios, ["concurrency", "server_req_s", "baseline_req_s", "throughput_ratio", "server_errors",
+                             "baseline_errors", "p50_ratio"])
+    checks = {}
+    ours = next((r for r in results if r["server"] == "server"), None)
+    if ours is not None:
+        steady = by.get(("server", 1))
+        first_ms = ours["first_request"]["p50_ms"]
+        checks["first_request_ms"] = first_ms
+        if steady:
+            checks["first_vs_steady_p50"] = first_ms / steady["p50_ms"]
+        at32 = by.get(("server", 32))
+        if at32:
+            checks["server_c32_vs_offline"] = at32["req_s"] / offline_result["img_s"]
+            checks["server_c32_vs_offline_with_decode"] = at32["req_s"] / offline_result["e2e_img_s"]
+        ratio32 = next((r for r in ratios if r["concurrency"] == 32), None)
+        if ratio32:
+            checks["c32_throughput_ratio"] = ratio32["throughput_ratio"]
+            checks["c32_server_errors"] = ratio32["server_errors"]
+    print(f"\noffline Engine.predict (batch {offline_result['batch']}, {offline_result['dtype']}): "
+          f"{offline_result['img_s']:.2f} img/s decoded, {offline_result['e2e_img_s']:.2f} img/s from JPEG")
+    for key, target, text in [("c32_throughput_ratio", 3.0, "server >= 3x baseline req/s at concurrency 32"),
+                              ("server_c32_vs_offline", 0.9, "server at concurrency 32 >= 90% of offline img/s")]:
+        if key in checks:
+            print(f"target: {text}: {checks[key]:.2f} ({'met' if checks[key] >= target else 'not met'})")
+    if "c32_server_errors" in checks:
+        print(f"target: zero server errors at concurrency 32: {checks['c32_server_errors']} "
+              f"({'met' if checks['c32_server_errors'] == 0 else 'not met'})")
+    if "first_vs_steady_p50" in checks:
+        verdict = "met" if checks["first_vs_steady_p50"] <= 1.5 else "not met"
+        print(f"target: first request after /readyz within 1.5x steady p50 (concurrency 1): "
+              f"{checks['first_request_ms']:.0f} ms = {checks['first_vs_steady_p50']:.2f}x ({verdict})")
+    return {"levels": rows, "ratios": ratios, "checks": checks}
+
+
+async def run_servers(model: Path, bodies: list[bytes], args: argparse.Namespace) -> list[dict]:
+    return [await measure_server(name, model, bodies, args) for name in args.servers]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="vit-b16", choices=sorted(p for p, (k, _) in PRESETS.items() if k == "vit"),
+                    help="random-weight ViT checkpoint to write (the baseline's pipeline needs a ViT classifier)")
+    ap.add_argument("--model", type=Path, help="an existing ViTForImageClassification directory instead")
+    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated, from baseline,server")
+    ap.add_argument("--concurrency", default="1,8,32,128", help="closed-loop client counts")
+    ap.add_argument("--requests", type=int, default=400, help="most requests per level")
+    ap.add_argument("--duration", type=float, default=20.0, help="most seconds per level")
+    ap.add_argument("--timeout", type=float, default=9.0, help="per-request client timeout (the validator's 9 s)")
+    ap.add_argument("--images", type=int, default=64, help="distinct 224x224 JPEGs cycled through")
+    ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra argument for python -m server")
+    ap.add_argument("--offline-batches", type=int, default=3)
+    ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for listening and ready")
+    ap.add_argument("--drain-timeout", type=float, default=300.0, help="seconds a server may take to drain")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.servers = args.servers.split(",")
+    if set(args.servers) - set(SERVERS):
+        ap.error(f"--servers: choose from {','.join(SERVERS)}")
+    jpegs = jpeg_images(args.images, 224)
+    bodies = synapse_bodies(jpegs, args.timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or Path(tmp)
+        if args.model is None:
+            make_checkpoint(args.preset, model)
+        dtype = next((a.split("=", 1)[1] for a in args.server_arg if a.startswith("--dtype=")), None)
+        offline_result = offline(model, jpegs, args.max_batch, args.offline_batches, dtype)
+        results = asyncio.run(run_servers(model, bodies, args))
+    summary = report(results, offline_result)
+    write_json(args.json, {"benchmark": "serve_vs_miner", "settings": {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "offline": offline_result, "servers": results, **summary})
+    return summary
+
+
+if __name__ == "__main__":
+    main()
