@@ -27,7 +27,7 @@ def test_tiny_load_run_reports_throughput_latency_and_overhead(tmp_path):
         assert phase["errors"] == 0 and phase["ok"] == phase["sent"] > 0
         assert 0 < phase["p50_ms"] <= phase["p90_ms"] <= phase["p99_ms"]
         assert phase["throughput_per_s"] > 0
-    assert closed["sent"] == 48  # bounded by the request count
+    assert closed["sent"] <= 48 and open_["sent"] <= 48  # bounded by the request count (and by time)
     assert report["server_vs_offline_throughput"] == round(closed["throughput_per_s"]
                                                            / report["offline"]["images_per_s"], 3)
     assert report["server_exit_code"] == 0
