@@ -157,7 +157,7 @@ def all_stages(engine: Engine):
 
 
 def run(preset: str, dtype_name: str, device: str, n_images: int, batch: int, min_time: float,
-        share: bool) -> list[dict]:
+        share: bool, iters: int = 3) -> list[dict]:
     dtype = DTYPES[dtype_name]
     size = PRESETS[preset][2]
     images = [decode_image(j) for j in jpeg_images(n_images, size=size)]
@@ -168,7 +168,7 @@ def run(preset: str, dtype_name: str, device: str, n_images: int, batch: int, mi
         classifier = Engine.load(root / "models" / "cls", device, dtype, max_batch=batch)
         classifier.warmup()
         probs = [r.prediction for r in classifier.predict(images)]
-        classifier_s = time_call(lambda: classifier.predict(images), min_time)
+        classifier_s = time_call(lambda: classifier.predict(images), min_time, iters)
         baseline_engine = Engine.load(write_bundle(root / "base", root / "models", 0.0, 1.0), device, dtype, batch)
         baseline = all_stages(baseline_engine)
         for rate in EXIT_RATES:
@@ -176,8 +176,8 @@ def run(preset: str, dtype_name: str, device: str, n_images: int, batch: int, mi
                                  device, dtype, max_batch=batch)
             engine.warmup()
             results = engine.predict(images)
-            cascade_s = time_call(lambda: engine.predict(images), min_time)
-            baseline_s = time_call(lambda: baseline(images), min_time)  # right after: same machine conditions
+            cascade_s = time_call(lambda: engine.predict(images), min_time, iters)
+            baseline_s = time_call(lambda: baseline(images), min_time, iters)  # right after: same machine conditions
             shared = engine.describe()["stages"][1]["detectors"][0]["shared_backbone"]
             rows.append({"preset": preset, "dtype": dtype_name, "device": device, "shared_backbone": shared,
                          "images": n_images, "batch": batch, "exit_rate": rate,
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--images", type=int, default=64, help="images per predict call")
     ap.add_argument("--batch", type=int, default=16, help="the engine's max_batch")
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds to time each measurement")
+    ap.add_argument("--iters", type=int, default=3, help="at least this many timed calls per measurement")
     ap.add_argument("--no-share", action="store_true", help="the detector runs its own backbone")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", help="also write the results to this JSON file")
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run("tiny" if args.tiny else "small", args.dtype, args.device, args.images, args.batch, args.min_time,
-               not args.no_share)
+               not args.no_share, args.iters)
     print_table(rows, ["preset", "dtype", "shared_backbone", "batch", "exit_rate", "measured_exit_rate",
                        "cascade_img_s", "all_stages_img_s", "speedup", "classifier_only_img_s"])
     write_json(args.json, {"benchmark": "cascade", "rows": rows})

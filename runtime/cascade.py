@@ -236,7 +236,7 @@ class DetectorStage:
         c = len(routed)
         if not self.local:
             self.index[:c].copy_(torch.tensor(routed, dtype=torch.int32))
-            self.stage1_prob.copy_(self.first.prob, non_blocking=True)
+            self.stage1_prob.copy_(self.first.prob)
         for spec, pixels in self.own_pixels.items():
             for slot, i in enumerate(routed):
                 preprocess_into(pixels, slot, images[i].to(self.device, non_blocking=True), spec)
