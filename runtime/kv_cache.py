@@ -89,23 +89,31 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def block_hash(self, seq: Sequence, i: int) -> int:
+        """Chained hash of seq's full block i, memoized on seq (a full block's keys never change)."""
+        assert (i + 1) * self.block_size <= len(seq), (i, len(seq))
+        while len(seq.block_hashes) <= i:
+            j = len(seq.block_hashes)
+            parent = seq.block_hashes[j - 1] if j else None
+            seq.block_hashes.append(chain_hash(parent, seq.keys(j * self.block_size, (j + 1) * self.block_size)))
+        return seq.block_hashes[i]
+
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Ids of the cached blocks that hold seq's leading full blocks. The block holding the last token is
         never matched: its logits must be computed, and full shared blocks are never written again."""
         matched: list[int] = []
-        parent = None
         for i in range((len(seq) - 1) // self.block_size):
-            keys = seq.keys(i * self.block_size, (i + 1) * self.block_size)
-            h = chain_hash(parent, keys)
+            h = self.block_hash(seq, i)
             block_id = self.cached.get(h)
             if block_id is None:
                 break
             block = self.blocks[block_id]
-            if block.hash != h or block.parent_hash != parent or block.keys != tuple(keys):
+            parent = seq.block_hashes[i - 1] if i else None
+            keys = tuple(seq.keys(i * self.block_size, (i + 1) * self.block_size))
+            if block.hash != h or block.parent_hash != parent or block.keys != keys:
                 log.warning("prefix cache: hash collision on block %d, recomputing", block_id)
                 break
             matched.append(block_id)
-            parent = h
         return matched
 
     def can_allocate(self, seq: Sequence, matched: list[int]) -> bool:
@@ -139,16 +147,14 @@ class BlockManager:
 
     def commit(self, seq: Sequence, num_computed: int) -> None:
         """Register seq's full blocks among its first `num_computed` tokens (keys/values written)."""
-        parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
         for i in range(seq.num_hashed_blocks, num_computed // self.block_size):
-            keys = seq.keys(i * self.block_size, (i + 1) * self.block_size)
-            h = chain_hash(parent, keys)
+            h = self.block_hash(seq, i)
             block = self.blocks[seq.block_table[i]]
             assert block.hash is None and block.ref_count == 1, (block, seq.seq_id)
-            block.hash, block.parent_hash, block.keys = h, parent, tuple(keys)
+            block.hash, block.parent_hash = h, seq.block_hashes[i - 1] if i else None
+            block.keys = tuple(seq.keys(i * self.block_size, (i + 1) * self.block_size))
             # A block computed twice (e.g. by two sequences in one batch) stays registered once.
             self.cached.setdefault(h, block.block_id)
-            parent = h
             seq.num_hashed_blocks = i + 1
 
     def free(self, seq: Sequence) -> None:

@@ -74,6 +74,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens taken from the prefix cache at the latest admission
     num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of leading full blocks (memo)
     first_cached_tokens: int | None = None  # num_cached_tokens at the first admission (for accounting)
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop", "length", "scored", "cancelled"

@@ -81,7 +81,8 @@ class ModelRunner:
             start = 0
             for t in todo:
                 part = slice(start, start + t.num_tokens)
-                features[t.digest] = (embeds[part], [d[part] for d in deepstack])
+                # Copies: a cached view would keep the whole batch's features alive.
+                features[t.digest] = (embeds[part].clone(), [d[part].clone() for d in deepstack])
                 self.vision_cache.put(t.digest, features[t.digest])
                 start += t.num_tokens
         return features
