@@ -198,10 +198,15 @@ class Batcher:
     def _compute(self, batch: list[WorkItem]) -> _BatchRun:
         """Worker thread: skip what nobody waits for any more, then one Engine.predict call."""
         now = time.monotonic()
-        live = [item for item in batch if item.dropped is None and item.deadline > now]
-        expired = [item for item in batch if item.dropped is None and item.deadline <= now]
-        skipped = [item for item in batch if item.dropped is not None]
-        run = _BatchRun(live, expired, skipped, now)
+        run = _BatchRun([], [], [], now)
+        for item in batch:  # `dropped` may change on the loop thread meanwhile: read it once per item
+            if item.dropped is not None:
+                run.skipped.append(item)
+            elif item.deadline <= now:
+                run.expired.append(item)
+            else:
+                run.live.append(item)
+        live = run.live
         if live:
             start = time.perf_counter()
             try:
