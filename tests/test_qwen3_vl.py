@@ -154,8 +154,10 @@ def test_prefill_logits_match_transformers_qwen3_vl_2b_shapes(tmp_path):
     check_prefill(tmp_path, ref, QUESTION, [random_image(90, 120, seed=4)])
 
 
-def test_greedy_generation_matches_transformers_generate(tmp_path):
-    ref = make_qwen3_vl(tmp_path, seed=1)
+@pytest.mark.parametrize("cfg,pixels", [(TINY, {}), (QWEN3_VL_2B_SHAPED, dict(min_pixels=64 * 64, max_pixels=96 * 96))],
+                         ids=["tiny", "qwen3-vl-2b-shapes"])
+def test_greedy_generation_matches_transformers_generate(tmp_path, cfg, pixels):
+    ref = make_qwen3_vl(tmp_path, cfg, seed=1, **pixels)
     engine = VLMEngine.load(tmp_path, config=ENGINE)
     image = random_image(48, 64, seed=5)
     result, = engine.generate([QUESTION], [[image]], SamplingParams(max_new_tokens=32, ignore_eos=True))
@@ -169,6 +171,20 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
     assert len(result.token_ids) == 32
     assert result.token_ids == expected
     assert result.finish_reason == "length" and result.num_prompt_tokens == len(prompt)
+
+
+def test_bf16_drift_within_transformers_own(tmp_path):
+    """bf16 keeps 8 mantissa bits; our bf16 logits must stay as close to the fp32 reference as transformers' bf16
+    run is (x1.5, plus 1% of the logit scale)."""
+    ref = make_qwen3_vl(tmp_path)
+    image = random_image(40, 56, seed=6)
+    engine = VLMEngine.load(tmp_path, dtype=torch.bfloat16, config=ENGINE)
+    ours, token_ids = prefill_logits(engine, QUESTION, [image])
+    inputs = hf_inputs(tmp_path, token_ids, [image])
+    with torch.no_grad():
+        exact = ref(**inputs).logits[0]
+        theirs = ref.to(torch.bfloat16)(**{**inputs, "pixel_values": inputs["pixel_values"].bfloat16()}).logits[0]
+    assert rel_err(ours, exact) <= 1.5 * rel_err(theirs, exact) + 0.01, (rel_err(ours, exact), rel_err(theirs, exact))
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------------------
