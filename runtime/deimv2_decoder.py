@@ -86,8 +86,10 @@ class DeformableAttention(nn.Module):
             return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         bh, dim, h, w = value.shape
         q, p = grid.shape[1], grid.shape[2]
-        coords = (grid * torch.tensor([[w, h]], device=grid.device) + 0.5).to(torch.int64)
-        flat = coords[..., 1].clamp(0, h - 1) * w + coords[..., 0].clamp(0, w - 1)
+        # Python-scalar scales: a tensor built from host values here would be a copy CUDA graph capture rejects.
+        x = (grid[..., 0] * w + 0.5).to(torch.int64).clamp(0, w - 1)
+        y = (grid[..., 1] * h + 0.5).to(torch.int64).clamp(0, h - 1)
+        flat = y * w + x
         picked = value.flatten(2).gather(2, flat.view(bh, 1, q * p).expand(-1, dim, -1))
         return picked.view(bh, dim, q, p)
 
