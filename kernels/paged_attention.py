@@ -72,7 +72,8 @@ def paged_prefill(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
                   v_cache: torch.Tensor, cu_seqlens_q: list[int], context_lens: list[int], block_tables: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """Prefill attention; k_new/v_new are the new tokens' keys/values (already stored in the cache too)."""
-    flash = _flash_attn_varlen() if q.is_cuda else None
+    # flash-attn computes in fp16/bf16 only; fp32 models take the SDPA path.
+    flash = _flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if flash is not None:
         new_lens = [b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:])]
         cu_q = torch.tensor(cu_seqlens_q, dtype=torch.int32, device=q.device)

@@ -57,7 +57,6 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.vision_cache = VisionCache(vision_cache_entries)
-        self.merge = model.cfg.vision.spatial_merge_size
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs = self.block_size
