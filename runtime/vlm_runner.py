@@ -112,12 +112,17 @@ class ModelRunner:
             context_lens.append(end)
             last_rows.append(len(ids) - 1)
         num_prefill = len(ids)
+        decode_positions = []
         for seq in batch.decode:
             i = len(seq) - 1
             ids.append(seq.last_token_id)
-            positions.append(seq.position_ids(i, i + 1))
+            # The token being decoded was generated, so it follows the prompt: t = h = w = index + rope delta.
+            assert i >= seq.num_prompt_tokens, (seq.seq_id, i)
+            decode_positions.append(i + seq.rope_delta)
             slots.extend(self.slots(seq, i, i + 1))
             last_rows.append(len(ids) - 1)
+        if decode_positions:
+            positions.append(torch.tensor(decode_positions).expand(3, -1))
 
         dev = self.device
         meta = AttentionMetadata(
