@@ -22,9 +22,6 @@ from tests.checkpoints import write_preprocessor
 from tests.test_deimv2 import make_deimv2
 from tests.test_vote import formula
 
-ROADWORK = ["LABEL_1", 3]  # a name and an id from the tiny detectors' id2label (LABEL_0..LABEL_4)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy machine their spinning costs 10-50x."""
@@ -111,7 +108,7 @@ classifier_weight = 0.5
 [[stage.detector]]
 name = "a"
 model = "{models / 'det-a'}"
-roadwork_classes = ["LABEL_1", 3]
+roadwork_classes = ["LABEL_1", 3]  # a name and an id of the tiny detectors' LABEL_0..LABEL_4
 box_threshold = {box_a!r}
 """
     if box_b is not None:
