@@ -26,7 +26,7 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int)
     """(length, kv_heads, head_dim) tokens of one sequence."""
     block_size = cache.shape[1]
     blocks = block_table[: -(-length // block_size)].long()
-    return cache[blocks].flatten(0, 1)[:length]
+    return cache.index_select(0, blocks).flatten(0, 1)[:length]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,10 +98,11 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     give zeros. Returns (seqs, heads, head_dim)."""
     num_seqs, max_blocks = block_tables.shape
     block_size = k_cache.shape[1]
-    blocks = block_tables.clamp(min=0).long()
-    # (seqs, max_blocks * block_size, kv_heads, head_dim), padded; the mask hides tokens past each context.
-    k = k_cache[blocks].flatten(1, 2).transpose(1, 2)
-    v = v_cache[blocks].flatten(1, 2).transpose(1, 2)
+    blocks = block_tables.clamp(min=0).long().flatten()
+    # (seqs, kv_heads, max_blocks * block_size, head_dim), padded; the mask hides tokens past each context.
+    # index_select: several times faster than advanced indexing for this gather on CPU.
+    k = k_cache.index_select(0, blocks).view(num_seqs, max_blocks * block_size, *k_cache.shape[2:]).transpose(1, 2)
+    v = v_cache.index_select(0, blocks).view(num_seqs, max_blocks * block_size, *v_cache.shape[2:]).transpose(1, 2)
     positions = torch.arange(max_blocks * block_size, device=q.device)
     visible = (positions[None, :] < context_lens[:, None].to(q.device))[:, None, None, :]
     o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=visible, scale=scale, enable_gqa=True)
