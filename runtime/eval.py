@@ -1,0 +1,264 @@
+"""Score a classifier or cascade bundle on a labeled folder, as the subnet scores miners.
+
+    python -m runtime.eval MODEL_DIR DATA_DIR [--device cpu] [--dtype bfloat16] [--json report.json]
+
+DATA_DIR holds DIR/roadwork/* and DIR/none/* images (what train.generate writes) and optionally DIR/meta.jsonl
+with each image's augmentation level. Predictions are rounded like the validator's: roadwork only when
+P > 0.5. Reported: accuracy, MCC and the confusion matrix, overall and per augmentation level; per stage, the
+share of images it decided and their accuracy; and the cost: milliseconds per image spent in each stage."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from runtime.decode import decode_image
+
+log = logging.getLogger(__name__)
+
+LABEL_DIRS = ("none", "roadwork")   # index = label
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def decide(probabilities: np.ndarray | list[float]) -> np.ndarray:
+    """The subnet's rounding: roadwork only when P > 0.5 (exactly 0.5 counts as none)."""
+    return np.asarray(probabilities, np.float64) > 0.5
+
+
+@dataclass(frozen=True)
+class Confusion:
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @classmethod
+    def of(cls, labels: np.ndarray | list[int], probabilities: np.ndarray | list[float]) -> Confusion:
+        truth = np.asarray(labels).astype(bool)
+        guess = decide(probabilities)
+        assert truth.shape == guess.shape, (truth.shape, guess.shape)
+        return cls(tp=int(np.sum(truth & guess)), fp=int(np.sum(~truth & guess)),
+                   tn=int(np.sum(~truth & ~guess)), fn=int(np.sum(truth & ~guess)))
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.tn + self.fn
+
+    @property
+    def accuracy(self) -> float:
+        return (self.tp + self.tn) / self.n if self.n else 0.0
+
+    @property
+    def mcc(self) -> float:
+        """0 when a row or column of the matrix is empty (the usual convention; the formula is 0/0 there)."""
+        denominator = math.sqrt((self.tp + self.fp) * (self.tp + self.fn) * (self.tn + self.fp) * (self.tn + self.fn))
+        return (self.tp * self.tn - self.fp * self.fn) / denominator if denominator else 0.0
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "accuracy": round(self.accuracy, 4), "mcc": round(self.mcc, 4),
+                "confusion": {"tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn}}
+
+
+@dataclass
+class LabeledSet:
+    root: Path
+    files: list[str]        # relative to root, e.g. "roadwork/000012.jpg"
+    labels: np.ndarray      # (N,) int64: 1 roadwork, 0 none
+    levels: np.ndarray      # (N,) int64 augmentation level, -1 where meta.jsonl says nothing
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def spread(self, n: int) -> LabeledSet:
+        """n images evenly spaced over the sorted list, so both labels stay represented."""
+        pick = np.unique(np.linspace(0, len(self) - 1, min(n, len(self))).round().astype(np.int64))
+        return LabeledSet(self.root, [self.files[i] for i in pick], self.labels[pick], self.levels[pick])
+
+
+def read_levels(root: Path) -> dict[str, int]:
+    """file -> augmentation level from root/meta.jsonl (empty when there is none)."""
+    path = root / "meta.jsonl"
+    if not path.is_file():
+        return {}
+    levels = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            levels[str(row["file"])] = int(row["level"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'file' and integer 'level' ({e})") from e
+    return levels
+
+
+def list_labeled(root: str | Path) -> LabeledSet:
+    """Every image under root/none and root/roadwork, sorted by path, with levels when meta.jsonl has them."""
+    root = Path(root)
+    files, labels = [], []
+    for label, name in enumerate(LABEL_DIRS):
+        sub = root / name
+        if not sub.is_dir():
+            raise ValueError(f"{root}: missing folder '{name}/' (expected {root}/none/ and {root}/roadwork/)")
+        found = sorted(p.name for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += [f"{name}/{f}" for f in found]
+        labels += [label] * len(found)
+    if not files:
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in none/ or roadwork/")
+    levels = read_levels(root)
+    return LabeledSet(root, files, np.array(labels, np.int64), np.array([levels.get(f, -1) for f in files], np.int64))
+
+
+class StageClock:
+    """Wall time spent in each stage of an Engine's cascade, per chunk: stage 1 is preprocessing plus the
+    classifier segment; a later stage is its call (preprocessing of its own, detectors, vote)."""
+
+    def __init__(self, engine):
+        cascade = engine.cascade
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.images: dict[str, int] = defaultdict(int)
+        first = cascade.first
+        load, run, call = first.load, first.run, cascade.call
+
+        def timed_load(images):
+            start = time.perf_counter()
+            out = load(images)
+            self.seconds[first.name] += time.perf_counter() - start
+            self.images[first.name] += len(images)
+            return out
+
+        def timed_run(n):
+            start = time.perf_counter()
+            out = run(n)
+            self.seconds[first.name] += time.perf_counter() - start
+            return out
+
+        def timed_call(stage, pending, images, want_boxes):
+            start = time.perf_counter()
+            out = call(stage, pending, images, want_boxes)
+            self.seconds[stage.name] += time.perf_counter() - start
+            self.images[stage.name] += len(pending)
+            return out
+
+        first.load, first.run, cascade.call = timed_load, timed_run, timed_call
+
+    def ms_per_image(self, stage: str) -> float:
+        """Milliseconds per image that reached `stage`."""
+        return 1e3 * self.seconds[stage] / self.images[stage] if self.images[stage] else 0.0
+
+
+@dataclass
+class Scored:
+    """Per-image outputs of a run over a labeled set."""
+    labels: np.ndarray
+    levels: np.ndarray
+    predictions: np.ndarray                   # P(roadwork)
+    stages: list[str]                         # the stage that decided
+    scores: list[dict[str, float]]            # each stage's P(roadwork)
+    detector_scores: list[dict[str, float]]
+    degraded: np.ndarray
+    seconds: float                            # wall time inside Engine.predict
+    stage_ms: dict[str, float] = field(default_factory=dict)   # ms per image that reached the stage
+    stage_images: dict[str, int] = field(default_factory=dict)
+
+
+def run_engine(engine, data: LabeledSet, progress: bool = True) -> Scored:
+    """Decode and predict chunk by chunk (max_batch images at a time: real photos can be large)."""
+    from tqdm import tqdm
+
+    n = len(data)
+    clock = StageClock(engine)
+    results, seconds = [], 0.0
+    bar = tqdm(total=n, desc=f"eval {data.root.name}", unit="img", file=sys.stderr, disable=not progress)
+    for start in range(0, n, engine.max_batch):
+        images = [decode_image((data.root / f).read_bytes()) for f in data.files[start:start + engine.max_batch]]
+        began = time.perf_counter()
+        results += engine.predict(images)
+        seconds += time.perf_counter() - began
+        bar.update(len(images))
+    bar.close()
+    stage_names = list(clock.images)
+    return Scored(data.labels, data.levels, np.array([r.prediction for r in results], np.float64),
+                  [r.stage for r in results], [r.scores for r in results], [r.detector_scores for r in results],
+                  np.array([r.degraded for r in results], bool), seconds,
+                  {s: clock.ms_per_image(s) for s in stage_names}, {s: clock.images[s] for s in stage_names})
+
+
+def report(scored: Scored, model: str, data: str, device: str, dtype: str) -> dict:
+    n = len(scored.labels)
+    out = {"model": model, "data": data, "device": device, "dtype": dtype,
+           **Confusion.of(scored.labels, scored.predictions).as_dict(),
+           "ms_per_image": round(1e3 * scored.seconds / max(n, 1), 3), "degraded": int(scored.degraded.sum())}
+    out["levels"] = {}
+    for level in sorted(set(scored.levels.tolist())):
+        pick = scored.levels == level
+        out["levels"]["unknown" if level < 0 else str(level)] = Confusion.of(
+            scored.labels[pick], scored.predictions[pick]).as_dict()
+    stages = np.array(scored.stages)
+    out["stages"] = {}
+    for name, reached in scored.stage_images.items():
+        decided = stages == name
+        out["stages"][name] = {
+            "reached": round(reached / max(n, 1), 4), "decided": round(float(decided.mean()), 4),
+            "accuracy_of_decided": round(Confusion.of(scored.labels[decided], scored.predictions[decided]).accuracy, 4),
+            "ms_per_image_reached": round(scored.stage_ms[name], 3)}
+    return out
+
+
+def format_report(r: dict) -> str:
+    c = r["confusion"]
+    lines = [f"{r['model']} on {r['data']} ({r['n']} images, {r['device']} {r['dtype']})",
+             f"  accuracy {r['accuracy']:.4f}   MCC {r['mcc']:.4f}   "
+             f"confusion tp {c['tp']} fp {c['fp']} tn {c['tn']} fn {c['fn']}   {r['ms_per_image']:.2f} ms/image"
+             + (f"   degraded {r['degraded']}" if r["degraded"] else ""),
+             "  per augmentation level:"]
+    for level, m in r["levels"].items():
+        lines.append(f"    level {level:>7}: n {m['n']:5d}  accuracy {m['accuracy']:.4f}  MCC {m['mcc']:.4f}")
+    lines.append("  per stage:")
+    for name, s in r["stages"].items():
+        lines.append(f"    {name:>12}: reached {100 * s['reached']:5.1f}%  decided {100 * s['decided']:5.1f}%  "
+                     f"accuracy of decided {s['accuracy_of_decided']:.4f}  "
+                     f"{s['ms_per_image_reached']:.2f} ms per image reached")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from runtime.engine import Engine
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path, help="bundle directory (cascade.toml) or classifier directory")
+    ap.add_argument("data", type=Path, help="labeled folder: DATA/roadwork/*, DATA/none/*, optional meta.jsonl")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 where fast, else fp32)")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--limit", type=int, help="score only N images, evenly spread over the folder")
+    ap.add_argument("--json", type=Path, help="also write the report here as JSON")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        data = list_labeled(args.data)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.limit:
+        data = data.spread(args.limit)
+    engine = Engine.load(args.model, args.device, args.dtype, args.max_batch)
+    engine.warmup()
+    scored = run_engine(engine, data)
+    result = report(scored, str(args.model), str(args.data), str(engine.device),
+                    str(engine.dtype).removeprefix("torch."))
+    print(format_report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

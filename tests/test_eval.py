@@ -1,0 +1,152 @@
+"""runtime.eval (scores, levels, stages, cost) and runtime.tune (threshold search, cascade.toml writing)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.bundle import read_bundle
+from runtime.decode import decode_image
+from runtime.engine import Engine
+from runtime.eval import Confusion, list_labeled, main as eval_main, run_engine
+from runtime.tune import Observed, apply, bundle_toml, main as tune_main, search, vote_decisions
+from tests.checkpoints import make_dinov3, write_preprocessor
+from tests.test_deimv2 import make_deimv2
+from train.generate import DatasetWriter, iter_samples
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine their spinning costs a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "set"
+    writer = DatasetWriter(out, seed=3, size=224, levels=(0, 1, 2, 3))
+    for sample in iter_samples(3, 16):
+        writer.add(sample)
+    writer.finish()
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    make_dinov3(root / "classifier", seed=1, input_size=(64, 64))
+    make_deimv2(root / "detector", seed=2)
+    write_preprocessor(root / "detector", "dinov3", (64, 64))
+    (root / "cascade.toml").write_text("""
+[[stage]]
+kind = "classifier"
+model = "classifier"
+exit_below = 0.3
+exit_above = 0.7
+
+[[stage]]
+kind = "detectors"
+time_budget_ms = 60000.0
+
+[[stage.detector]]
+model = "detector"
+roadwork_classes = [0, 1]
+box_threshold = 0.5
+""")
+    return root
+
+
+def test_mcc_and_rounding():
+    c = Confusion(tp=3, fp=1, tn=4, fn=2)
+    assert c.mcc == pytest.approx((3 * 4 - 1 * 2) / math.sqrt(4 * 5 * 5 * 6))
+    assert c.accuracy == pytest.approx(0.7)
+    # the validator's rounding: exactly 0.5 is "none"
+    assert Confusion.of([1, 0, 1, 0], [0.5, 0.5, 0.51, 0.49]) == Confusion(tp=1, fp=0, tn=2, fn=1)
+    assert Confusion.of([1, 1], [0.9, 0.8]).mcc == 0.0   # one class only: 0, not NaN
+
+
+def test_list_labeled_and_spread(data):
+    found = list_labeled(data)
+    assert len(found) == 16 and found.labels.sum() == 8 and (found.levels >= 0).all()
+    few = found.spread(5)
+    assert len(few) == 5 and 0 < few.labels.sum() < 5
+
+
+def test_eval_report_matches_engine(data, bundle, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    eval_main([str(bundle), str(data), "--dtype", "float32", "--max-batch", "8", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert "MCC" in capsys.readouterr().out
+    engine = Engine.load(bundle, "cpu", "float32", max_batch=8)
+    found = list_labeled(data)
+    preds = [r.prediction for r in engine.predict([decode_image((data / f).read_bytes()) for f in found.files])]
+    expected = Confusion.of(found.labels, preds)
+    assert report["n"] == 16 and report["mcc"] == round(expected.mcc, 4)
+    assert sum(m["n"] for m in report["levels"].values()) == 16
+    stages = report["stages"]
+    assert stages["classifier"]["reached"] == 1.0
+    assert stages["classifier"]["decided"] + stages.get("detectors", {"decided": 0})["decided"] == pytest.approx(1.0)
+    assert all(s["ms_per_image_reached"] > 0 for s in stages.values())
+
+
+def test_vote_decisions_are_the_rules():
+    p = np.array([0.2, 0.2, 0.8, 0.8, 0.45, 0.55])
+    c = np.array([[0.1], [0.9], [0.1], [0.9], [0.6], [0.4]])
+    det = c[:, 0] > 0.5
+    assert (vote_decisions(p, c, [1.0], 0.5, 0.0, 2 / 3) == det).all()
+    assert (vote_decisions(p, c, [1.0], 0.5, 1.0, 0.5) == (det | (p > 0.5))).all()
+    assert (vote_decisions(p, c, [1.0], 0.5, 1.0, 1.0) == (det & (p > 0.5))).all()
+
+
+def test_search_routes_the_uncertain_band_to_a_good_detector():
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = np.arange(n) % 2
+    # classifier: right and sure on 70%, a coin flip near 0.5 on the rest; detector: right where it is unsure
+    sure = rng.random(n) < 0.7
+    p = np.where(sure, np.where(labels == 1, 0.95, 0.05), 0.5 + rng.uniform(-0.1, 0.1, n))
+    c = np.where(labels == 1, 0.8, 0.2)[:, None]
+    obs = Observed(labels, p, c, stage1_ms=1.0, stage2_ms=10.0)
+    best, alone = search(obs, [1.0], max_routed=0.5)
+    assert alone.mcc < 0.6 and best.mcc > 0.95   # exit bands step by quantiles: the edge images may exit
+    assert best.routed <= 0.5 and 0.05 < best.exit_below < 0.5 < best.exit_above < 0.95   # sure ones exit
+    assert best.ms_per_image == pytest.approx(1.0 + 10.0 * best.routed)
+    capped, _ = search(obs, [1.0], max_routed=0.0)
+    assert capped.routed == 0.0 and capped.mcc == pytest.approx(alone.mcc)
+    cheap, _ = search(obs, [1.0], budget_ms=2.0)
+    assert cheap.ms_per_image <= 2.0 and cheap.mcc < best.mcc
+
+
+def test_bundle_toml_round_trip(bundle, tmp_path):
+    parsed = read_bundle(bundle)
+    obs_best = search(Observed(np.array([0, 1]), np.array([0.2, 0.7]), np.array([[0.1], [0.9]]), 1.0, 1.0),
+                      [1.0])[0]
+    tuned = apply(parsed, obs_best)
+    (bundle / "cascade.toml").rename(tmp_path / "orig.toml")
+    try:
+        (bundle / "cascade.toml").write_text(bundle_toml(tuned, "a header\nsecond line"))
+        again = read_bundle(bundle)
+    finally:
+        (tmp_path / "orig.toml").replace(bundle / "cascade.toml")
+    assert again.stages == tuned.stages
+
+
+def test_tune_cli_writes_a_loadable_bundle(data, bundle, tmp_path, capsys):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    tune_main([str(copy), str(data), "--dtype", "float32", "--max-batch", "8", "--max-routed", "0.5", "--write"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 16 and result["chosen"]["routed"] <= 0.5
+    assert result["chosen"]["mcc"] >= result["classifier_alone"]["mcc"]
+    text = (copy / "cascade.toml").read_text()
+    assert text.startswith("# Thresholds chosen by")
+    engine = Engine.load(copy, "cpu", "float32", max_batch=8)
+    scored = run_engine(engine, list_labeled(data), progress=False)
+    assert Confusion.of(scored.labels, scored.predictions).mcc == pytest.approx(result["chosen"]["mcc"], abs=1e-4)
