@@ -182,3 +182,16 @@ def test_stop_tokens_and_sampling(checkpoint, expected):
     hot = SamplingParams(max_new_tokens=12, temperature=5.0, ignore_eos=True)
     runs = [VLMEngine.load(path, config=ROOMY).generate([QUESTION], [[IMAGE_A]], hot)[0].token_ids for _ in range(2)]
     assert runs[0] == runs[1] != expected[0]  # seeded, and not greedy
+
+
+def test_bench_runs_at_tiny_size(capsys):
+    from bench import vlm
+
+    result = vlm.main(["--tiny", "--concurrency", "1,2", "--threads", "1"])
+    assert [r["concurrency"] for r in result["generation"]] == [1, 2]
+    for row in result["generation"]:
+        assert min(row["ours_prefill_tok_s"], row["hf_prefill_tok_s"], row["ours_decode_tok_s"],
+                   row["hf_decode_tok_s"]) > 0
+    cold, hit, partial = result["prefix_cache"]
+    assert cold["cached_tokens"] == 0 < partial["cached_tokens"] < hit["cached_tokens"] < hit["prompt_tokens"]
+    assert "served from the cache" in capsys.readouterr().out
