@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import gc
+import os
 import re
 import signal
 import statistics
@@ -51,6 +52,7 @@ class Level:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # reason -> count
     seconds: float = 0.0
+    load_avg: float = field(default_factory=lambda: os.getloadavg()[0])  # at the start: background load drifts
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     def record(self, outcome: str, latency_s: float) -> None:
@@ -62,7 +64,7 @@ class Level:
 
     def summary(self) -> dict:
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([np.nan])
-        return {"server": self.server, "concurrency": self.concurrency, "ok": self.ok,
+        return {"server": self.server, "concurrency": self.concurrency, "load_avg": self.load_avg, "ok": self.ok,
                 "errors": sum(self.errors.values()), "errors_by_kind": dict(self.errors),
                 "seconds": self.seconds, "req_s": self.ok / self.seconds if self.seconds else 0.0,
                 "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
@@ -207,7 +209,7 @@ def offline(model: Path, jpegs: list[bytes], batch: int, batches: int, dtype: st
     return result
 
 
-def report(results: list[dict], offline_result: dict) -> dict:
+def report(results: list[dict], offline_result: dict | None) -> dict:
     rows = [level for r in results for level in r["levels"]]
     by = {(row["server"], row["concurrency"]): row for row in rows}
     ratios = []
@@ -219,7 +221,7 @@ def report(results: list[dict], offline_result: dict) -> dict:
                            "server_errors": ours["errors"], "baseline_errors": base["errors"],
                            "p50_ratio": base["p50_ms"] / ours["p50_ms"]})
     print("\nper server and concurrency (closed loop)")
-    print_table(rows, ["server", "concurrency", "ok", "errors", "seconds", "req_s", "p50_ms", "p99_ms"])
+    print_table(rows, ["server", "concurrency", "load_avg", "ok", "errors", "seconds", "req_s", "p50_ms", "p99_ms"])
     if ratios:
         print("\nserver / baseline")
         print_table(ratios, ["concurrency", "server_req_s", "baseline_req_s", "throughput_ratio", "server_errors",
@@ -233,15 +235,16 @@ def report(results: list[dict], offline_result: dict) -> dict:
         if steady:
             checks["first_vs_steady_p50"] = first_ms / steady["p50_ms"]
         at32 = by.get(("server", 32))
-        if at32:
+        if at32 and offline_result:
             checks["server_c32_vs_offline"] = at32["req_s"] / offline_result["img_s"]
             checks["server_c32_vs_offline_with_decode"] = at32["req_s"] / offline_result["e2e_img_s"]
         ratio32 = next((r for r in ratios if r["concurrency"] == 32), None)
         if ratio32:
             checks["c32_throughput_ratio"] = ratio32["throughput_ratio"]
             checks["c32_server_errors"] = ratio32["server_errors"]
-    print(f"\noffline Engine.predict (batch {offline_result['batch']}, {offline_result['dtype']}): "
-          f"{offline_result['img_s']:.2f} img/s decoded, {offline_result['e2e_img_s']:.2f} img/s from JPEG")
+    if offline_result:
+        print(f"\noffline Engine.predict (batch {offline_result['batch']}, {offline_result['dtype']}): "
+              f"{offline_result['img_s']:.2f} img/s decoded, {offline_result['e2e_img_s']:.2f} img/s from JPEG")
     for key, target, text in [("c32_throughput_ratio", 3.0, "server >= 3x baseline req/s at concurrency 32"),
                               ("server_c32_vs_offline", 0.9, "server at concurrency 32 >= 90% of offline img/s")]:
         if key in checks:
@@ -256,8 +259,16 @@ def report(results: list[dict], offline_result: dict) -> dict:
     return {"levels": rows, "ratios": ratios, "checks": checks}
 
 
-async def run_servers(model: Path, bodies: list[bytes], args: argparse.Namespace) -> list[dict]:
-    return [await measure_server(name, model, bodies, args) for name in args.servers]
+async def run_servers(model: Path, jpegs: list[bytes], bodies: list[bytes],
+                      args: argparse.Namespace) -> tuple[list[dict], dict | None]:
+    """Each server alone; the offline figure is taken right before our server runs, as background load drifts."""
+    results, offline_result = [], None
+    for name in args.servers:
+        if name == "server":
+            dtype = next((a.split("=", 1)[1] for a in args.server_arg if a.startswith("--dtype=")), None)
+            offline_result = offline(model, jpegs, args.max_batch, args.offline_batches, dtype)
+        results.append(await measure_server(name, model, bodies, args))
+    return results, offline_result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -288,9 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = args.model or Path(tmp)
         if args.model is None:
             make_checkpoint(args.preset, model)
-        dtype = next((a.split("=", 1)[1] for a in args.server_arg if a.startswith("--dtype=")), None)
-        offline_result = offline(model, jpegs, args.max_batch, args.offline_batches, dtype)
-        results = asyncio.run(run_servers(model, bodies, args))
+        results, offline_result = asyncio.run(run_servers(model, jpegs, bodies, args))
     summary = report(results, offline_result)
     write_json(args.json, {"benchmark": "serve_vs_miner", "settings": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
