@@ -41,7 +41,8 @@ class Service:
         self.batcher = Batcher(engine, config.max_batch, config.max_delay_ms / 1000, config.queue_size,
                                self.metrics)
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
-        self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes)
+        self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
+                           engine.stage_states)
         self.ready = False
         self.warmup_task: asyncio.Task | None = None
 
@@ -198,6 +199,11 @@ def _answer(result: Any, cached: bool, detail: bool, total_s: float, decode_s: f
     }
     if detail:
         answer["scores"] = dict(result.scores)
+        if result.detector_scores:
+            answer["detector_scores"] = dict(result.detector_scores)
+        if result.boxes is not None:
+            answer["boxes"] = [{"detector": b.detector, "label": b.label, "score": b.score, "xyxy": list(b.xyxy)}
+                               for b in result.boxes]
     return answer
 
 

@@ -210,7 +210,8 @@ class Batcher:
         if live:
             start = time.perf_counter()
             try:
-                run.results = self.engine.predict([item.image for item in live])
+                # Boxes cost only a post-processing step for detector-decided images; `?detail=1` shows them.
+                run.results = self.engine.predict([item.image for item in live], boxes=True)
             except Exception as e:  # a model failure fails this batch only; the server keeps serving
                 log.exception("Engine.predict failed on a batch of %d images", len(live))
                 run.error = e

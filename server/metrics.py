@@ -9,6 +9,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 9.0, 15.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BREAKER_STATES = ("closed", "open", "half_open")
 
 
 class ServerMetrics:
@@ -47,15 +48,23 @@ class ServerMetrics:
         self.cache_entries = Gauge("roadwork_cache_entries", "Entries in the result cache", registry=r)
         self.cache_bytes = Gauge("roadwork_cache_bytes", "Estimated size of the result cache", registry=r)
         self.ready = Gauge("roadwork_ready", "1 once every model is loaded and warmed up", registry=r)
+        self.breaker_state = Gauge("roadwork_stage_breaker_state",
+                                   "1 for each stage's current circuit-breaker state, 0 for the others",
+                                   ["stage", "state"], registry=r)
+        self.stage_states: Callable[[], dict[str, str]] = dict
         self.warmup_duration = Gauge("roadwork_warmup_duration_seconds", "Time Engine.warmup took",
                                      registry=r)
 
     def track(self, queue_depth: Callable[[], int], cache_entries: Callable[[], int],
-              cache_bytes: Callable[[], int]) -> None:
+              cache_bytes: Callable[[], int], stage_states: Callable[[], dict[str, str]]) -> None:
         """Gauges read live values at scrape time instead of being updated on every change."""
         self.queue_depth.set_function(queue_depth)
         self.cache_entries.set_function(cache_entries)
         self.cache_bytes.set_function(cache_bytes)
+        self.stage_states = stage_states
 
     def render(self) -> tuple[bytes, str]:
+        for stage, current in self.stage_states().items():
+            for state in BREAKER_STATES:
+                self.breaker_state.labels(stage, state).set(1 if state == current else 0)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
