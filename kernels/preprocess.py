@@ -57,13 +57,13 @@ _PIL_PRECISION_BITS = 22
 _PIL_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13
 
 
-def _positive_int(key: str, value: object) -> int:
+def positive_int(key: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"preprocessor config {key}={value!r} must be a positive integer")
     return value
 
 
-def _three_floats(key: str, value: object) -> tuple[float, float, float]:
+def three_floats(key: str, value: object) -> tuple[float, float, float]:
     values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
     if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -73,9 +73,9 @@ def _three_floats(key: str, value: object) -> tuple[float, float, float]:
 
 def _height_width(key: str, value: object) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
-        return _positive_int(key, value), value
+        return positive_int(key, value), value
     if isinstance(value, dict) and set(value) == {"height", "width"}:
-        return _positive_int(f"{key}.height", value["height"]), _positive_int(f"{key}.width", value["width"])
+        return positive_int(f"{key}.height", value["height"]), positive_int(f"{key}.width", value["width"])
     raise ValueError(f"preprocessor config {key}={value!r} must be an integer or {{'height': H, 'width': W}}")
 
 
@@ -128,9 +128,9 @@ class PreprocessSpec:
         size = cfg["size"]
         resize_to, shortest_edge = None, None
         if isinstance(size, dict) and set(size) == {"shortest_edge"}:
-            shortest_edge = _positive_int("size.shortest_edge", size["shortest_edge"])
+            shortest_edge = positive_int("size.shortest_edge", size["shortest_edge"])
         elif isinstance(size, int) and not isinstance(size, bool) and cfg.get("default_to_square") is False:
-            shortest_edge = _positive_int("size", size)
+            shortest_edge = positive_int("size", size)
         else:
             resize_to = _height_width("size", size)
 
@@ -153,8 +153,8 @@ class PreprocessSpec:
         rescale_factor = cfg.get("rescale_factor", 1 / 255)
         if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) or rescale_factor <= 0:
             raise ValueError(f"preprocessor config rescale_factor={rescale_factor!r} must be a positive number")
-        image_mean = _three_floats("image_mean", cfg.get("image_mean", default_mean))
-        image_std = _three_floats("image_std", cfg.get("image_std", default_std))
+        image_mean = three_floats("image_mean", cfg.get("image_mean", default_mean))
+        image_std = three_floats("image_std", cfg.get("image_std", default_std))
         if min(image_std) <= 0:
             raise ValueError(f"preprocessor config image_std={cfg.get('image_std')!r} must be positive")
         return cls(height=height, width=width, resize_to=resize_to, shortest_edge=shortest_edge,

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.preprocess import BICUBIC, BILINEAR, PreprocessSpec, preprocess_reference, preprocess_triton
+from kernels.preprocess import (BICUBIC, BILINEAR, PreprocessSpec, positive_int, preprocess_reference,
+                                preprocess_triton, three_floats)
 
 # transformers' Qwen2-VL class defaults, used when a config omits the key.
 _OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,20 +38,6 @@ _INERT_KEYS = frozenset({
     "processor_class", "do_convert_rgb", "data_format", "input_data_format", "device", "return_tensors",
     "disable_grouping", "_valid_processor_keys", "default_to_square",
 })
-
-
-def _positive_int(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"preprocessor config {key}={value!r} must be a positive integer")
-    return value
-
-
-def _three_floats(key: str, value: object) -> tuple[float, float, float]:
-    values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"preprocessor config {key}={value!r} must be a number or a list of 3 numbers (RGB)")
-    return (float(values[0]), float(values[1]), float(values[2]))
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -104,8 +91,8 @@ class VisionPreprocessSpec:
             raise ValueError(f"preprocessor config size={size!r} must be {{'shortest_edge': min_pixels, "
                              f"'longest_edge': max_pixels}}")
         # Legacy top-level min_pixels/max_pixels override size, as transformers does.
-        min_pixels = _positive_int("min_pixels", cfg.get("min_pixels", size.get("shortest_edge", _DEFAULT_MIN_PIXELS)))
-        max_pixels = _positive_int("max_pixels", cfg.get("max_pixels", size.get("longest_edge", _DEFAULT_MAX_PIXELS)))
+        min_pixels = positive_int("min_pixels", cfg.get("min_pixels", size.get("shortest_edge", _DEFAULT_MIN_PIXELS)))
+        max_pixels = positive_int("max_pixels", cfg.get("max_pixels", size.get("longest_edge", _DEFAULT_MAX_PIXELS)))
         if min_pixels > max_pixels:
             raise ValueError(f"preprocessor config min_pixels {min_pixels} exceeds max_pixels {max_pixels}")
         resample = cfg.get("resample", BICUBIC)
@@ -115,17 +102,17 @@ class VisionPreprocessSpec:
         rescale_factor = cfg.get("rescale_factor", 1 / 255)
         if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) or rescale_factor <= 0:
             raise ValueError(f"preprocessor config rescale_factor={rescale_factor!r} must be a positive number")
-        image_std = _three_floats("image_std", cfg.get("image_std", _OPENAI_CLIP_STD))
+        image_std = three_floats("image_std", cfg.get("image_std", _OPENAI_CLIP_STD))
         if min(image_std) <= 0:
             raise ValueError(f"preprocessor config image_std={cfg.get('image_std')!r} must be positive")
         return cls(min_pixels=min_pixels, max_pixels=max_pixels,
-                   patch_size=_positive_int("patch_size", cfg.get("patch_size", 14)),
-                   temporal_patch_size=_positive_int("temporal_patch_size", cfg.get("temporal_patch_size", 2)),
-                   merge_size=_positive_int("merge_size", cfg.get("merge_size", 2)),
+                   patch_size=positive_int("patch_size", cfg.get("patch_size", 14)),
+                   temporal_patch_size=positive_int("temporal_patch_size", cfg.get("temporal_patch_size", 2)),
+                   merge_size=positive_int("merge_size", cfg.get("merge_size", 2)),
                    resample=resample, do_resize=bool(cfg.get("do_resize", True)),
                    do_rescale=bool(cfg.get("do_rescale", True)), rescale_factor=float(rescale_factor),
                    do_normalize=bool(cfg.get("do_normalize", True)),
-                   image_mean=_three_floats("image_mean", cfg.get("image_mean", _OPENAI_CLIP_MEAN)),
+                   image_mean=three_floats("image_mean", cfg.get("image_mean", _OPENAI_CLIP_MEAN)),
                    image_std=image_std)
 
     @property
