@@ -117,7 +117,8 @@ def machine() -> dict:
     except OSError:
         load = float("nan")
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load_avg_1min": load,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def write_json(path: str | None, payload: dict) -> None:
