@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,8 +20,6 @@ import numpy as np
 import torch
 
 from bench.common import print_table, time_call, write_json
-
-log = logging.getLogger("bench.kernels")
 
 
 @dataclass
