@@ -8,9 +8,12 @@ trains the head only (a linear probe). Output: config.json (model_type dinov3_vi
 1: roadwork}), model.safetensors (DINOv3 on-disk names + classifier.weight [2, 2*hidden] / classifier.bias),
 preprocessor_config.json (DINOv3 image processor at --size).
 
-When the data has COCO boxes (annotations.json), an auxiliary linear head on the patch tokens learns which
-patches hold roadwork: dense supervision that teaches a small from-scratch ViT where to look. It is dropped on
-save; the saved model is backbone + classifier only.
+When the data has COCO boxes (annotations.json), an auxiliary linear head on the patch tokens regresses which
+patches hold roadwork (1) and which do not (0): dense supervision that teaches a small from-scratch ViT where to
+look, and, because the regression pins background patches near 0, makes the mean of that patch value, a linear
+function of the mean patch token the saved head reads, count roadwork patches. The auxiliary head is dropped on
+save. Finally the classifier head is refit on frozen features by logistic regression (--refit-head), so it
+uses whatever the backbone learned; the saved model is backbone + classifier only.
 """
 from __future__ import annotations
 
@@ -110,7 +113,7 @@ class TrainingModel(nn.Module):
         self.patch_head = nn.Linear(classifier.backbone.cfg.block.hidden_size, 1)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class logits [B, 2], patch logits [B, patches])."""
+        """(class logits [B, 2], patch roadwork values [B, patches])."""
         seq, _ = self.classifier.backbone(pixels)
         logits = self.classifier.classifier(self.classifier.head_features(seq))
         patches = seq[:, self.classifier.backbone.num_prefix_tokens:]
@@ -142,7 +145,7 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.05
     warmup: float = 0.05        # share of steps
-    aux_weight: float = 0.5     # patch loss weight (0 disables it)
+    aux_weight: float = 4.0     # weight of the per-patch squared error (0 disables it)
     label_smoothing: float = 0.1
     hflip: bool = True
     bf16: bool = True
@@ -223,7 +226,7 @@ def train(model: TrainingModel, pixels: torch.Tensor, labels: torch.Tensor, patc
                 logits, patch_logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             if aux:
-                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(patch_logits.float(), t)
+                loss = loss + cfg.aux_weight * F.mse_loss(patch_logits.float(), t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -243,6 +246,45 @@ def train(model: TrainingModel, pixels: torch.Tensor, labels: torch.Tensor, patc
     bar.close()
     model.eval()
     return history
+
+
+@torch.no_grad()
+def head_features(model: TrainingModel, pixels: torch.Tensor, bf16: bool, batch_size: int = 128) -> torch.Tensor:
+    """[N, 2*hidden] float64: what the classifier head reads (final-norm CLS, mean final-norm patch token)."""
+    model.eval()
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            seq, _ = model.classifier.backbone(pixels[start:start + batch_size].float())
+        out.append(model.classifier.head_features(seq.float()).double())
+    return torch.cat(out)
+
+
+def refit_head(model: TrainingModel, pixels: torch.Tensor, labels: torch.Tensor, bf16: bool,
+               l2: float = 1e-3) -> None:
+    """Replace the classifier head by the L2-regularized logistic regression on frozen head features
+    (standardized for conditioning, folded back into one linear layer; logits +-z/2 give softmax = sigmoid(z))."""
+    x = head_features(model, pixels, bf16)
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / std
+    y = labels.double()
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        weight = w / std
+        bias = b - (weight * mean).sum()
+        head = model.classifier.classifier
+        head.weight.copy_(torch.stack([-weight, weight]).to(head.weight.dtype) / 2)
+        head.bias.copy_(torch.stack([-bias, bias]).to(head.bias.dtype) / 2)
 
 
 def new_model(arch: Architecture, seed: int) -> TrainingModel:
@@ -302,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     ap.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight,
                     help="weight of the per-patch roadwork loss (needs annotations.json; 0 disables)")
+    ap.add_argument("--refit-head", action=argparse.BooleanOptionalAction, default=True,
+                    help="refit the head by logistic regression on frozen features after training (default on)")
     ap.add_argument("--size", type=int, help="input side (default 128 from scratch, 224 with --backbone)")
     ap.add_argument("--hidden", type=int, default=Architecture.hidden_size)
     ap.add_argument("--layers", type=int, default=Architecture.num_hidden_layers)
@@ -356,6 +400,15 @@ def main(argv: Sequence[str] | None = None) -> None:
              int(data.labels.sum()), size, size, sum(p.numel() for p in model.classifier.parameters()) / 1e6,
              "on" if patches is not None else "off")
     history = train(model, pixels, torch.from_numpy(data.labels), patches, cfg, val)
+    if args.refit_head:
+        refit_head(model, pixels, torch.from_numpy(data.labels), cfg.bf16)
+        record = {"refit_head": True,
+                  "train_mcc": round(Confusion.of(data.labels, predict(model, pixels, cfg.bf16)).mcc, 4)}
+        if val is not None:
+            conf = Confusion.of(val[1], predict(model, val[0], cfg.bf16))
+            record.update(val_accuracy=round(conf.accuracy, 4), val_mcc=round(conf.mcc, 4))
+        history.append(record)
+        log.info("%s", json.dumps(record))
     minutes = (time.time() - started) / 60
     extra = {"data": str(args.data), "images": len(data), "seed": args.seed, "minutes": round(minutes, 1),
              "train": {k: v for k, v in asdict(cfg).items() if k != "compile"}, "history": history}

@@ -1,0 +1,89 @@
+"""The bundled default cascade (bundles/default) and the shipped sample images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import DINOv3ViTModel
+
+from kernels.preprocess import PreprocessSpec, preprocess_reference
+from runtime.classifier import load_classifier
+from runtime.config import read_json
+from runtime.decode import decode_image
+from runtime.engine import Engine, image_tensor
+from train.generate import make_sample
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "default"
+SAMPLES = REPO / "samples"
+MAX_BUNDLE_BYTES = 25 * 2 ** 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    engine = Engine.load(BUNDLE)   # the server's defaults: CPU, the engine's dtype choice
+    engine.warmup()
+    return engine
+
+
+def sample_index() -> list[dict]:
+    return json.loads((SAMPLES / "samples.json").read_text())
+
+
+def test_bundle_is_small_and_well_formed():
+    total = sum(p.stat().st_size for p in BUNDLE.rglob("*") if p.is_file())
+    assert total < MAX_BUNDLE_BYTES, f"bundle is {total / 2 ** 20:.1f} MiB"
+    cfg = read_json(BUNDLE / "classifier" / "config.json")
+    assert cfg["model_type"] == "dinov3_vit" and cfg["id2label"] == {"0": "none", "1": "roadwork"}
+
+
+def test_bundle_is_the_one_stage_classifier(engine):
+    # The trained detector did not make the bundle yet (docs/training.md): one classifier stage decides.
+    assert [s["name"] for s in engine.describe()["stages"]] == ["classifier"]
+
+
+def test_samples_are_scored_on_the_right_side(engine):
+    entries = sample_index()
+    assert sorted(e["label"] for e in entries) == [0, 0, 0, 1, 1, 1]
+    results = engine.predict([decode_image((SAMPLES / e["file"]).read_bytes()) for e in entries])
+    for e, r in zip(entries, results):
+        assert (r.prediction > 0.5) == bool(e["label"]), (e["file"], r)
+
+
+def test_samples_come_from_the_generator():
+    for e in sample_index():
+        assert e["file"].startswith("roadwork_" if e["label"] else "none_")
+        made = decode_image(make_sample(e["seed"], e["index"]).jpeg).astype(np.float32)
+        shipped = decode_image((SAMPLES / e["file"]).read_bytes()).astype(np.float32)
+        # the same pixels up to the JPEG codec of the Pillow build
+        assert np.abs(made - shipped).mean() < 1.0, e["file"]
+
+
+def _pixels(model_dir: Path, files: list[Path]) -> torch.Tensor:
+    spec = PreprocessSpec.from_preprocessor_config(read_json(model_dir / "preprocessor_config.json"))
+    out = torch.empty(len(files), 3, spec.height, spec.width)
+    for i, f in enumerate(files):
+        preprocess_reference(image_tensor(decode_image(f.read_bytes())), spec, out[i])
+    return out
+
+
+def test_transformers_reads_the_bundled_checkpoints():
+    files = [SAMPLES / e["file"] for e in sample_index()]
+    pixels = _pixels(BUNDLE / "classifier", files)
+    ours = load_classifier(BUNDLE / "classifier", torch.float32)
+    ref = DINOv3ViTModel.from_pretrained(BUNDLE / "classifier", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        seq, _ = ours.backbone(pixels)
+        ref_seq = ref(pixel_values=pixels).last_hidden_state
+    assert (seq - ref_seq).abs().max() <= 1e-4 * ref_seq.abs().max()
