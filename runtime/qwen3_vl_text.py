@@ -8,6 +8,7 @@ Parameter names equal the checkpoint's under `model.language_model.`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -93,6 +94,8 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor  # (prefill seqs, max blocks) int32, -1 padded
     decode_context_lens: torch.Tensor  # (decode seqs,) int32, including the token being decoded
     decode_block_tables: torch.Tensor  # (decode seqs, max blocks) int32, -1 padded
+    # Planned decode attention (runtime/attention.py), paged_decode's signature.
+    decode_attention: Callable[..., torch.Tensor] = paged_decode
 
 
 class RMSNorm(nn.Module):
@@ -160,8 +163,8 @@ class PagedSelfAttention(nn.Module):
             parts.append(paged_prefill(q[:p], k[:p], v[:p], k_cache, v_cache, meta.prefill_cu_seqlens,
                                        meta.prefill_context_lens, meta.prefill_block_tables, self.scale))
         if n > p:
-            parts.append(paged_decode(q[p:], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                                      self.scale))
+            parts.append(meta.decode_attention(q[p:], k_cache, v_cache, meta.decode_block_tables,
+                                               meta.decode_context_lens, self.scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 

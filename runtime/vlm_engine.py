@@ -45,6 +45,9 @@ class VLMEngineConfig:
     yes_token: str = "Yes"  # the answers score() compares; each must be a single token
     no_token: str = "No"
     seed: int = 0  # for temperature sampling
+    # Decode-only steps padded to batch buckets and captured as CUDA graphs; None: on for CUDA, off elsewhere
+    # (True off CUDA runs the padded buckets eagerly).
+    decode_graphs: bool | None = None
 
 
 @dataclass
@@ -117,7 +120,10 @@ class VLMEngine:
         self.block_manager = BlockManager(kv_cache.shape[2], config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len)
-        self.runner = ModelRunner(model, kv_cache, config.block_size, config.vision_cache_entries)
+        decode_graphs = self.device.type == "cuda" if config.decode_graphs is None else config.decode_graphs
+        self.runner = ModelRunner(model, kv_cache, config.block_size, config.vision_cache_entries,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                                  decode_graphs=decode_graphs)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.score_token_ids: tuple[int, int] | None = None
         if tokenizer is not None:

@@ -2,18 +2,29 @@
 metadata, and the image features of the images whose placeholders are not cached. Returns each sequence's
 last-position logits.
 
+Decode attention goes through a planned backend (runtime/attention.py: flashinfer, Triton or the torch reference).
+With decode graphs on, a decode-only step runs padded to a batch bucket through static buffers (graphs/decode.py),
+captured as CUDA graphs on CUDA; steps with prefills run eagerly.
+
 Vision-tower outputs are kept in a small LRU keyed by image content, so an image whose prompt is only partly
 cached (same image, another question) does not run the vision tower again."""
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
 
+from graphs.decode import DecodeGraphs, decode_inputs
+from graphs.runner import default_buckets
+from runtime.attention import (FLASHINFER_WORKSPACE_BYTES, DecodeAttention, DecodeAttentionSpec, choose_decode_backend,
+                               flashinfer_module, make_decode_attention)
 from runtime.qwen3_vl import Qwen3VL
 from runtime.qwen3_vl_text import AttentionMetadata
 from runtime.scheduler import ScheduledBatch
 from runtime.sequence import ImageInput, Sequence
+
+log = logging.getLogger(__name__)
 
 
 class VisionCache:
@@ -50,13 +61,45 @@ def _block_tables(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3VL, kv_cache: torch.Tensor, block_size: int, vision_cache_entries: int = 16):
+    def __init__(self, model: Qwen3VL, kv_cache: torch.Tensor, block_size: int, vision_cache_entries: int = 16, *,
+                 max_num_seqs: int = 0, max_model_len: int = 0, decode_graphs: bool = False,
+                 attention_backend: str = "auto"):
+        """decode_graphs: decode-only steps of up to max_num_seqs sequences of up to max_model_len tokens run
+        padded to batch buckets, as CUDA graphs on CUDA (captured here) and eagerly elsewhere.
+        attention_backend: "auto" (flashinfer, else Triton on CUDA; the torch reference on CPU) or a name."""
         assert kv_cache.shape[3] == block_size, (tuple(kv_cache.shape), block_size)
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
         self.vision_cache = VisionCache(vision_cache_entries)
+        text = model.cfg.text
+        self.attention_spec = DecodeAttentionSpec(text.num_heads, text.num_kv_heads, text.head_dim, block_size,
+                                                  kv_cache.dtype, text.head_dim ** -0.5)
+        if attention_backend == "auto":
+            attention_backend = choose_decode_backend(self.device, kv_cache.dtype, text.head_dim,
+                                                      flashinfer_module() is not None)
+        self.attention_backend = attention_backend
+        # flashinfer's wrappers share one float workspace (zeroed before first use, as flashinfer asks).
+        self.workspace = (torch.zeros(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+                          if attention_backend == "flashinfer" else None)
+        self.decode_attention = self.new_decode_attention()
+        self.decode_graphs: DecodeGraphs | None = None
+        if decode_graphs:
+            assert max_num_seqs >= 1 and max_model_len >= 1, (max_num_seqs, max_model_len)
+            max_blocks = -(-max_model_len // block_size)
+            self.decode_graphs = DecodeGraphs(
+                model, kv_cache, block_size, max_blocks, default_buckets(max_num_seqs),
+                lambda b: self.new_decode_attention(fixed_batch=b, max_pages=b * max_blocks))
+            self.decode_graphs.capture()
+            log.info("VLM decode: %s attention, batch buckets %s (%s)", attention_backend, self.decode_graphs.buckets,
+                     "CUDA graphs" if self.decode_graphs.graphs.use_cuda_graphs else "eager")
+        else:
+            log.info("VLM decode: %s attention, eager", attention_backend)
+
+    def new_decode_attention(self, fixed_batch: int | None = None, max_pages: int = 0) -> DecodeAttention:
+        return make_decode_attention(self.attention_backend, self.attention_spec, self.workspace, fixed_batch,
+                                     max_pages)
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -90,6 +133,8 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, all_positions: bool = False) -> torch.Tensor:
         """(sequences, vocab) float32 logits at each sequence's last token, prefill sequences first; with
         all_positions, (tokens, vocab) at every token computed (the uncached prompt tokens, then decodes)."""
+        if self.decode_graphs is not None and not batch.prefill and len(batch.decode) <= self.decode_graphs.max_batch:
+            return self.decode_graphs.run(batch.decode)  # a decode step computes only last tokens
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[int] = []
@@ -112,27 +157,24 @@ class ModelRunner:
             context_lens.append(end)
             last_rows.append(len(ids) - 1)
         num_prefill = len(ids)
-        decode_positions = []
-        for seq in batch.decode:
-            i = len(seq) - 1
-            ids.append(seq.last_token_id)
-            # The token being decoded was generated, so it follows the prompt: t = h = w = index + rope delta.
-            assert i >= seq.num_prompt_tokens, (seq.seq_id, i)
-            decode_positions.append(i + seq.rope_delta)
-            slots.extend(self.slots(seq, i, i + 1))
-            last_rows.append(len(ids) - 1)
-        if decode_positions:
-            positions.append(torch.tensor(decode_positions).expand(3, -1))
+        width = max((len(s.block_table) for s in batch.decode), default=1)
+        decode = decode_inputs(batch.decode, self.block_size, len(batch.decode), width)
+        ids.extend(decode.token_ids.tolist())
+        positions.append(decode.positions)
+        last_rows.extend(range(num_prefill, len(ids)))
+        if batch.decode:
+            self.decode_attention.plan(decode.block_tables, decode.context_lens)
 
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev),
+            slot_mapping=torch.cat([torch.tensor(slots, dtype=torch.int64), decode.slot_mapping]).to(dev),
             num_prefill_tokens=num_prefill,
             prefill_cu_seqlens=cu,
             prefill_context_lens=context_lens,
             prefill_block_tables=_block_tables(batch.prefill, dev),
-            decode_context_lens=torch.tensor([len(s) for s in batch.decode], dtype=torch.int32).to(dev),
-            decode_block_tables=_block_tables(batch.decode, dev),
+            decode_context_lens=decode.context_lens.to(dev),
+            decode_block_tables=decode.block_tables.to(dev),
+            decode_attention=self.decode_attention,
         )
         rows = embeds = None
         deepstack: list[torch.Tensor] = []
