@@ -57,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as e:
         log.error("cannot load model from %s: %s", config.model, e)
         return 1
-    return uvloop.run(serve(config, engine))
+    try:
+        return uvloop.run(serve(config, engine))
+    finally:
+        engine.close()  # stops the VLM loop thread, if the bundle has a VLM
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import io
 import logging
 import time
@@ -15,12 +17,13 @@ from PIL import Image
 
 from runtime.decode import ImageDecodeError, decode_image
 from server.batcher import (BatcherClosed, Batcher, Computed, DeadlineExceeded, InferenceFailed, QueueFull,
-                            WorkItem)
+                            StageListener, WorkItem)
 from server.cache import ResultCache, image_key
 from server.config import ServerConfig
 from server.errors import ApiError, error_response, from_http_exception, json_response
 from server.metrics import ServerMetrics
 from server.payload import decode_base64_image, parse_json_object, required_field
+from server.stream import EventStream, Explanation
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("server.requests")
@@ -42,7 +45,8 @@ class Service:
                                self.metrics)
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
-                           engine.stage_states)
+                           engine.stage_states, engine.vlm_stats)
+        self.has_vlm = engine.vlm_stats() is not None
         self.ready = False
         self.warmup_task: asyncio.Task | None = None
 
@@ -96,9 +100,29 @@ class Service:
         self.metrics.decode_latency.observe(took)
         return image, took
 
-    async def predict(self, blobs: list[bytes | ApiError], start: float, deadline: float,
-                      detail: bool) -> list[dict | ApiError]:
+    def cached(self, key: bytes, explain: bool) -> Any | None:
+        """A cached result this request can use: one computed without an explanation does not answer a request
+        that asks for one (it is computed again, and the explained result replaces it)."""
+        if not self.cache.enabled:
+            return None
+        hit = self.cache.get(key)
+        if hit is not None and explain and hit.explanation is None:
+            hit = None
+        if hit is None:
+            self.metrics.cache_misses.inc()
+        else:
+            self.metrics.cache_hits.inc()
+        return hit
+
+    def check_explain(self, explain: bool) -> None:
+        if explain and not self.has_vlm:
+            raise ApiError(400, "explain_unavailable", "explain=1 needs a vlm stage, and this server's bundle has "
+                                                       "none (see GET /v1/models)")
+
+    async def predict(self, blobs: list[bytes | ApiError], start: float, deadline: float, detail: bool,
+                      explain: bool = False) -> list[dict | ApiError]:
         """One answer or one error per image, in order. Raises ApiError only for whole-request failures."""
+        self.check_explain(explain)
         answers: list[dict | ApiError | None] = [None] * len(blobs)
         keys: dict[int, bytes] = {}
         misses: list[int] = []
@@ -107,13 +131,10 @@ class Service:
                 answers[i] = blob
                 continue
             keys[i] = await self.offload(len(blob), image_key, blob)
-            hit = self.cache.get(keys[i]) if self.cache.enabled else None
+            hit = self.cached(keys[i], explain)
             if hit is not None:
-                self.metrics.cache_hits.inc()
-                answers[i] = _answer(hit, True, detail, total_s=time.monotonic() - start)
+                answers[i] = _answer(hit, True, detail, explain, total_s=time.monotonic() - start)
             else:
-                if self.cache.enabled:
-                    self.metrics.cache_misses.inc()
                 misses.append(i)
 
         to_run: list[tuple[int, Any, float]] = []
@@ -130,18 +151,21 @@ class Service:
                     else:
                         to_run.append((i, *outcome))
                 if to_run:
-                    items = self.batcher.submit([image for _, image, _ in to_run], deadline)
+                    items = self.batcher.submit([image for _, image, _ in to_run], deadline, explain)
             finally:
                 self.batcher.release(len(misses) - len(items))  # room of images that will not be queued
 
         if items:
-            await self._await_items(to_run, items, keys, answers, start, deadline, detail)
+            await self._await_items(to_run, items, keys, answers, start, deadline, detail, explain)
         for answer in answers:
-            if isinstance(answer, ApiError):
-                self.metrics.images.labels(answer.code).inc()
-            else:
-                self.metrics.images.labels("cached" if answer["cached"] else "computed").inc()
+            self.count_image(answer)
         return answers
+
+    def count_image(self, answer: dict | ApiError) -> None:
+        if isinstance(answer, ApiError):
+            self.metrics.images.labels(answer.code).inc()
+        else:
+            self.metrics.images.labels("cached" if answer["cached"] else "computed").inc()
 
     def _admit(self, count: int, deadline: float) -> None:
         if count > self.batcher.queue_size:
@@ -154,9 +178,24 @@ class Service:
         except BatcherClosed as e:
             raise ApiError(503, "shutting_down", str(e), {"Retry-After": RETRY_AFTER_S}) from None
 
+    async def submit_one(self, data: bytes, deadline: float,
+                         on_stage: StageListener) -> tuple[WorkItem, np.ndarray, float]:
+        """Admit, decode and queue one image whose stage decisions go to on_stage (the stream endpoint)."""
+        self._admit(1, deadline)
+        items: list[WorkItem] = []
+        try:
+            image, decode_s = await self._decode(data)
+            items = self.batcher.submit([image], deadline, on_stage=on_stage)
+        except ApiError as e:
+            self.count_image(e)
+            raise
+        finally:
+            self.batcher.release(1 - len(items))
+        return items[0], image, decode_s
+
     async def _await_items(self, to_run: list[tuple[int, Any, float]], items: list[WorkItem],
                            keys: dict[int, bytes], answers: list, start: float, deadline: float,
-                           detail: bool) -> None:
+                           detail: bool, explain: bool) -> None:
         try:
             _, pending = await asyncio.wait([item.future for item in items],
                                             timeout=max(0.0, deadline - time.monotonic()))
@@ -170,23 +209,32 @@ class Service:
                 answers[i] = ApiError(504, "deadline_exceeded",
                                       f"no answer within the {self.config.timeout_s:g} s deadline")
                 continue
-            error = item.future.exception()
-            if isinstance(error, DeadlineExceeded):
-                answers[i] = ApiError(504, "deadline_exceeded", str(error))
-            elif isinstance(error, InferenceFailed):
-                answers[i] = ApiError(500, "inference_failed", str(error))
-            elif error is not None:
-                raise error
-            else:
-                computed: Computed = item.future.result()
-                if not computed.result.degraded:  # a degraded answer may improve once the failing stage recovers
-                    self.cache.put(keys[i], computed.result)
-                answers[i] = _answer(computed.result, False, detail, total_s=time.monotonic() - start,
-                                     decode_s=decode_s, queue_s=computed.queue_wait_s,
-                                     compute_s=computed.compute_s)
+            outcome = computed_or_error(item)
+            if isinstance(outcome, ApiError):
+                answers[i] = outcome
+                continue
+            self.remember(keys[i], outcome.result)
+            answers[i] = _answer(outcome.result, False, detail, explain, total_s=time.monotonic() - start,
+                                 decode_s=decode_s, queue_s=outcome.queue_wait_s, compute_s=outcome.compute_s)
+
+    def remember(self, key: bytes, result: Any) -> None:
+        if not result.degraded:  # a degraded answer may improve once the failing stage recovers
+            self.cache.put(key, result)
 
 
-def _answer(result: Any, cached: bool, detail: bool, total_s: float, decode_s: float = 0.0,
+def computed_or_error(item: WorkItem) -> Computed | ApiError:
+    """A finished work item's result, or the API error its failure maps to."""
+    error = item.future.exception()
+    if isinstance(error, DeadlineExceeded):
+        return ApiError(504, "deadline_exceeded", str(error))
+    if isinstance(error, InferenceFailed):
+        return ApiError(500, "inference_failed", str(error))
+    if error is not None:
+        raise error
+    return item.future.result()
+
+
+def _answer(result: Any, cached: bool, detail: bool, explain: bool, total_s: float, decode_s: float = 0.0,
             queue_s: float = 0.0, compute_s: float = 0.0) -> dict:
     answer = {
         "prediction": result.prediction,
@@ -197,7 +245,10 @@ def _answer(result: Any, cached: bool, detail: bool, total_s: float, decode_s: f
         "timings_ms": {"decode": round(decode_s * 1e3, 3), "queue": round(queue_s * 1e3, 3),
                        "compute": round(compute_s * 1e3, 3), "total": round(total_s * 1e3, 3)},
     }
+    if explain or result.explanation is not None:  # the bundle's explain_above rule explains unasked
+        answer["explanation"] = result.explanation
     if detail:
+        answer["tokens"] = result.tokens
         answer["scores"] = dict(result.scores)
         if result.detector_scores:
             answer["detector_scores"] = dict(result.detector_scores)
@@ -231,8 +282,20 @@ def _require_json(request: web.Request) -> None:
                        f"Content-Type {request.content_type!r} is not supported here; send application/json")
 
 
+def _flag(request: web.Request, name: str, default: bool = False) -> bool:
+    """A boolean query parameter: 1/true/yes or 0/false/no; anything else is a 400 naming it."""
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise ApiError(400, "invalid_query", f"query parameter {name}={value!r} must be 1/true/yes or 0/false/no")
+
+
 def _wants_detail(request: web.Request) -> bool:
-    return request.query.get("detail", "0").lower() in ("1", "true", "yes")
+    return _flag(request, "detail")
 
 
 def _extract_single(body: bytes, content_type: str) -> tuple[bytes, dict | None]:
@@ -268,29 +331,141 @@ def _deadline(service: Service, start: float, requested_s: object = None) -> flo
 
 # --- handlers ----------------------------------------------------------------------------------------------
 
-async def predict(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    start = time.monotonic()
+def _require_single_image(request: web.Request) -> str:
     content_type = request.content_type
     if not (_is_json(content_type) or content_type.startswith("image/")
             or content_type == "application/octet-stream"):
         raise ApiError(415, "unsupported_media_type",
                        f"Content-Type {content_type!r} is not supported; send application/json or image/*")
+    return content_type
+
+
+async def predict(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    start = time.monotonic()
+    content_type = _require_single_image(request)
+    detail, explain = _wants_detail(request), _flag(request, "explain")
     body = await request.read()
     data, _ = await service.offload(len(body), _extract_single, body, content_type)
-    [answer] = await service.predict([data], start, _deadline(service, start), _wants_detail(request))
+    [answer] = await service.predict([data], start, _deadline(service, start), detail, explain)
     if isinstance(answer, ApiError):
         raise answer
     return json_response(answer)
+
+
+async def predict_stream(request: web.Request) -> web.StreamResponse:
+    """The /v1/predict body in, text/event-stream out: `stage` events as each stage decides, `token` events while
+    the explanation decodes, then `result`. Failures before the stream opens are JSON errors like /v1/predict's;
+    after, one `error` event ends the stream. A client that leaves cancels its work at once."""
+    service = request.app[SERVICE]
+    start = time.monotonic()
+    content_type = _require_single_image(request)
+    detail, explain = _wants_detail(request), _flag(request, "explain", default=service.has_vlm)
+    service.check_explain(explain)
+    body = await request.read()
+    data, _ = await service.offload(len(body), _extract_single, body, content_type)
+    deadline = _deadline(service, start)
+    key = await service.offload(len(data), image_key, data)
+    hit = service.cached(key, explain)
+    stages: asyncio.Queue[dict | None] = asyncio.Queue()
+    submitted = None if hit is not None else await service.submit_one(
+        data, deadline, lambda stage, p, decided: stages.put_nowait({"stage": stage, "p": p, "decided": decided}))
+    events = EventStream(request)
+    outcome = "completed"
+    try:
+        await events.open()
+        if submitted is None:
+            result, answer = hit, _answer(hit, True, detail, explain, total_s=time.monotonic() - start)
+            if hit.explanation is not None:
+                await events.send("token", {"text": hit.explanation})
+        else:
+            result, answer = await _stream_computed(service, events, key, submitted, stages, start, deadline,
+                                                    detail, explain)
+        answer["tokens"] = result.tokens
+        service.count_image(answer)
+        await events.send("result", answer)
+        await events.close()
+    except ApiError as e:
+        outcome = e.code
+        service.count_image(e)
+        with contextlib.suppress(ConnectionResetError):
+            await events.send("error", e.body())
+    except ConnectionResetError:
+        outcome = "client_disconnected"
+    except asyncio.CancelledError:
+        outcome = "client_disconnected"
+        raise
+    finally:
+        if submitted is not None:
+            service.batcher.abandon(submitted[0], outcome)  # no-op once answered
+        service.metrics.streams.labels(outcome).inc()
+    return events.response
+
+
+async def _stream_computed(service: Service, events: EventStream, key: bytes,
+                           submitted: tuple[WorkItem, np.ndarray, float], stages: asyncio.Queue, start: float,
+                           deadline: float, detail: bool, explain: bool) -> tuple[Any, dict]:
+    """Stage events until the image's batch resolves, then the explanation's tokens; the final ImageResult and
+    its answer."""
+    item, image, decode_s = submitted
+    item.future.add_done_callback(lambda _: stages.put_nowait(None))  # queued after every stage event
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            while (decision := await stages.get()) is not None:
+                await events.send("stage", decision)
+    except TimeoutError:
+        service.batcher.abandon(item, "deadline")
+        raise ApiError(504, "deadline_exceeded", f"no answer within the {service.config.timeout_s:g} s deadline") \
+            from None
+    computed = computed_or_error(item)
+    if isinstance(computed, ApiError):
+        raise computed
+    result = computed.result
+    service.remember(key, result)
+    if result.explanation is not None:  # the bundle's explain_above rule explained it already
+        await events.send("token", {"text": result.explanation})
+    elif explain:
+        result = await _stream_explanation(service, events, key, image, result)
+    return result, _answer(result, False, detail, explain, total_s=time.monotonic() - start, decode_s=decode_s,
+                           queue_s=computed.queue_wait_s, compute_s=computed.compute_s)
+
+
+async def _stream_explanation(service: Service, events: EventStream, key: bytes, image: np.ndarray,
+                              result: Any) -> Any:
+    """Token events from Engine.explain_stream; the result with its explanation and all of its tokens."""
+    idle_s = service.config.timeout_s
+    pieces: list[str] = []
+    try:
+        async with Explanation(service.engine, image, idle_s) as explanation:
+            async for output in explanation:
+                if output.text:
+                    pieces.append(output.text)
+                    await events.send("token", {"text": output.text})
+    except TimeoutError:
+        raise ApiError(504, "explanation_timeout", f"the explanation produced nothing for {idle_s:g} s") from None
+    except (ApiError, ConnectionResetError):
+        raise
+    except Exception as e:
+        log.exception("explanation stream failed")
+        raise ApiError(500, "explanation_failed", f"the vlm stage failed to explain this image: {e}") from None
+    final = explanation.final
+    counts = {"prompt": final.prompt_tokens, "cached": final.cached_tokens, "generated": final.generated_tokens}
+    if result.tokens is not None:  # the VLM scored this image too: both requests' tokens count
+        counts = {kind: counts[kind] + result.tokens[kind] for kind in counts}
+    explained = dataclasses.replace(result, explanation="".join(pieces), tokens=counts)
+    if final.finish_reason != "cancelled":
+        service.remember(key, explained)
+    return explained
 
 
 async def predict_batch(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     start = time.monotonic()
     _require_json(request)
+    detail, explain = _wants_detail(request), _flag(request, "explain")
     body = await request.read()
     blobs = await service.offload(len(body), _extract_batch, body, service.config.max_batch_images)
-    answers = await service.predict(blobs, start, _deadline(service, start), _wants_detail(request))
+    answers = await service.predict(blobs, start, _deadline(service, start), detail, explain)
     return json_response({"results": [a.body() if isinstance(a, ApiError) else a for a in answers]})
 
 
@@ -333,7 +508,8 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    body, content_type = request.app[SERVICE].metrics.render()
+    # Off the event loop: Engine.vlm_stats() waits for the VLM loop thread, which answers between model steps.
+    body, content_type = await asyncio.get_running_loop().run_in_executor(None, request.app[SERVICE].metrics.render)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -395,6 +571,7 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
     app[SERVICE] = service
     app.router.add_post("/v1/predict", predict)
     app.router.add_post("/v1/predict/batch", predict_batch)
+    app.router.add_post("/v1/predict/stream", predict_stream)
     app.router.add_post("/ImageSynapse", image_synapse)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -45,12 +45,17 @@ class InferenceFailed(Exception):
     pass
 
 
+StageListener = Callable[[str, float, bool], None]  # (stage, p, decided), called on the event loop
+
+
 @dataclass(eq=False)
 class WorkItem:
     image: np.ndarray
     deadline: float                     # time.monotonic() after which nobody wants the answer
     enqueued_at: float
     future: asyncio.Future
+    explain: bool = False               # decode an explanation for this image (?explain=1)
+    on_stage: StageListener | None = None  # hears each stage's decision as it happens (the stream endpoint)
     dropped: str | None = None          # why the requester gave up; written on the loop, read by the worker
 
 
@@ -90,6 +95,7 @@ class Batcher:
         # Engine.predict is not thread-safe: exactly one thread calls it (and warmup) for this device.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{engine.device}")
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._closed = False
 
@@ -98,7 +104,8 @@ class Batcher:
 
     def start(self) -> None:
         assert self._task is None
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="batcher")
         self._task.add_done_callback(_log_crash)
 
     async def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -134,12 +141,14 @@ class Batcher:
         self._admitted -= count
         assert self._admitted >= 0, self._admitted
 
-    def submit(self, images: list[np.ndarray], deadline: float) -> list[WorkItem]:
-        """Queue admitted images; they wait for a batch."""
+    def submit(self, images: list[np.ndarray], deadline: float, explain: bool = False,
+               on_stage: StageListener | None = None) -> list[WorkItem]:
+        """Queue admitted images; they wait for a batch. Images of different requests share batches, each keeping
+        its own `explain` and `on_stage`."""
         self.release(len(images))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [WorkItem(image, deadline, now, loop.create_future()) for image in images]
+        items = [WorkItem(image, deadline, now, loop.create_future(), explain, on_stage) for image in images]
         self._queue.extend(items)
         self._wakeup.set()
         return items
@@ -208,15 +217,33 @@ class Batcher:
                 run.live.append(item)
         live = run.live
         if live:
+            explain = [item.explain for item in live]
+            listening = any(item.on_stage is not None for item in live)
             start = time.perf_counter()
             try:
                 # Boxes cost only a post-processing step for detector-decided images; `?detail=1` shows them.
-                run.results = self.engine.predict([item.image for item in live], boxes=True)
+                run.results = self.engine.predict([item.image for item in live], boxes=True,
+                                                  explain=explain if any(explain) else None,
+                                                  on_stage=self._stage_relay(live) if listening else None)
             except Exception as e:  # a model failure fails this batch only; the server keeps serving
                 log.exception("Engine.predict failed on a batch of %d images", len(live))
                 run.error = e
             run.compute_s = time.perf_counter() - start
         return run
+
+    def _stage_relay(self, live: list[WorkItem]) -> Callable[[int, str, float, bool], None]:
+        """Engine.predict reports stage decisions on the worker thread by batch index; each goes to its own
+        request's listener on the event loop. call_soon_threadsafe keeps them ahead of the batch's resolution,
+        which reaches the loop the same way but later."""
+        loop = self._loop
+        assert loop is not None
+
+        def relay(index: int, stage: str, p: float, decided: bool) -> None:
+            listener = live[index].on_stage
+            if listener is not None:
+                loop.call_soon_threadsafe(listener, stage, p, decided)
+
+        return relay
 
     def _resolve(self, run: _BatchRun) -> None:
         m = self.metrics

@@ -1,15 +1,51 @@
 """Prometheus metrics of one app, in a registry of its own (several apps can live in one process, e.g. tests)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
                                ProcessCollector, generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 9.0, 15.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BREAKER_STATES = ("closed", "open", "half_open")
+
+
+class VLMCollector:
+    """The VLM stage's token counters, KV-block and sequence gauges, read from Engine.vlm_stats() at scrape time:
+    the runtime keeps the counts, so nothing is updated per token. A bundle without a VLM exports none."""
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], dict | None] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        if stats is None:
+            return
+        tokens = CounterMetricFamily("roadwork_vlm_tokens", "VLM tokens since start: prompt tokens (cached ones "
+                                     "included), prompt tokens served from the prefix cache, generated tokens",
+                                     labels=["kind"])
+        for kind in ("prompt", "cached", "generated"):
+            tokens.add_metric([kind], stats[f"{kind}_tokens"])
+        yield tokens
+        blocks = GaugeMetricFamily("roadwork_vlm_kv_blocks", "Paged KV-cache blocks in use by sequences, and free "
+                                   "(free blocks may still hold reusable prefix-cache entries)", labels=["state"])
+        blocks.add_metric(["used"], stats["kv_blocks_used"])
+        blocks.add_metric(["free"], stats["kv_blocks_free"])
+        yield blocks
+        prompt = stats["prompt_tokens"]
+        yield GaugeMetricFamily("roadwork_vlm_prefix_cache_hit_ratio",
+                                "Share of VLM prompt tokens served from the prefix cache since start",
+                                value=stats["cached_tokens"] / prompt if prompt else 0.0)
+        sequences = GaugeMetricFamily("roadwork_vlm_sequences", "VLM sequences being computed and waiting for room",
+                                      labels=["state"])
+        sequences.add_metric(["running"], stats["running"])
+        sequences.add_metric(["waiting"], stats["waiting"])
+        yield sequences
+        yield CounterMetricFamily("roadwork_vlm_preemptions", "VLM sequences preempted (recomputed later) because "
+                                  "KV blocks ran out", value=stats["preemptions"])
 
 
 class ServerMetrics:
@@ -54,14 +90,21 @@ class ServerMetrics:
         self.stage_states: Callable[[], dict[str, str]] = dict
         self.warmup_duration = Gauge("roadwork_warmup_duration_seconds", "Time Engine.warmup took",
                                      registry=r)
+        self.streams = Counter("roadwork_streams", "/v1/predict/stream responses once streaming began, by outcome "
+                               "(completed, client_disconnected, or the code of the error event that ended it)",
+                               ["outcome"], registry=r)
+        self.vlm = VLMCollector()
+        r.register(self.vlm)
 
     def track(self, queue_depth: Callable[[], int], cache_entries: Callable[[], int],
-              cache_bytes: Callable[[], int], stage_states: Callable[[], dict[str, str]]) -> None:
+              cache_bytes: Callable[[], int], stage_states: Callable[[], dict[str, str]],
+              vlm_stats: Callable[[], dict | None]) -> None:
         """Gauges read live values at scrape time instead of being updated on every change."""
         self.queue_depth.set_function(queue_depth)
         self.cache_entries.set_function(cache_entries)
         self.cache_bytes.set_function(cache_bytes)
         self.stage_states = stage_states
+        self.vlm.stats = vlm_stats
 
     def render(self) -> tuple[bytes, str]:
         for stage, current in self.stage_states().items():

@@ -1,0 +1,88 @@
+"""Server-sent events for /v1/predict/stream: event framing over an aiohttp StreamResponse, and one
+Engine.explain_stream request seen from the event loop (outputs through a queue, cancelled when left early)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import orjson
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+class EventStream:
+    """text/event-stream: `event: <name>` and one line of JSON `data:` per event. Headers go out on open(); a
+    client that has gone away makes send() raise ConnectionResetError."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        # no-cache and X-Accel-Buffering: proxies (nginx) must pass each event on as it comes, not buffer them.
+        self.response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.response.content_type = "text/event-stream"
+
+    async def open(self) -> None:
+        await self.response.prepare(self.request)
+
+    async def send(self, event: str, data: dict) -> None:
+        await self.response.write(b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+
+    async def close(self) -> None:
+        await self.response.write_eof()
+
+
+class Explanation:
+    """`async with Explanation(engine, image, idle_s) as e: async for out in e: ...` streams one explanation.
+
+    Engine.explain_stream and Engine.cancel block until the VLM loop thread takes the command, so both run on an
+    executor thread. Leaving the block before the last output (client gone, error, timeout) cancels the request
+    and waits until the runtime has freed its KV blocks."""
+
+    def __init__(self, engine: Any, image: np.ndarray, idle_s: float) -> None:
+        self.engine = engine
+        self.image = image
+        self.idle_s = idle_s
+        self.final: Any | None = None  # the output with finished=True, once it came
+        self._loop = asyncio.get_running_loop()
+        self._outputs: asyncio.Queue = asyncio.Queue()
+        self._started: asyncio.Future | None = None
+
+    def _on_output(self, output: Any) -> None:
+        """Called on the VLM loop thread."""
+        self._loop.call_soon_threadsafe(self._outputs.put_nowait, output)
+
+    async def __aenter__(self) -> Explanation:
+        self._started = self._loop.run_in_executor(None, self.engine.explain_stream, self.image, self._on_output)
+        try:
+            await asyncio.shield(self._started)  # a cancel here must still learn the request id, to cancel it
+        except asyncio.CancelledError:
+            await self._cancel()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.final is None:
+            await self._cancel()
+
+    def __aiter__(self) -> Explanation:
+        return self
+
+    async def __anext__(self) -> Any:
+        """The next output; TimeoutError when the runtime sends nothing for idle_s."""
+        if self.final is not None:
+            raise StopAsyncIteration
+        output = await asyncio.wait_for(self._outputs.get(), self.idle_s)
+        if output.finished:
+            self.final = output
+        return output
+
+    async def _cancel(self) -> None:
+        assert self._started is not None
+        try:
+            request_id = await self._started
+        except Exception:
+            return  # explain_stream itself failed: there is no request to cancel
+        cancelled = await self._loop.run_in_executor(None, self.engine.cancel, request_id)
+        log.debug("explanation request %d cancelled (%s)", request_id, "freed" if cancelled else "already done")
