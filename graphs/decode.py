@@ -108,9 +108,10 @@ class DecodeGraphs:
         """Run every bucket once and, on CUDA, capture its graph; all rows are padding, so the KV cache is not
         written. pool: a torch.cuda.graph_pool_handle() shared with other graphs of the device, or a new one."""
         padding = decode_inputs([], self.block_size, self.max_batch, self.width)
-        self._load(padding)
-        for b in self.buckets[:-1]:
-            self.attention[b].plan(padding.block_tables[:b], padding.context_lens[:b])
+        with self.graphs.on_device():
+            self._load(padding)
+            for b in self.buckets[:-1]:
+                self.attention[b].plan(padding.block_tables[:b], padding.context_lens[:b])
         self.graphs.warmup(pool)
 
     @torch.inference_mode()
@@ -118,7 +119,8 @@ class DecodeGraphs:
         """(len(seqs), vocab) float32 logits of one decode step (a copy: the static outputs are reused)."""
         n = len(seqs)
         b = self.graphs.bucket_for(n)
-        self._load(decode_inputs(seqs, self.block_size, b, self.width))
+        with self.graphs.on_device():  # flashinfer plans on the current device's stream
+            self._load(decode_inputs(seqs, self.block_size, b, self.width))
         logits, = self.graphs.replay(b)
         self.steps[b] += 1
         return logits[:n].clone()
