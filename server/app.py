@@ -449,12 +449,16 @@ async def _stream_explanation(service: Service, events: EventStream, key: bytes,
         log.exception("explanation stream failed")
         raise ApiError(500, "explanation_failed", f"the vlm stage failed to explain this image: {e}") from None
     final = explanation.final
+    if final.finish_reason == "error":
+        raise ApiError(500, "explanation_failed", "the vlm stage failed while explaining this image; see the server "
+                                                  "log")
+    if final.finish_reason == "cancelled":  # not by us: the engine was closed under the stream
+        raise ApiError(503, "shutting_down", "the vlm stage stopped before the explanation finished")
     counts = {"prompt": final.prompt_tokens, "cached": final.cached_tokens, "generated": final.generated_tokens}
     if result.tokens is not None:  # the VLM scored this image too: both requests' tokens count
         counts = {kind: counts[kind] + result.tokens[kind] for kind in counts}
     explained = dataclasses.replace(result, explanation="".join(pieces), tokens=counts)
-    if final.finish_reason != "cancelled":
-        service.remember(key, explained)
+    service.remember(key, explained)
     return explained
 
 

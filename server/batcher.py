@@ -257,9 +257,12 @@ class Batcher:
             return
         m.batch_size.observe(len(run.live))
         m.compute_latency.observe(run.compute_s)
-        per_image_s = run.compute_s / len(run.live)
-        self.image_cost_s = per_image_s if self.image_cost_s is None else \
-            self.image_cost_s + COST_SMOOTHING * (per_image_s - self.image_cost_s)
+        # Admission estimates what images cost to score. A batch that also decoded explanations took far longer;
+        # counting it would refuse plain requests for a while after every ?explain=1.
+        if not any(result.explanation is not None for result in run.results):
+            per_image_s = run.compute_s / len(run.live)
+            self.image_cost_s = per_image_s if self.image_cost_s is None else \
+                self.image_cost_s + COST_SMOOTHING * (per_image_s - self.image_cost_s)
         if run.error is not None:
             for item in run.live:
                 if not item.future.done() and item.dropped is None:

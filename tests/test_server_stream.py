@@ -173,7 +173,10 @@ def test_explain_on_predict_and_batch_and_the_cache(engine, bundle):
                 return body
 
             plain = await answer("/v1/predict?detail=1", {"image": b64(first)})
+            cost_s = s.service.batcher.image_cost_s
             explained = await answer("/v1/predict?explain=1", {"image": b64(first)})  # the cached answer lacks it
+            # Decoding an explanation is not what scoring an image costs: admission's estimate ignores it.
+            assert s.service.batcher.image_cost_s == cost_s
             again = await answer("/v1/predict?explain=true", {"image": b64(first)})
             unasked = await answer("/v1/predict", {"image": b64(first)})
             batch = await answer("/v1/predict/batch?explain=1&detail=1", {"images": [b64(first), b64(second)]})
@@ -223,6 +226,27 @@ def test_vlm_metrics_follow_the_runtime(engine, bundle):
         pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
     check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_engine_closed_under_a_stream_ends_it_with_an_error_event(bundle):
+    closing = Engine.load(bundle, "cpu", "float32", max_batch=4)
+
+    async def scenario():
+        async with serving(closing, bundle, cache_entries=0) as s:
+            async with s.client.post(s.url + "/v1/predict/stream", data=jpeg(10),
+                                     headers={"Content-Type": "image/jpeg"}) as response:
+                first = await read_events(response, until="token")
+                await asyncio.get_running_loop().run_in_executor(None, closing.close)
+                return first, await read_events(response)
+
+    try:
+        first, rest = asyncio.run(scenario())
+    finally:
+        closing.close()
+    assert first[-1][0] == "token"
+    assert rest[-1] == ("error", {"error": {"code": "shutting_down",
+                                            "message": "the vlm stage stopped before the explanation finished"}})
+    assert {name for name, _ in rest[:-1]} <= {"token"}
 
 
 # --- a bundle without a VLM: one stage event, no explanation; errors before and after the stream opens ---------
