@@ -395,6 +395,11 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         outcome = "client_disconnected"
         raise
+    except Exception:  # the headers are gone: the middleware's JSON 500 cannot be sent any more
+        log.exception("unhandled error on %s %s after its event stream opened", request.method, request.path)
+        outcome = "internal_error"
+        with contextlib.suppress(ConnectionResetError):
+            await events.send("error", ApiError(500, outcome, "internal server error; see the server log").body())
     finally:
         if submitted is not None:
             service.batcher.abandon(submitted[0], outcome)  # no-op once answered
