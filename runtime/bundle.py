@@ -1,7 +1,8 @@
 """cascade.toml: the stages of a cascade, in order, and the models each one uses (docs/bundle.md lists every key).
 
-Parsing only checks the file itself (known keys, types, ranges, model directories present); the cascade checks
-what needs the models (label names, input sizes). Every error names the file, the stage and the key."""
+Parsing only checks the file itself (known keys, types, ranges, model directories present, stage order); the
+cascade checks what needs the models (label names, input sizes, memory). Every error names the file, the stage and
+the key."""
 from __future__ import annotations
 
 import tomllib
@@ -45,9 +46,32 @@ class DetectorStageSpec:
     time_budget_ms: float | None = None  # a call slower than this counts as a failure; None: no budget
     failure_threshold: int = 3
     cooldown_s: float = 30.0
+    exit_below: float | None = None  # voted p < exit_below or p > exit_above: decided here; else on to the VLM
+    exit_above: float | None = None  # (set iff a vlm stage follows)
 
 
-StageSpec = Union[ClassifierStageSpec, DetectorStageSpec]
+@dataclass(frozen=True)
+class VLMStageSpec:
+    """Last stage: a Qwen3-VL answers the prompt for the images still undecided; P(roadwork) is
+    P(yes) / (P(yes) + P(no)) of its next token. It also writes explanations (runtime/vlm_stage.py)."""
+    name: str
+    model: Path
+    prompt: str = "Is there roadwork in this image? Answer Yes or No."
+    yes_token: str = "Yes"  # single tokens of the model's tokenizer
+    no_token: str = "No"
+    explain_prompt: str = "Describe the roadwork you see, briefly."
+    explain_above: float = 1.0  # explain every image whose final p > this; 1.0: only images asked for
+    max_explain_tokens: int = 48
+    device: str | None = None
+    kv_cache_gb: float = 1.0  # GiB for the paged KV cache
+    max_num_seqs: int = 32  # sequences in one engine step
+    time_budget_ms: float | None = None  # as for the detectors stage, per scoring call
+    failure_threshold: int = 3
+    cooldown_s: float = 30.0
+
+
+StageSpec = Union[ClassifierStageSpec, DetectorStageSpec, VLMStageSpec]
+KIND_ORDER = ("classifier", "detectors", "vlm")  # a cascade is these kinds in this order, each at most once
 
 
 @dataclass(frozen=True)
@@ -108,10 +132,7 @@ def model_dir(root: Path, table: Table) -> Path:
     return path
 
 
-def parse_classifier_stage(root: Path, table: Table, has_next: bool) -> ClassifierStageSpec:
-    name = table.get("name", str, "classifier")
-    model = model_dir(root, table)
-    device = table.get("device", str, None)
+def exit_thresholds(table: Table, has_next: bool) -> tuple[float | None, float | None]:
     below = table.number("exit_below", None if not has_next else REQUIRED, 0.0, 1.0)
     above = table.number("exit_above", None if not has_next else REQUIRED, 0.0, 1.0)
     if not has_next and (below is not None or above is not None):
@@ -119,6 +140,29 @@ def parse_classifier_stage(root: Path, table: Table, has_next: bool) -> Classifi
                              f"but this is the last stage")
     if has_next and below > above:
         raise ModelLoadError(f"{table.where}: exit_below ({below}) must not exceed exit_above ({above})")
+    return below, above
+
+
+def positive_int(table: Table, key: str, default: int) -> int:
+    value = table.get(key, int, default)
+    if value < 1:
+        raise ModelLoadError(f"{table.where}: key '{key}' must be >= 1, got {value}")
+    return value
+
+
+def breaker_keys(table: Table) -> tuple[float | None, int, float]:
+    """time_budget_ms, failure_threshold, cooldown_s: the same keys and meaning on every guarded stage."""
+    budget = table.number("time_budget_ms", None, 0.0, float("inf"))
+    threshold = positive_int(table, "failure_threshold", 3)
+    cooldown = table.number("cooldown_s", 30.0, 0.0, float("inf"))
+    return budget, threshold, cooldown
+
+
+def parse_classifier_stage(root: Path, table: Table, has_next: bool) -> ClassifierStageSpec:
+    name = table.get("name", str, "classifier")
+    model = model_dir(root, table)
+    device = table.get("device", str, None)
+    below, above = exit_thresholds(table, has_next)
     return ClassifierStageSpec(name, model, device, below, above)
 
 
@@ -142,11 +186,8 @@ def parse_detector_stage(root: Path, table: Table, has_next: bool) -> DetectorSt
     device = table.get("device", str, None)
     majority = table.number("majority", 2 / 3, 0.0, 1.0, low_open=True)
     classifier_weight = table.number("classifier_weight", 0.0, 0.0, float("inf"))
-    budget = table.number("time_budget_ms", None, 0.0, float("inf"))
-    threshold = table.get("failure_threshold", int, 3)
-    if threshold < 1:
-        raise ModelLoadError(f"{table.where}: key 'failure_threshold' must be >= 1, got {threshold}")
-    cooldown = table.number("cooldown_s", 30.0, 0.0, float("inf"))
+    budget, threshold, cooldown = breaker_keys(table)
+    below, above = exit_thresholds(table, has_next)
     entries = table.get("detector", list)
     if not entries or not all(isinstance(e, dict) for e in entries):
         raise ModelLoadError(f"{table.where}: needs at least one [[stage.detector]] table")
@@ -159,17 +200,66 @@ def parse_detector_stage(root: Path, table: Table, has_next: bool) -> DetectorSt
     if classifier_weight + sum(d.weight for d in detectors) <= 0:
         raise ModelLoadError(f"{table.where}: every voter has weight 0 (classifier_weight and all detector "
                              f"weights); at least one must be positive")
-    if has_next:
-        raise ModelLoadError(f"{table.where}: a detectors stage decides every image it gets, so it must be the "
-                             f"last stage")
-    return DetectorStageSpec(name, tuple(detectors), device, majority, classifier_weight, budget, threshold, cooldown)
+    return DetectorStageSpec(name, tuple(detectors), device, majority, classifier_weight, budget, threshold, cooldown,
+                             below, above)
+
+
+def nonempty_str(table: Table, key: str, default: str) -> str:
+    value = table.get(key, str, default)
+    if not value.strip():
+        raise ModelLoadError(f"{table.where}: key '{key}' must not be empty")
+    return value
+
+
+def parse_vlm_stage(root: Path, table: Table, has_next: bool) -> VLMStageSpec:
+    assert not has_next, "read_bundle keeps the vlm stage last"
+    defaults = VLMStageSpec("", Path())
+    name = table.get("name", str, "vlm")
+    model = model_dir(root, table)
+    prompt = nonempty_str(table, "prompt", defaults.prompt)
+    yes_token = nonempty_str(table, "yes_token", defaults.yes_token)
+    no_token = nonempty_str(table, "no_token", defaults.no_token)
+    if yes_token == no_token:
+        raise ModelLoadError(f"{table.where}: keys 'yes_token' and 'no_token' must differ, both are {yes_token!r}")
+    explain_prompt = nonempty_str(table, "explain_prompt", defaults.explain_prompt)
+    explain_above = table.number("explain_above", defaults.explain_above, 0.0, 1.0)
+    max_explain_tokens = positive_int(table, "max_explain_tokens", defaults.max_explain_tokens)
+    device = table.get("device", str, None)
+    kv_cache_gb = table.number("kv_cache_gb", defaults.kv_cache_gb, 0.0, float("inf"), low_open=True,
+                               high_open=True)
+    max_num_seqs = positive_int(table, "max_num_seqs", defaults.max_num_seqs)
+    budget, threshold, cooldown = breaker_keys(table)
+    return VLMStageSpec(name, model, prompt, yes_token, no_token, explain_prompt, explain_above, max_explain_tokens,
+                        device, kv_cache_gb, max_num_seqs, budget, threshold, cooldown)
 
 
 # kind -> (parser, keys). A new stage kind is one more spec dataclass, parser and entry here.
 STAGE_KINDS = {
     "classifier": (parse_classifier_stage, keys_of(ClassifierStageSpec, extra=("kind",))),
     "detectors": (parse_detector_stage, keys_of(DetectorStageSpec, {"detectors": "detector"}, ("kind",))),
+    "vlm": (parse_vlm_stage, keys_of(VLMStageSpec, extra=("kind",))),
 }
+assert tuple(STAGE_KINDS) == KIND_ORDER
+
+
+def check_order(path: Path, raw_stages: list[dict]) -> None:
+    """Classifier first (and only first), then optionally detectors, then optionally the VLM, which is last."""
+    kinds = []
+    for i, raw in enumerate(raw_stages):
+        where = f"{path} stage {i + 1}"
+        kind = Table(raw, where, tuple(raw)).get("kind", str)
+        if kind not in STAGE_KINDS:
+            raise ModelLoadError(f"{where}: kind '{kind}' is not supported (supported: {', '.join(STAGE_KINDS)})")
+        kinds.append(kind)
+    for i, kind in enumerate(kinds):
+        if (i == 0) != (kind == "classifier"):
+            raise ModelLoadError(f"{path} stage {i + 1}: kind '{kind}' here, but the first stage, and only it, must "
+                                 f"be a classifier")
+        if i and KIND_ORDER.index(kind) <= KIND_ORDER.index(kinds[i - 1]):
+            before = kinds[i - 1]
+            rule = "must be the last stage" if before == "vlm" else "must be the last stage or followed by a vlm stage"
+            raise ModelLoadError(f"{path} stage {i} ('{raw_stages[i - 1].get('name', before)}'): a {before} stage "
+                                 f"{rule}, but stage {i + 1} is kind '{kind}'")
 
 
 def read_bundle(root: str | Path) -> Bundle:
@@ -184,17 +274,12 @@ def read_bundle(root: str | Path) -> Bundle:
     raw_stages = Table(data, str(path), ("stage",)).get("stage", list)
     if not raw_stages or not all(isinstance(s, dict) for s in raw_stages):
         raise ModelLoadError(f"{path}: needs at least one [[stage]] table")
+    check_order(path, raw_stages)
     stages: list[StageSpec] = []
     for i, raw in enumerate(raw_stages):
-        where = f"{path} stage {i + 1}"
-        kind = Table(raw, where, tuple(raw)).get("kind", str)
-        if kind not in STAGE_KINDS:
-            raise ModelLoadError(f"{where}: kind '{kind}' is not supported (supported: {', '.join(STAGE_KINDS)})")
-        if (i == 0) != (kind == "classifier"):
-            raise ModelLoadError(f"{where}: kind '{kind}' here, but the first stage, and only it, must be "
-                                 f"a classifier")
+        kind = raw["kind"]
         parse, known = STAGE_KINDS[kind]
-        table = Table(raw, f"{where} ('{raw.get('name', kind)}')", known)
+        table = Table(raw, f"{path} stage {i + 1} ('{raw.get('name', kind)}')", known)
         stages.append(parse(root, table, has_next=i + 1 < len(raw_stages)))
     names = [s.name for s in stages]
     if len(set(names)) != len(names):

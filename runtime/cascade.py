@@ -1,4 +1,5 @@
-"""The stage pipeline: classifier for every image, detectors + vote for the images the classifier left undecided.
+"""The stage pipeline: classifier for every image, detectors + vote for the images the classifier left undecided,
+a VLM (runtime/vlm_stage.py) for the images still undecided.
 
 Per chunk of at most max_batch images (CUDA: each segment is one captured graph per batch bucket):
 
@@ -9,8 +10,12 @@ Per chunk of at most max_batch images (CUDA: each segment is one captured graph 
   host      detectors with their own backbone: preprocess the routed images into their own static batch
   segment 2 gather routed rows by the index list -> each detector (shared backbone: from the kept layers and
             the classifier's pixels; else its own backbone) -> roadwork logits -> vote kernel
-  host      read the answers; a later stage that raised, overran its time budget, or whose breaker is open
-            leaves its images with the previous stage's answer, marked degraded
+  host      read the answers; with a VLM after the detectors, the detectors' exit thresholds pick the images
+            that go on
+  vlm       the VLM's loop thread scores the images that reached it (one prefill each, continuous batching),
+            then explains the images asked for or above explain_above
+  host      a later stage that raised, overran its time budget, or whose breaker is open leaves its images with
+            the previous stage's answer, marked degraded
 
 Backbone sharing: a detector reads the classifier's backbone when both are DINOv3 with equal configs, their
 loaded backbone tensors hash equal, both preprocess images identically (so the input sizes agree: DEIMv2's
@@ -33,12 +38,13 @@ from kernels.preprocess import PreprocessSpec, preprocess_into
 from kernels.route import route
 from kernels.vote import vote
 from runtime.breaker import Breaker
-from runtime.bundle import Bundle, ClassifierStageSpec, DetectorSpec, DetectorStageSpec
+from runtime.bundle import Bundle, ClassifierStageSpec, DetectorSpec, DetectorStageSpec, VLMStageSpec
 from runtime.classifier import Classifier, load_classifier
 from runtime.config import read_json
 from runtime.deimv2 import Deimv2Detector
 from runtime.dinov3 import DINOv3ViT
 from runtime.errors import ModelLoadError
+from runtime.vlm_stage import VLMStage
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +68,19 @@ class ImageResult:
     degraded: bool = False  # a later stage failed and an earlier stage's answer stands
     detector_scores: dict[str, float] = field(default_factory=dict)  # each detector's roadwork confidence
     boxes: list[Box] | None = None  # roadwork boxes above threshold, when asked for and the detectors ran
+    tokens: dict[str, int] | None = None  # VLM {"prompt", "cached", "generated"} tokens; None if it did not see it
+    explanation: str | None = None  # the VLM's explanation, when asked for or above the stage's explain_above
 
 
 @dataclass
 class StageAnswer:
     prediction: float
-    detector_scores: dict[str, float]
-    boxes: list[Box] | None
+    detector_scores: dict[str, float] = field(default_factory=dict)
+    boxes: list[Box] | None = None
+    tokens: dict[str, int] | None = None
+
+
+OnStage = Callable[[int, str, float, bool], None]  # (image index, stage name, p, decided here)
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -181,6 +193,7 @@ class DetectorStage:
     def __init__(self, spec: DetectorStageSpec, detectors: list[LoadedDetector], first: ClassifierStage,
                  device: torch.device, dtype: torch.dtype, max_batch: int):
         self.spec, self.name, self.detectors, self.first, self.device = spec, spec.name, detectors, first, device
+        self.routes = spec.exit_below is not None  # a VLM follows
         self.breaker = Breaker(spec.name, spec.failure_threshold, spec.cooldown_s)
         self.time_budget_s = None if spec.time_budget_ms is None else spec.time_budget_ms / 1000
         self.fault_hook: Callable[[], None] | None = None  # tests: raise here to make the stage fail
@@ -246,6 +259,10 @@ class DetectorStage:
         return [StageAnswer(p, {d.spec.name: s for d, s in zip(self.detectors, row)}, b)
                 for p, row, b in zip(probs, conf, boxes)]
 
+    def goes_on(self, p: float) -> bool:
+        """Strict comparisons, as the route kernel's: a p equal to a threshold, or NaN, goes on."""
+        return self.routes and not (p < self.spec.exit_below or p > self.spec.exit_above)
+
     def boxes(self, routed: list[int], images: list[torch.Tensor]) -> list[list[Box]]:
         out: list[list[Box]] = [[] for _ in routed]
         c = len(routed)
@@ -264,7 +281,7 @@ class DetectorStage:
         return out
 
     def describe(self) -> dict:
-        return {
+        out = {
             "name": self.name, "kind": "detectors", "device": str(self.device), "majority": self.spec.majority,
             "classifier_weight": self.spec.classifier_weight, "time_budget_ms": self.spec.time_budget_ms,
             "breaker": self.breaker.state,
@@ -273,6 +290,9 @@ class DetectorStage:
                            "box_threshold": d.spec.box_threshold, "shared_backbone": d.shared,
                            "input_size": [d.preprocess.height, d.preprocess.width]} for d in self.detectors],
         }
+        if self.routes:
+            out.update(exit_below=self.spec.exit_below, exit_above=self.spec.exit_above)
+        return out
 
 
 def load_detector(spec: DetectorSpec, where: str, dtype: torch.dtype, device: torch.device) -> LoadedDetector:
@@ -329,15 +349,16 @@ class Cascade:
         self.bundle = bundle
         first_spec, *later_specs = bundle.stages
         assert isinstance(first_spec, ClassifierStageSpec)
+        toml = bundle.root / "cascade.toml"
         classifier = load_classifier(first_spec.model, dtype, devices[0])
         preprocess = read_preprocess(first_spec.model)
-        digest = backbone_digest(classifier.backbone) if later_specs else None
+        detector_specs = [(i, s) for i, s in enumerate(later_specs, start=1) if isinstance(s, DetectorStageSpec)]
+        digest = backbone_digest(classifier.backbone) if detector_specs else None
         loaded: list[list[LoadedDetector]] = []
-        for i, spec in enumerate(later_specs, start=1):
-            assert isinstance(spec, DetectorStageSpec), type(spec)
+        for i, spec in detector_specs:
             group = []
             for j, det in enumerate(spec.detectors, start=1):
-                where = f"{bundle.root / 'cascade.toml'} stage {i + 1} ('{spec.name}') detector {j} ('{det.name}')"
+                where = f"{toml} stage {i + 1} ('{spec.name}') detector {j} ('{det.name}')"
                 d = load_detector(det, where, dtype, devices[i])
                 why_not = share_backbone(d, classifier, preprocess, digest, devices[i] == devices[0])
                 log.info("detector '%s': %s", det.name, "shares the classifier's backbone" if why_not is None
@@ -347,26 +368,44 @@ class Cascade:
         keep = tuple(sorted({layer for group in loaded for d in group if d.shared for layer in d.model.hidden_layers}))
         self.first = ClassifierStage(first_spec, classifier, preprocess, devices[0], dtype, max_batch,
                                      routes=bool(later_specs), keep_layers=keep)
-        self.later = [DetectorStage(spec, group, self.first, devices[i], dtype, max_batch)
-                      for i, (spec, group) in enumerate(zip(later_specs, loaded), start=1)]
+        self.later: list[DetectorStage | VLMStage] = [
+            DetectorStage(spec, group, self.first, devices[i], dtype, max_batch)
+            for (i, spec), group in zip(detector_specs, loaded)]
+        self.vlm: VLMStage | None = None
+        if later_specs and isinstance(later_specs[-1], VLMStageSpec):
+            # Last, so that its memory check sees what the vision stages already hold on a shared device.
+            i, spec = len(later_specs), later_specs[-1]
+            self.vlm = VLMStage(spec, f"{toml} stage {i + 1} ('{spec.name}')", devices[i], dtype)
+            self.later.append(self.vlm)
 
     def warmup(self) -> None:
         """Every bucket of every segment once; on CUDA the captures of one device share a memory pool, which is
-        safe in any replay order because segments keep everything they hand on in static buffers."""
+        safe in any replay order because segments keep everything they hand on in static buffers. Then the VLM."""
         pools: dict[torch.device, tuple] = {}
-        for segment in [self.first.runner] + [stage.graphs for stage in self.later]:
+        segments = [self.first.runner] + [stage.graphs for stage in self.later if isinstance(stage, DetectorStage)]
+        for segment in segments:
             if segment.use_cuda_graphs and segment.device not in pools:
                 with segment.on_device():
                     pools[segment.device] = torch.cuda.graph_pool_handle()
             segment.warmup(pools.get(segment.device))
+        if self.vlm is not None:
+            self.vlm.warmup()
 
     def chunks(self, n: int) -> list[tuple[int, int]]:
         return self.first.runner.chunks(n)
 
-    def run(self, images: list[np.ndarray], want_boxes: bool = False) -> list[ImageResult]:
-        """One chunk (at most max_batch images) through every stage."""
+    def run(self, images: list[np.ndarray], want_boxes: bool = False, explain: list[bool] | None = None,
+            on_stage: OnStage | None = None) -> list[ImageResult]:
+        """One chunk (at most max_batch images) through every stage. `explain`: per image, ask the VLM for an
+        explanation; `on_stage` is called once per image per stage it reached, as soon as that stage answered."""
+        n = len(images)
         on_device = self.first.load(images)
-        pending = self.first.run(len(images))
+        pending = self.first.run(n)
+        probs = self.first.prob[:n].tolist()
+        if on_stage is not None:
+            going = set(pending)
+            for i, p in enumerate(probs):
+                on_stage(i, self.first.name, p, i not in going)
         answers: dict[int, list[tuple[str, StageAnswer]]] = {i: [] for i in pending}
         degraded: set[int] = set()
         for stage in self.later:
@@ -376,32 +415,63 @@ class Cascade:
             if got is None:
                 degraded.update(pending)
                 break
+            going_on = {i for i, answer in zip(pending, got) if stage_goes_on(stage, answer.prediction)}
             for i, answer in zip(pending, got):
                 answers[i].append((stage.name, answer))
-            pending = []  # a detectors stage decides every image it gets
-        probs = self.first.prob[:len(images)].tolist()
+                if on_stage is not None:
+                    on_stage(i, stage.name, answer.prediction, i not in going_on)
+            pending = [i for i in pending if i in going_on]
         results = []
         for i, p in enumerate(probs):
             scores = {self.first.name: p}
-            stage, prediction, detector_scores, boxes = self.first.name, p, {}, None
+            result = ImageResult(p, "", self.first.name, scores, i in degraded)
             for name, answer in answers.get(i, []):
                 scores[name] = answer.prediction
-                stage, prediction = name, answer.prediction
-                detector_scores.update(answer.detector_scores)
-                boxes = answer.boxes
-            results.append(ImageResult(prediction, "roadwork" if prediction > 0.5 else "none", stage, scores,
-                                       i in degraded, detector_scores, boxes))
+                result.stage, result.prediction = name, answer.prediction
+                result.detector_scores.update(answer.detector_scores)
+                result.boxes = answer.boxes if answer.boxes is not None else result.boxes
+                result.tokens = answer.tokens if answer.tokens is not None else result.tokens
+            result.label = "roadwork" if result.prediction > 0.5 else "none"
+            results.append(result)
+        if self.vlm is not None:
+            self.explain(results, images, explain)
         return results
 
+    def explain(self, results: list[ImageResult], images: list[np.ndarray], explain: list[bool] | None) -> None:
+        """Explanations of the images asked for and of those whose final p > explain_above, under the VLM's
+        breaker (no time budget: decoding takes longer than scoring). A failure leaves explanation None."""
+        vlm = self.vlm
+        wanted = [i for i, r in enumerate(results)
+                  if (explain is not None and explain[i]) or r.prediction > vlm.spec.explain_above]
+        if not wanted or not vlm.breaker.allow():
+            return
+        try:
+            answers = vlm.explain([image_tensor(images[i]) for i in wanted])
+        except Exception:
+            log.exception("stage '%s' failed to explain %d image(s); they go without an explanation", vlm.name,
+                          len(wanted))
+            vlm.breaker.record_failure()
+            return
+        vlm.breaker.record_success()
+        for i, answer in zip(wanted, answers):
+            r = results[i]
+            r.explanation = answer.text
+            before = r.tokens or dict.fromkeys(answer.tokens, 0)
+            r.tokens = {k: before[k] + v for k, v in answer.tokens.items()}
+
     @staticmethod
-    def call(stage: DetectorStage, pending: list[int], images: list[torch.Tensor],
+    def call(stage: DetectorStage | VLMStage, pending: list[int], images: list[torch.Tensor],
              want_boxes: bool) -> list[StageAnswer] | None:
-        """Run a later stage under its breaker and time budget; None when its answers cannot be used."""
+        """Run a later stage on the `pending` rows of the chunk (`images`: the chunk's images on the first stage's
+        device) under its breaker and time budget; None when its answers cannot be used."""
         if not stage.breaker.allow():
             return None
         start = time.perf_counter()
         try:
-            answers = stage.run(pending, images, want_boxes)
+            if isinstance(stage, VLMStage):  # it moves the images to its own device as it preprocesses them
+                answers = [StageAnswer(a.p, tokens=a.tokens) for a in stage.score([images[i] for i in pending])]
+            else:
+                answers = stage.run(pending, images, want_boxes)
         except Exception:
             log.exception("stage '%s' failed on %d image(s); they keep the previous stage's answer",
                           stage.name, len(pending))
@@ -414,10 +484,15 @@ class Cascade:
             stage.breaker.record_failure()
             return None
         stage.breaker.record_success()
+        assert len(answers) == len(pending), (stage.name, len(answers), len(pending))
         return answers
 
     def stage_states(self) -> dict[str, str]:
         return {stage.name: stage.breaker.state for stage in self.later}
+
+    def close(self) -> None:
+        if self.vlm is not None:
+            self.vlm.close()
 
     def describe(self) -> list[dict]:
         labels = self.first.model.labels
@@ -429,3 +504,8 @@ class Cascade:
         if self.later:
             first.update(exit_below=spec.exit_below, exit_above=spec.exit_above)
         return [first] + [stage.describe() for stage in self.later]
+
+
+def stage_goes_on(stage: DetectorStage | VLMStage, p: float) -> bool:
+    """Does an image this stage answered go on to the next stage? The VLM decides every image it gets."""
+    return isinstance(stage, DetectorStage) and stage.goes_on(p)

@@ -1,21 +1,25 @@
 """The runtime object a server calls: decoded images in, P(roadwork) per image out.
 
 Engine.load takes a bundle directory (cascade.toml: classifier, then detectors that vote on what the classifier
-left undecided; docs/bundle.md) or a single Hugging Face classifier directory (a one-stage cascade), and runs
-it through runtime/cascade.py."""
+left undecided, then a VLM for what is still undecided; docs/bundle.md) or a single Hugging Face classifier
+directory (a one-stage cascade), and runs it through runtime/cascade.py."""
 from __future__ import annotations
 
 import threading
+from functools import partial
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from runtime.bundle import Bundle, load_bundle
-from runtime.cascade import Box, Cascade, ImageResult, image_tensor
+from runtime.cascade import Box, Cascade, ImageResult, OnStage, image_tensor
 from runtime.errors import ModelLoadError
+from runtime.vlm_stage import VLMOutput, VLMStage
 
-__all__ = ["Box", "Engine", "ImageResult", "cpu_has_bf16", "image_tensor", "resolve_device", "resolve_dtype"]
+__all__ = ["Box", "Engine", "ImageResult", "VLMOutput", "cpu_has_bf16", "image_tensor", "resolve_device",
+           "resolve_dtype"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -57,7 +61,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class Engine:
-    """Not safe for concurrent callers: one worker thread calls predict (a lock enforces it)."""
+    """One worker thread calls predict (a lock enforces it). explain_stream, cancel and vlm_stats may be called from
+    any thread: they go through the VLM stage's loop thread. close() stops that thread."""
 
     def __init__(self, bundle: Bundle, device: torch.device, dtype: torch.dtype, max_batch: int):
         self.model_dir = bundle.root
@@ -93,14 +98,47 @@ class Engine:
         with self.lock:
             self.cascade.warmup()
 
-    def predict(self, images: list[np.ndarray], boxes: bool = False) -> list[ImageResult]:
-        """Decoded RGB uint8 images (H, W, 3), any sizes and count; results in the same order. `boxes`: also
-        return the roadwork boxes of images the detectors decided."""
+    def predict(self, images: list[np.ndarray], boxes: bool = False, explain: Sequence[bool] | None = None,
+                on_stage: OnStage | None = None) -> list[ImageResult]:
+        """Decoded RGB uint8 images (H, W, 3), any sizes and count; results in the same order.
+
+        `boxes`: also return the roadwork boxes of images the detectors scored. `explain`: per image, have the VLM
+        explain it (besides the bundle's explain_above rule; ignored without a VLM stage). `on_stage(index, stage,
+        p, decided)`: called on this thread once per image per stage it reached, as soon as the stage answered
+        its chunk and before later stages run."""
+        if explain is not None and len(explain) != len(images):
+            raise ValueError(f"explain has {len(explain)} entries for {len(images)} images")
         results: list[ImageResult] = []
         with self.lock:
             for start, count in self.cascade.chunks(len(images)):
-                results.extend(self.cascade.run(images[start:start + count], boxes))
+                shifted = None if on_stage is None else partial(on_chunk_stage, on_stage, start)
+                results.extend(self.cascade.run(images[start:start + count], boxes,
+                                                None if explain is None else list(explain[start:start + count]),
+                                                shifted))
         return results
+
+    def explain_stream(self, image: np.ndarray, on_output: Callable[[VLMOutput], None]) -> int:
+        """Start explaining one decoded image; returns the request id. `on_output` is called on the VLM loop
+        thread with each VLMOutput (text chunk, ..., the last with finished=True)."""
+        return self._vlm().explain_stream(image_tensor(image), on_output)
+
+    def cancel(self, request_id: int) -> bool:
+        """End an explain_stream request; its KV blocks are free when this returns. False if unknown or done."""
+        return self._vlm().cancel(request_id)
+
+    def vlm_stats(self) -> dict | None:
+        """KV blocks (total/free/used), cumulative prompt/cached/generated tokens, running/waiting sequences and
+        preemptions of the VLM stage; None without one."""
+        return None if self.cascade.vlm is None else self.cascade.vlm.stats()
+
+    def close(self) -> None:
+        """Stop the VLM loop thread (requests in flight end); idempotent."""
+        self.cascade.close()
+
+    def _vlm(self) -> VLMStage:
+        if self.cascade.vlm is None:
+            raise RuntimeError("this bundle has no vlm stage")
+        return self.cascade.vlm
 
     def stage_states(self) -> dict[str, str]:
         """Breaker state ("closed", "open", "half_open") of every stage after the first."""
@@ -117,6 +155,11 @@ class Engine:
             "batch_buckets": list(self.runner.buckets),
             "cuda_graphs": bool(self.runner.graphs),
         }
+
+
+def on_chunk_stage(on_stage: OnStage, start: int, index: int, stage: str, p: float, decided: bool) -> None:
+    """A chunk's image index -> the index in the predict() call."""
+    on_stage(start + index, stage, p, decided)
 
 
 def stage_device(bundle: Bundle, stage: str, device: str) -> torch.device:

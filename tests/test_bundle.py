@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.bundle import (STAGE_KINDS, ClassifierStageSpec, DetectorSpec, DetectorStageSpec, keys_of, load_bundle,
-                            read_bundle)
+from runtime.bundle import (STAGE_KINDS, ClassifierStageSpec, DetectorSpec, DetectorStageSpec, VLMStageSpec, keys_of,
+                            load_bundle, read_bundle)
 from runtime.errors import ModelLoadError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bundle.md"
@@ -27,9 +27,15 @@ kind = "detectors"
 model = "det"
 roadwork_classes = ["cone", 3]
 """
+ROUTING_DETECTORS = DETECTORS.replace('kind = "detectors"', 'kind = "detectors"\nexit_below = 0.3\nexit_above = 0.7')
+VLM = """
+[[stage]]
+kind = "vlm"
+model = "vlm"
+"""
 
 
-def bundle(tmp_path: Path, text: str, models=("cls", "det")) -> Path:
+def bundle(tmp_path: Path, text: str, models=("cls", "det", "vlm")) -> Path:
     for name in models:
         (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / name / "config.json").write_text("{}")
@@ -42,16 +48,19 @@ def doc_example() -> str:
 
 
 def test_documented_example_parses(tmp_path):
-    b = read_bundle(bundle(tmp_path, doc_example(), ("classifier", "deimv2-s", "deimv2-m")))
+    b = read_bundle(bundle(tmp_path, doc_example(), ("classifier", "deimv2-s", "deimv2-m", "vlm")))
     assert b.from_toml and b.root == tmp_path
-    cls, det = b.stages
+    cls, det, vlm = b.stages
     assert cls == ClassifierStageSpec("classifier", (tmp_path / "classifier").resolve(), "cuda:0", 0.15, 0.85)
     assert det == DetectorStageSpec(
         "detectors",
         (DetectorSpec("deimv2-s", (tmp_path / "deimv2-s").resolve(), ("traffic cone", "barrier", "road work sign"),
                       1.0, 0.35),
          DetectorSpec("deimv2-m", (tmp_path / "deimv2-m").resolve(), (2, 7), 2.0, 0.4)),
-        "cuda:0", 0.6667, 0.5, 250.0, 3, 30.0)
+        "cuda:0", 0.6667, 0.5, 250.0, 3, 30.0, 0.3, 0.7)
+    assert vlm == VLMStageSpec("vlm", (tmp_path / "vlm").resolve(),
+                               "Is there roadwork in this image? Answer Yes or No.", "Yes", "No",
+                               "Describe the roadwork you see, briefly.", 0.5, 48, "cuda:1", 1.0, 32, 2000.0, 3, 30.0)
 
 
 def test_every_key_is_documented_and_every_documented_key_exists():
@@ -68,6 +77,19 @@ def test_defaults(tmp_path):
     assert det.name == "detectors" and det.majority == 2 / 3 and det.classifier_weight == 0.0
     assert det.time_budget_ms is None and det.failure_threshold == 3 and det.cooldown_s == 30.0
     assert det.detectors == (DetectorSpec("det", (tmp_path / "det").resolve(), ("cone", 3), 1.0, 0.5),)
+    assert det.exit_below is None and det.exit_above is None
+
+
+def test_vlm_defaults_and_placement(tmp_path):
+    b = read_bundle(bundle(tmp_path, CLASSIFIER + ROUTING_DETECTORS + VLM))
+    _, det, vlm = b.stages
+    assert (det.exit_below, det.exit_above) == (0.3, 0.7)
+    assert vlm == VLMStageSpec("vlm", (tmp_path / "vlm").resolve())
+    assert vlm.prompt == "Is there roadwork in this image? Answer Yes or No." and vlm.explain_above == 1.0
+    assert (vlm.yes_token, vlm.no_token, vlm.max_explain_tokens, vlm.kv_cache_gb) == ("Yes", "No", 48, 1.0)
+    assert vlm.device is None and vlm.time_budget_ms is None and vlm.failure_threshold == 3
+    cls, vlm = read_bundle(bundle(tmp_path, CLASSIFIER + VLM)).stages  # right after the classifier
+    assert cls.exit_below == 0.2 and vlm.name == "vlm"
 
 
 def test_one_stage_bundle_and_plain_directory(tmp_path):
@@ -98,10 +120,37 @@ def test_absolute_model_path(tmp_path):
     ("", "missing required key 'stage'"),
     ("stage = []", r"needs at least one \[\[stage\]\] table"),
     ('[[stage]]\nmodel = "cls"\n', "stage 1: missing required key 'kind'"),
-    ('[[stage]]\nkind = "vlm"\n', "kind 'vlm' is not supported"),
+    ('[[stage]]\nkind = "llm"\n', r"kind 'llm' is not supported \(supported: classifier, detectors, vlm\)"),
+    (VLM, "stage 1: kind 'vlm' here, but the first stage, and only it, must be a classifier"),
+    (CLASSIFIER + VLM + ROUTING_DETECTORS,
+     r"stage 2 \('vlm'\): a vlm stage must be the last stage, but stage 3 is kind 'detectors'"),
+    (CLASSIFIER + VLM + VLM, r"stage 2 \('vlm'\): a vlm stage must be the last stage, but stage 3 is kind 'vlm'"),
+    (CLASSIFIER + ROUTING_DETECTORS + VLM + "temperature = 0.7\n", r"stage 3 \('vlm'\): unknown key 'temperature'"),
+    (CLASSIFIER + DETECTORS + VLM, r"stage 2 \('detectors'\): missing required key 'exit_below'"),
+    (CLASSIFIER + ROUTING_DETECTORS, r"stage 2 \('detectors'\): exit_below/exit_above route images to a later "
+                                     "stage, but this is the last stage"),
+    (CLASSIFIER + ROUTING_DETECTORS.replace("0.3", "0.8") + VLM,
+     r"stage 2 \('detectors'\): exit_below \(0.8\) must not exceed exit_above \(0.7\)"),
+    (CLASSIFIER + VLM.replace('model = "vlm"', 'model = "nope"'),
+     r"stage 2 \('vlm'\): model directory 'nope' .* does not exist"),
+    (CLASSIFIER + '[[stage]]\nkind = "vlm"\n', r"stage 2 \('vlm'\): missing required key 'model'"),
+    (CLASSIFIER + VLM + 'prompt = " "\n', r"stage 2 \('vlm'\): key 'prompt' must not be empty"),
+    (CLASSIFIER + VLM + 'explain_prompt = ""\n', "key 'explain_prompt' must not be empty"),
+    (CLASSIFIER + VLM + 'yes_token = "No"\n', "keys 'yes_token' and 'no_token' must differ, both are 'No'"),
+    (CLASSIFIER + VLM + 'no_token = 0\n', "key 'no_token' must be str, got 0"),
+    (CLASSIFIER + VLM + "explain_above = 1.5\n", r"key 'explain_above' must be in \[0.0, 1.0\], got 1.5"),
+    (CLASSIFIER + VLM + "max_explain_tokens = 0\n", "key 'max_explain_tokens' must be >= 1, got 0"),
+    (CLASSIFIER + VLM + "max_explain_tokens = 1.5\n", "key 'max_explain_tokens' must be int, got 1.5"),
+    (CLASSIFIER + VLM + "kv_cache_gb = 0\n", r"key 'kv_cache_gb' must be in \(0.0, inf\), got 0.0"),
+    (CLASSIFIER + VLM + "max_num_seqs = 0\n", "key 'max_num_seqs' must be >= 1, got 0"),
+    (CLASSIFIER + VLM + "time_budget_ms = -5\n", r"stage 2 \('vlm'\): key 'time_budget_ms' must be in \[0.0, inf\]"),
+    (CLASSIFIER + VLM + "failure_threshold = 0\n", "key 'failure_threshold' must be >= 1"),
+    (CLASSIFIER + VLM + "cooldown_s = -1\n", r"key 'cooldown_s' must be in \[0.0, inf\]"),
+    (CLASSIFIER + VLM + 'name = "classifier"\n', "stage names must be unique"),
     (DETECTORS, "kind 'detectors' here, but the first stage, and only it, must be a classifier"),
     (CLASSIFIER + CLASSIFIER, "stage 2: kind 'classifier' here"),
-    (CLASSIFIER + DETECTORS + DETECTORS, "must be the last stage"),
+    (CLASSIFIER + DETECTORS + DETECTORS, r"stage 2 \('detectors'\): a detectors stage must be the last stage or "
+                                         "followed by a vlm stage, but stage 3 is kind 'detectors'"),
     (CLASSIFIER.replace('model = "cls"', 'model = "nope"') + DETECTORS,
      r"model directory 'nope' \(.*\) does not exist"),
     (CLASSIFIER + DETECTORS.replace('model = "det"', 'model = "empty"'), "model directory 'empty' has no config.json"),

@@ -1,0 +1,357 @@
+"""The VLM stage: a Qwen3-VL answers the bundle's prompt for the images earlier stages left undecided, and writes
+explanations (runtime/vlm_engine.py does the model work).
+
+One "vlm loop" thread owns the VLMEngine and alone calls add_request / step / cancel; every other thread posts a
+command to its queue and waits on a future. So the cascade's scoring calls (the worker thread) and the server's
+explanation streams interleave in the engine's continuous batches. Before anything is allocated, the weights and
+the KV pool are checked against the device's free memory, so a bundle that does not fit fails at startup."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+
+from runtime.breaker import Breaker
+from runtime.bundle import VLMStageSpec
+from runtime.config import read_json
+from runtime.errors import ModelLoadError, WeightError
+from runtime.kv_cache import KVCacheSpec
+from runtime.qwen3_vl import MODEL_TYPE, Qwen3VLConfig
+from runtime.sequence import SamplingParams
+from runtime.vlm_engine import RequestOutput, VLMEngine, VLMEngineConfig
+from runtime.weights import checkpoint_files
+
+log = logging.getLogger(__name__)
+
+GIB = 2 ** 30
+MAX_MODEL_LEN = 4096  # prompt + explanation tokens of one sequence (at most the model's max_position_embeddings)
+WARMUP_IMAGE = (224, 224)  # the validators' image size
+
+
+@dataclass(frozen=True)
+class VLMOutput:
+    """One step of an explanation stream, handed to its consumer on the vlm loop thread."""
+    text: str  # new text since the previous output
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "cancelled", "error"
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class VLMAnswer:
+    p: float | None  # P(yes) / (P(yes) + P(no)) for a scoring request, None for an explanation
+    text: str  # the explanation ("" for a scoring request)
+    tokens: dict[str, int]  # {"prompt", "cached", "generated"}
+
+
+class StageClosed(RuntimeError):
+    """The stage was closed (Engine.close): it takes no more requests."""
+
+
+@dataclass
+class Command:
+    run: Callable[[], Any]
+    future: Future
+
+
+def weight_bytes(model_dir: Path, dtype: torch.dtype, tied: bool) -> int:
+    """Bytes the loaded weights take in `dtype`, from the safetensors headers (no tensor is read)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for path in checkpoint_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if not (tied and name == "lm_head.weight"):  # a tied head is the embedding, not a copy
+                        total += math.prod(f.get_slice(name).get_shape()) * itemsize
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise WeightError(f"{path}: cannot read safetensors file: {e}") from e
+    return total
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory on `device`: CUDA's free bytes, or MemAvailable for the CPU (None where it is not known)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def engine_config(spec: VLMStageSpec, where: str, device: torch.device, dtype: torch.dtype) -> VLMEngineConfig:
+    """The engine's config, after checking that weights + KV pool fit the device (nothing allocated yet)."""
+    try:
+        cfg = Qwen3VLConfig.from_dict(read_json(spec.model / "config.json"))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{where}: {spec.model}: {e} (a vlm stage needs a '{MODEL_TYPE}' model)") from e
+    text = cfg.text
+    config = VLMEngineConfig(kv_cache_bytes=int(spec.kv_cache_gb * GIB),
+                             max_model_len=min(MAX_MODEL_LEN, text.max_position_embeddings),
+                             max_num_seqs=spec.max_num_seqs, yes_token=spec.yes_token, no_token=spec.no_token)
+    kv = KVCacheSpec(text.num_layers, text.num_kv_heads, text.head_dim, config.block_size, dtype)
+    one_seq = -(-config.max_model_len // config.block_size) * kv.bytes_per_block
+    if config.kv_cache_bytes < one_seq:
+        raise ModelLoadError(f"{where}: key 'kv_cache_gb' = {spec.kv_cache_gb} is less than one "
+                             f"{config.max_model_len}-token sequence needs ({one_seq / GIB:.4g} GiB of {dtype} keys "
+                             f"and values); raise it")
+    pool = kv.num_blocks(config.kv_cache_bytes, config.max_model_len) * kv.bytes_per_block
+    weights = weight_bytes(spec.model, dtype, cfg.tie_word_embeddings)
+    free = free_bytes(device)
+    if free is None:
+        log.warning("%s: free memory on %s is unknown; not checking that the VLM fits", where, device)
+    elif weights + pool > free:
+        raise ModelLoadError(
+            f"{where}: the VLM does not fit on {device}: weights {weights / GIB:.3g} GiB ({dtype}) + KV cache "
+            f"{pool / GIB:.3g} GiB (key 'kv_cache_gb' = {spec.kv_cache_gb}) = {(weights + pool) / GIB:.3g} GiB, but "
+            f"only {free / GIB:.3g} GiB is free; lower kv_cache_gb (one {config.max_model_len}-token sequence needs "
+            f"{one_seq / GIB:.3g} GiB), or put the stage on another device (key 'device')")
+    log.info("%s: weights %.3g GiB + KV cache %.3g GiB on %s (%s GiB free)", where, weights / GIB, pool / GIB,
+             device, "unknown" if free is None else f"{free / GIB:.3g}")
+    return config
+
+
+class VLMStage:
+    def __init__(self, spec: VLMStageSpec, where: str, device: torch.device, dtype: torch.dtype):
+        self.spec, self.name, self.device, self.dtype = spec, spec.name, device, dtype
+        config = engine_config(spec, where, device, dtype)
+        try:
+            self.engine = VLMEngine.load(spec.model, device, dtype, config)
+        except ValueError as e:  # ModelLoadError included: the engine's messages do not name the stage
+            raise ModelLoadError(f"{where}: {e}") from e
+        self.kv_blocks = len(self.engine.block_manager.blocks)
+        self.breaker = Breaker(spec.name, spec.failure_threshold, spec.cooldown_s)
+        self.time_budget_s = None if spec.time_budget_ms is None else spec.time_budget_ms / 1000
+        self.explain_sampling = SamplingParams(max_new_tokens=spec.max_explain_tokens)  # greedy
+        # Everything below is touched by the loop thread only, except `closed` and the queue (under `lock`).
+        self.commands: queue.SimpleQueue[Command | None] = queue.SimpleQueue()  # None: stop
+        self.lock = threading.Lock()
+        self.closed = False
+        self.streams: set[int] = set()  # explain_stream requests: the ones cancel() may end
+        self.to_cancel: list[int] = []  # streams whose consumer raised; cancelled after the step
+        self.started: set[int] = set()  # requests whose prefill ran (their prompt tokens are counted)
+        self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
+        self.abort: tuple[str, str] | None = None  # (finish_reason, why) while in-flight requests are being ended
+        self.final_stats: dict | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"vlm loop ({spec.name})", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Any thread
+    # ------------------------------------------------------------------------------------------------------------
+
+    def score(self, images: list[torch.Tensor]) -> list[VLMAnswer]:
+        """P(roadwork) of each (H, W, 3) uint8 image, with its token counts; blocks until all are scored."""
+        return self._call(lambda: self._submit(self.spec.prompt, images, None)).result()
+
+    def explain(self, images: list[torch.Tensor], sampling: SamplingParams | None = None) -> list[VLMAnswer]:
+        """The explain prompt's greedy answer for each image (up to max_explain_tokens); blocks until done."""
+        sampling = sampling or self.explain_sampling
+        return self._call(lambda: self._submit(self.spec.explain_prompt, images, sampling)).result()
+
+    def explain_stream(self, image: torch.Tensor, on_output: Callable[[VLMOutput], None]) -> int:
+        """Start explaining one image; returns its request id. `on_output` runs on the vlm loop thread; if it
+        raises, the request is cancelled."""
+        def forward(out: RequestOutput) -> None:
+            self._account(out)
+            if out.finished:
+                self.streams.discard(out.request_id)
+            reason = self.abort[0] if self.abort and out.finish_reason == "cancelled" else out.finish_reason
+            try:
+                on_output(VLMOutput(out.text, out.finished, reason, out.num_prompt_tokens, out.num_cached_tokens,
+                                    out.num_generated_tokens))
+            except Exception:
+                log.exception("vlm stage '%s': the consumer of stream %d raised; cancelling it", self.name,
+                              out.request_id)
+                if not out.finished:
+                    self.to_cancel.append(out.request_id)
+
+        def add() -> int:
+            request_id = self.engine.add_request(self.spec.explain_prompt, [image], sampling=self.explain_sampling,
+                                                 on_output=forward)
+            self.streams.add(request_id)
+            return request_id
+
+        return self._call(add)
+
+    def cancel(self, request_id: int) -> bool:
+        """End an explain_stream request and free its KV blocks before returning; False if it is unknown or done."""
+        try:
+            return self._call(lambda: request_id in self.streams and self.engine.cancel(request_id))
+        except StageClosed:  # closing ended every request
+            return False
+
+    def stats(self) -> dict:
+        """KV blocks, sequences, and token counters (cumulative since warmup), as of now."""
+        try:
+            return self._call(self._stats)
+        except StageClosed:
+            self.thread.join()  # final_stats is written before the thread ends
+            return dict(self.final_stats or {})
+
+    def warmup(self) -> None:
+        """Score and explain one image, so the first real request finds every kernel compiled; the token counters
+        start after it."""
+        image = torch.full((*WARMUP_IMAGE, 3), 128, dtype=torch.uint8)
+        self.score([image])
+        self.explain([image], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        self._call(lambda: self.counters.update(dict.fromkeys(self.counters, 0)))
+
+    def close(self) -> None:
+        """Stop the loop thread; requests in flight end (streams with finish_reason "cancelled")."""
+        assert threading.current_thread() is not self.thread, "close() from the vlm loop thread would deadlock"
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.commands.put(None)
+        self.thread.join()
+
+    def describe(self) -> dict:
+        s = self.spec
+        return {"name": self.name, "kind": "vlm", "model": str(s.model), "model_type": MODEL_TYPE,
+                "device": str(self.device), "prompt": s.prompt, "yes_token": s.yes_token, "no_token": s.no_token,
+                "explain_prompt": s.explain_prompt, "explain_above": s.explain_above,
+                "max_explain_tokens": s.max_explain_tokens, "kv_cache_gb": s.kv_cache_gb, "kv_blocks": self.kv_blocks,
+                "block_size": self.engine.config.block_size, "max_num_seqs": s.max_num_seqs,
+                "time_budget_ms": s.time_budget_ms, "breaker": self.breaker.state}
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the loop thread and return its result (or raise its exception)."""
+        future: Future = Future()
+        with self.lock:
+            if self.closed:
+                raise StageClosed(f"vlm stage '{self.name}' is closed")
+            self.commands.put(Command(fn, future))
+        return future.result()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop thread
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
+            try:
+                while self._serve_commands(block=not self.engine.has_unfinished()):
+                    if self.engine.has_unfinished():
+                        self._step()
+            finally:
+                self._shutdown()
+
+    def _serve_commands(self, block: bool) -> bool:
+        """Run every queued command (waiting for one if `block`); False once told to stop."""
+        try:
+            command = self.commands.get(block=block)
+        except queue.Empty:
+            return True
+        while command is not None:
+            if command.future.set_running_or_notify_cancel():
+                try:
+                    command.future.set_result(command.run())
+                except Exception as e:
+                    command.future.set_exception(e)
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return True
+        return False
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception as e:
+            log.exception("vlm stage '%s': engine step failed; ending its %d request(s)", self.name,
+                          len(self.engine.requests))
+            self._end_all("error", f"vlm stage '{self.name}': engine step failed: {e!r}")
+        while self.to_cancel:
+            self.engine.cancel(self.to_cancel.pop())
+
+    def _end_all(self, finish_reason: str, why: str) -> None:
+        """Cancel every request in flight: blocks freed, waiting callers get RuntimeError(why)."""
+        self.abort = (finish_reason, why)
+        try:
+            for request_id in list(self.engine.requests):
+                self.engine.cancel(request_id)
+        finally:
+            self.abort = None
+
+    def _shutdown(self) -> None:
+        with self.lock:
+            self.closed = True
+        try:
+            self._end_all("cancelled", f"vlm stage '{self.name}' is closed")
+            self.final_stats = self._stats()
+        finally:
+            while True:  # commands posted before `closed` was set: fail them rather than leave callers waiting
+                try:
+                    command = self.commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command is not None and command.future.set_running_or_notify_cancel():
+                    command.future.set_exception(StageClosed(f"vlm stage '{self.name}' is closed"))
+
+    def _submit(self, prompt: str, images: list[torch.Tensor], sampling: SamplingParams | None) -> Future:
+        """Queue one request per image (sampling None: scoring); the future resolves when all have finished."""
+        done: Future = Future()
+        if not images:
+            done.set_result([])
+            return done
+        finals: dict[int, RequestOutput] = {}
+        texts: dict[int, list[str]] = {}
+        ids: list[int] = []
+
+        def collect(out: RequestOutput) -> None:
+            self._account(out)
+            texts.setdefault(out.request_id, []).append(out.text)
+            if not out.finished or done.done():
+                return
+            finals[out.request_id] = out
+            if out.finish_reason == "cancelled":
+                done.set_exception(RuntimeError(self.abort[1] if self.abort else "request cancelled"))
+            elif len(finals) == len(ids):
+                done.set_result([VLMAnswer(finals[i].p_yes, "".join(texts[i]), tokens_of(finals[i])) for i in ids])
+
+        try:
+            for image in images:
+                ids.append(self.engine.add_request(prompt, [image], sampling=sampling, score=sampling is None,
+                                                   on_output=collect))
+        except Exception as e:
+            done.set_exception(e)  # first: the cancellations below must not resolve it otherwise
+            for request_id in ids:
+                self.engine.cancel(request_id)
+        return done
+
+    def _account(self, out: RequestOutput) -> None:
+        # A request's first output follows its prefill, unless it was cancelled before one ran.
+        if out.request_id not in self.started and out.finish_reason != "cancelled":
+            self.started.add(out.request_id)
+            self.counters["prompt_tokens"] += out.num_prompt_tokens
+            self.counters["cached_tokens"] += out.num_cached_tokens
+        self.counters["generated_tokens"] += len(out.new_token_ids)
+        if out.finished:
+            self.started.discard(out.request_id)
+
+    def _stats(self) -> dict:
+        s = self.engine.stats()
+        return {"kv_blocks_total": s["num_blocks"], "kv_blocks_free": s["free_blocks"],
+                "kv_blocks_used": s["num_blocks"] - s["free_blocks"], **self.counters,
+                "running": s["running"], "waiting": s["waiting"], "preemptions": s["preemptions"]}
+
+
+def tokens_of(out: RequestOutput) -> dict[str, int]:
+    return {"prompt": out.num_prompt_tokens, "cached": out.num_cached_tokens, "generated": out.num_generated_tokens}

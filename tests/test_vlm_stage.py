@@ -1,0 +1,329 @@
+"""The VLM stage in the cascade on tiny random-weight checkpoints: routing after the detectors (or the classifier),
+answers equal to VLMEngine on the same image and prompt, stage callbacks, explanations and streams, cancellation,
+the memory budget, and the breaker."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cascade import classifier_sharing_backbone
+from runtime.engine import Engine
+from runtime.errors import ModelLoadError
+from runtime.sequence import SamplingParams
+from runtime.vlm_engine import VLMEngine, VLMEngineConfig
+from tests.checkpoints import write_preprocessor
+from tests.test_cascade import classifier_stage, detector_stage, images, thresholds_splitting, write_bundle
+from tests.test_deimv2 import make_deimv2
+from tests.vlm_checkpoints import make_qwen3_vl
+
+PROMPT = "Is there roadwork in this image? Answer Yes or No."
+EXPLAIN = "Describe the roadwork you see, briefly."
+STAGES = ["classifier", "detectors", "vlm"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine their spinning costs 10-50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def engines():
+    """Engine.load, closing every engine (and its vlm loop thread) after the test."""
+    loaded: list[Engine] = []
+
+    def load(bundle: Path, max_batch: int = 4) -> Engine:
+        loaded.append(Engine.load(bundle, "cpu", "float32", max_batch=max_batch))
+        return loaded[-1]
+
+    yield load
+    for engine in loaded:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    make_deimv2(root / "det-a", seed=0)
+    write_preprocessor(root / "det-a", "dinov3", (64, 64))
+    classifier_sharing_backbone(root / "det-a", root / "cls", seed=3, input_size=64)
+    make_qwen3_vl(root / "vlm", seed=2)
+    return root
+
+
+def vlm_stage(models: Path, extra: str = "", kv_cache_gb: float = 0.02) -> str:
+    return f"""
+[[stage]]
+kind = "vlm"
+model = "{models / 'vlm'}"
+kv_cache_gb = {kv_cache_gb!r}
+{extra}
+"""
+
+
+@pytest.fixture(scope="module")
+def routing(models, tmp_path_factory) -> dict:
+    """Thresholds with which the classifier decides 6 of the 12 images, the detectors 2 of the other 6."""
+    imgs = images()
+    probs = [r.prediction for r in Engine.load(models / "cls", "cpu", "float32").predict(imgs)]
+    low, high = thresholds_splitting(probs, 3, 3)
+    two = write_bundle(tmp_path_factory.mktemp("two"), classifier_stage(models, low, high)
+                       + detector_stage(models, 0.5, None))
+    voted = {i: r.scores["detectors"] for i, r in enumerate(Engine.load(two, "cpu", "float32").predict(imgs))
+             if r.stage == "detectors"}
+    det_low, det_high = thresholds_splitting(list(voted.values()), 1, 1)
+    return dict(images=imgs, low=low, high=high, det_low=det_low, det_high=det_high, voted=voted)
+
+
+def three_stages(models: Path, r: dict, path: Path, vlm_extra: str = "") -> Path:
+    exits = f"exit_below = {r['det_low']!r}\nexit_above = {r['det_high']!r}"
+    detectors = detector_stage(models, 0.5, None, extra=exits)
+    return write_bundle(path, classifier_stage(models, r["low"], r["high"]) + detectors + vlm_stage(models, vlm_extra))
+
+
+def reference_engine(models: Path) -> VLMEngine:
+    return VLMEngine.load(models / "vlm", config=VLMEngineConfig(kv_cache_bytes=1 << 24))
+
+
+def test_undecided_images_reach_the_vlm_and_take_its_answer(models, routing, tmp_path, engines):
+    imgs = routing["images"]
+    engine = engines(three_stages(models, routing, tmp_path))
+    events = []
+    results = engine.predict(imgs, on_stage=lambda *event: events.append(event))  # 3 chunks of 4
+    stages = [r.stage for r in results]
+    assert (stages.count("classifier"), stages.count("detectors"), stages.count("vlm")) == (6, 2, 4)
+    to_vlm = [i for i, s in enumerate(stages) if s == "vlm"]
+    want = reference_engine(models).score([imgs[i] for i in to_vlm], PROMPT)
+    for i, ref in zip(to_vlm, want):
+        r = results[i]
+        assert r.prediction == pytest.approx(ref.p_yes, abs=1e-5) and r.scores["vlm"] == r.prediction
+        assert list(r.scores) == STAGES and r.scores["detectors"] == pytest.approx(routing["voted"][i], abs=1e-5)
+        assert r.label == ("roadwork" if r.prediction > 0.5 else "none") and not r.degraded
+        assert r.tokens == {"prompt": ref.num_prompt_tokens, "cached": ref.num_cached_tokens, "generated": 0}
+        assert r.explanation is None and r.detector_scores.keys() == {"a"}
+    for r in results:
+        if r.stage != "vlm":
+            assert r.tokens is None and r.explanation is None and "vlm" not in r.scores and not r.degraded
+    # Decided images never reach the VLM: the prompt tokens it counted are exactly the undecided images'.
+    stats = engine.vlm_stats()
+    assert stats["prompt_tokens"] == sum(results[i].tokens["prompt"] for i in to_vlm)
+    assert stats["generated_tokens"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+    # on_stage: once per image per stage it reached, in stage order, with that stage's p; decided only at the end.
+    seen = defaultdict(list)
+    for i, stage, p, decided in events:
+        seen[i].append((stage, p, decided))
+    for i, r in enumerate(results):
+        assert [(s, p) for s, p, _ in seen[i]] == list(r.scores.items())
+        assert [d for _, _, d in seen[i]] == [False] * (len(r.scores) - 1) + [True]
+    # Chunk by chunk (indexes of the whole call), and within a chunk each stage after the one before it.
+    order = [(i // 4, STAGES.index(stage)) for i, stage, _, _ in events]
+    assert order == sorted(order) and len(events) == 12 + 6 + 4
+
+
+def test_explanations_and_streams(models, routing, tmp_path, engines):
+    imgs = routing["images"]
+    bundle = write_bundle(tmp_path, classifier_stage(models, routing["low"], routing["high"]) + vlm_stage(models))
+    engine = engines(bundle)
+    plain = engine.predict(imgs)
+    assert {r.stage for r in plain} == {"classifier", "vlm"} and all(r.explanation is None for r in plain)
+    scored = next(i for i, r in enumerate(plain) if r.stage == "vlm")
+    exited = next(i for i, r in enumerate(plain) if r.stage == "classifier")
+    reference = reference_engine(models)
+
+    def greedy(image):
+        result, = reference.generate([EXPLAIN], [[image]], SamplingParams(max_new_tokens=48))
+        return result
+
+    with pytest.raises(ValueError, match="explain has 1 entries for 12 images"):
+        engine.predict(imgs, explain=[True])
+    results = engine.predict(imgs, explain=[i in (scored, exited) for i in range(len(imgs))])
+    for i, r in enumerate(results):
+        assert r.prediction == pytest.approx(plain[i].prediction, abs=1e-5) and r.stage == plain[i].stage
+        if i not in (scored, exited):
+            assert r.explanation is None
+    ref = greedy(imgs[exited])
+    assert results[exited].explanation == ref.text and ref.text
+    assert results[exited].tokens == {"prompt": ref.num_prompt_tokens, "cached": 0, "generated": len(ref.token_ids)}
+    ref = greedy(imgs[scored])
+    r = results[scored]
+    assert r.explanation == ref.text
+    # Scoring and explaining add up; the explanation's prompt starts with the scored image's cached blocks.
+    assert r.tokens["prompt"] == plain[scored].tokens["prompt"] + ref.num_prompt_tokens
+    assert r.tokens["generated"] == len(ref.token_ids) and r.tokens["cached"] > 0
+
+    # A full stream gives the explanation's text, chunk by chunk, on the vlm loop thread.
+    chunks, done, threads = [], threading.Event(), set()
+
+    def collect(out):
+        chunks.append(out)
+        threads.add(threading.current_thread().name)
+        if out.finished:
+            done.set()
+
+    engine.explain_stream(imgs[scored], collect)
+    assert done.wait(60)
+    assert "".join(c.text for c in chunks) == ref.text and chunks[-1].finish_reason == ref.finish_reason
+    assert chunks[-1].generated_tokens == len(ref.token_ids) and threads == {"vlm loop (vlm)"}
+
+    # Cancelling a stream (a slow consumer: the test acts while it runs) frees its blocks before cancel returns.
+    assert ref.finish_reason == "length"  # uncancelled, it would run all 48 steps
+    outputs, first = [], threading.Event()
+
+    def slow(out):
+        outputs.append(out)
+        first.set()
+        time.sleep(0.01)
+
+    request_id = engine.explain_stream(imgs[exited], slow)
+    assert first.wait(60)
+    assert engine.cancel(request_id)
+    assert outputs[-1].finished and outputs[-1].finish_reason == "cancelled" and outputs[-1].generated_tokens < 48
+    stats = engine.vlm_stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["kv_blocks_used"] == 0
+    assert stats["running"] == stats["waiting"] == 0
+    assert not engine.cancel(request_id)  # already ended
+
+    # A consumer that raises has its stream cancelled.
+    ended = threading.Event()
+
+    def raising(out):
+        if out.finished:
+            ended.set()
+            return
+        raise RuntimeError("client went away")
+
+    engine.explain_stream(imgs[0], raising)
+    assert ended.wait(60)
+    stats = engine.vlm_stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["running"] == 0
+
+    # explain_above: every image whose final p is above it is explained (here: half of them).
+    cut = sum(thresholds_splitting([r.prediction for r in plain], 6, 6)) / 2
+    above = write_bundle(tmp_path / "above", classifier_stage(models, routing["low"], routing["high"])
+                         + vlm_stage(models, f"explain_above = {cut!r}\nmax_explain_tokens = 4"))
+    results = engines(above).predict(imgs)
+    assert [r.explanation is not None for r in results] == [r.prediction > cut for r in plain]
+    assert sum(r.explanation is not None for r in results) == 6
+
+
+def test_warmup_describe_close(models, routing, tmp_path, engines):
+    engine = engines(three_stages(models, routing, tmp_path, vlm_extra="time_budget_ms = 5000"))
+    engine.warmup()
+    stats = engine.vlm_stats()
+    assert stats["prompt_tokens"] == stats["cached_tokens"] == stats["generated_tokens"] == 0  # warmup not counted
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] > 0 and stats["preemptions"] == 0
+    info = engine.describe()
+    json.dumps(info)
+    _, detectors, vlm = info["stages"]
+    assert (detectors["exit_below"], detectors["exit_above"]) == (routing["det_low"], routing["det_high"])
+    assert vlm["name"] == "vlm" and vlm["kind"] == "vlm" and vlm["model_type"] == "qwen3_vl"
+    assert vlm["device"] == "cpu" and vlm["prompt"] == PROMPT and vlm["kv_cache_gb"] == 0.02
+    assert vlm["kv_blocks"] == stats["kv_blocks_total"] and vlm["breaker"] == "closed"
+    assert vlm["time_budget_ms"] == 5000 and vlm["model"] == str(models / "vlm")
+    assert engine.stage_states() == {"detectors": "closed", "vlm": "closed"}
+
+    # Closing ends a stream in flight and stops the loop thread.
+    outputs, first = [], threading.Event()
+
+    def slow(out):
+        outputs.append(out)
+        first.set()
+        time.sleep(0.01)
+
+    engine.explain_stream(routing["images"][0], slow)
+    assert first.wait(60)
+    engine.close()
+    engine.close()
+    assert not engine.cascade.vlm.thread.is_alive()
+    assert outputs[-1].finished and outputs[-1].finish_reason == "cancelled"
+    with pytest.raises(RuntimeError, match="vlm stage 'vlm' is closed"):
+        engine.explain_stream(routing["images"][0], outputs.append)
+    assert engine.cancel(0) is False
+    stats = engine.vlm_stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["generated_tokens"] > 0
+    results = engine.predict(routing["images"])  # the closed stage fails: its images keep the detectors' answer
+    assert {r.stage for r in results} == {"classifier", "detectors"} and sum(r.degraded for r in results) == 4
+
+
+def test_without_a_vlm_stage(models, routing):
+    engine = Engine.load(models / "cls", "cpu", "float32")
+    assert engine.vlm_stats() is None
+    for call in (lambda: engine.explain_stream(routing["images"][0], print), lambda: engine.cancel(0)):
+        with pytest.raises(RuntimeError, match="this bundle has no vlm stage"):
+            call()
+    results = engine.predict(routing["images"][:3], explain=[True] * 3)
+    assert [(r.explanation, r.tokens) for r in results] == [(None, None)] * 3
+    engine.close()
+
+
+def test_failing_vlm_degrades_opens_and_recovers(models, routing, tmp_path, engines):
+    imgs = routing["images"]
+    bundle = write_bundle(tmp_path, classifier_stage(models, routing["low"], routing["high"])
+                          + vlm_stage(models, "failure_threshold = 1\ncooldown_s = 5.0"))
+    engine = engines(bundle, max_batch=16)
+    vlm = engine.cascade.vlm
+    now = [0.0]
+    vlm.breaker.clock = lambda: now[0]
+    healthy = engine.predict(imgs)
+    calls = []
+
+    def broken(*args, **kwargs):  # the engine's forward pass raises, inside the loop thread's step
+        calls.append(1)
+        raise RuntimeError("injected VLM failure")
+
+    vlm.engine.runner.run = broken
+
+    def check_degraded(results):
+        for r, h in zip(results, healthy):
+            if h.stage == "vlm":
+                assert r.degraded and r.stage == "classifier" and r.prediction == h.scores["classifier"]
+                assert r.scores.keys() == {"classifier"} and r.tokens is None and r.explanation is None
+            else:
+                assert r == h
+
+    check_degraded(engine.predict(imgs, explain=[True] * len(imgs)))  # fails: open, so no explanations either
+    assert engine.stage_states() == {"vlm": "open"} and len(calls) == 1
+    stats = engine.vlm_stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["running"] == stats["waiting"] == 0
+    check_degraded(engine.predict(imgs))  # open: not called
+    assert len(calls) == 1
+    now[0] = 5.0
+    del vlm.engine.runner.run  # recovered: the probe succeeds and closes the breaker
+    results = engine.predict(imgs)
+    assert engine.stage_states() == {"vlm": "closed"}
+    for r, h in zip(results, healthy):
+        assert r.stage == h.stage and r.prediction == pytest.approx(h.prediction, abs=1e-5) and not r.degraded
+    vlm.time_budget_s = 0.0  # every scoring call overruns
+    results = engine.predict(imgs)
+    assert engine.stage_states() == {"vlm": "open"} and sum(r.degraded for r in results) == 6
+
+
+@pytest.mark.parametrize("extra, kv_cache_gb, message", [
+    ("", 1e6, r"stage 2 \('vlm'\): the VLM does not fit on cpu: weights [0-9.e-]+ GiB \(torch.float32\) \+ KV cache "
+              r"1e\+06 GiB \(key 'kv_cache_gb' = 1000000.0\) = 1e\+06 GiB, but only [0-9.e+]+ GiB is free; lower "
+              r"kv_cache_gb \(one 4096-token sequence needs [0-9.e-]+ GiB\), or put the stage on another device"),
+    ("", 0.001, r"stage 2 \('vlm'\): key 'kv_cache_gb' = 0.001 is less than one 4096-token sequence needs"),
+    ('yes_token = "Maybe"', 0.02, r"stage 2 \('vlm'\): 'Maybe' encodes to \d+ tokens"),
+    ('device = "gpu7"', 0.02, "stage 'vlm': device 'gpu7' is not a valid torch device"),
+], ids=["kv-over-free-memory", "kv-under-one-sequence", "yes-not-one-token", "bad-device"])
+def test_load_errors(models, tmp_path, extra, kv_cache_gb, message):
+    text = classifier_stage(models, 0.2, 0.8) + vlm_stage(models, extra, kv_cache_gb)
+    with pytest.raises(ModelLoadError, match=message):
+        Engine.load(write_bundle(tmp_path, text), "cpu", "float32")
+
+
+def test_vlm_model_must_be_qwen3_vl(models, tmp_path):
+    text = classifier_stage(models, 0.2, 0.8) + vlm_stage(models).replace(str(models / "vlm"), str(models / "cls"))
+    message = r"stage 2 \('vlm'\): .*model_type 'dinov3_vit' is not 'qwen3_vl' \(a vlm stage needs"
+    with pytest.raises(ModelLoadError, match=message):
+        Engine.load(write_bundle(tmp_path, text), "cpu", "float32")
