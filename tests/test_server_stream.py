@@ -13,48 +13,23 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.cascade import classifier_sharing_backbone
 from runtime.decode import decode_image
 from runtime.engine import Engine
-from tests.checkpoints import make_vit, write_preprocessor
-from tests.test_deimv2 import make_deimv2
+from tests.checkpoints import make_vit
+from tests.test_cascade import classifier_stage, detector_stage, write_bundle
 from tests.test_server import Running, b64, jpeg, serving
-from tests.vlm_checkpoints import make_qwen3_vl
+from tests.test_vlm_stage import models, one_thread, vlm_stage  # noqa: F401 (fixtures: the same tiny models)
 
 MAX_EXPLAIN_TOKENS = 96  # long enough that a client can leave in the middle of an explanation
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlm_bundle")
-    make_deimv2(root / "detector", seed=0)
-    write_preprocessor(root / "detector", "dinov3", (64, 64))
-    classifier_sharing_backbone(root / "detector", root / "classifier", seed=3, input_size=64)
-    make_qwen3_vl(root / "vlm", seed=1)
-    # Exit thresholds 0 and 1 decide nothing early: every image goes classifier -> detectors -> VLM.
-    (root / "cascade.toml").write_text(f"""
-[[stage]]
-kind = "classifier"
-model = "classifier"
-exit_below = 0.0
-exit_above = 1.0
-
-[[stage]]
-kind = "detectors"
-exit_below = 0.0
-exit_above = 1.0
-[[stage.detector]]
-name = "deimv2"
-model = "detector"
-roadwork_classes = [1, 3]
-
-[[stage]]
-kind = "vlm"
-model = "vlm"
-max_explain_tokens = {MAX_EXPLAIN_TOKENS}
-kv_cache_gb = 0.02
-""")
-    return root
+def bundle(models, tmp_path_factory):
+    """Exit thresholds 0 and 1 decide nothing early: every image goes classifier -> detectors -> VLM."""
+    return write_bundle(tmp_path_factory.mktemp("vlm_bundle"),
+                        classifier_stage(models, 0.0, 1.0)
+                        + detector_stage(models, 0.5, None, extra="exit_below = 0.0\nexit_above = 1.0")
+                        + vlm_stage(models, f"max_explain_tokens = {MAX_EXPLAIN_TOKENS}"))
 
 
 @pytest.fixture(scope="module")
