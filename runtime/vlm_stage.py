@@ -232,6 +232,9 @@ class VLMStage:
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the loop thread and return its result (or raise its exception)."""
+        if threading.current_thread() is self.thread:  # e.g. Engine.cancel inside on_output: would wait forever
+            raise RuntimeError(f"vlm stage '{self.name}': called from its own loop thread (inside an on_output "
+                               f"callback); raise from on_output to cancel that stream instead")
         future: Future = Future()
         with self.lock:
             if self.closed:

@@ -193,17 +193,24 @@ def test_explanations_and_streams(models, routing, tmp_path, engines):
     assert stats["running"] == stats["waiting"] == 0
     assert not engine.cancel(request_id)  # already ended
 
-    # A consumer that raises has its stream cancelled.
-    ended = threading.Event()
+    # A consumer that raises has its stream cancelled. Calling the engine from on_output (the loop thread) raises
+    # instead of waiting on itself forever.
+    ended, errors = threading.Event(), []
 
     def raising(out):
         if out.finished:
             ended.set()
             return
-        raise RuntimeError("client went away")
+        try:
+            engine.vlm_stats()
+        except RuntimeError as e:
+            errors.append(str(e))
+            raise
 
     engine.explain_stream(imgs[0], raising)
     assert ended.wait(60)
+    assert errors == ["vlm stage 'vlm': called from its own loop thread (inside an on_output callback); raise from "
+                      "on_output to cancel that stream instead"]
     stats = engine.vlm_stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["running"] == 0
 
@@ -327,3 +334,26 @@ def test_vlm_model_must_be_qwen3_vl(models, tmp_path):
     message = r"stage 2 \('vlm'\): .*model_type 'dinov3_vit' is not 'qwen3_vl' \(a vlm stage needs"
     with pytest.raises(ModelLoadError, match=message):
         Engine.load(write_bundle(tmp_path, text), "cpu", "float32")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_checks_cuda_memory(models, routing, tmp_path, engines):
+    imgs = routing["images"]
+    cpu = engines(three_stages(models, routing, tmp_path / "cpu")).predict(imgs)
+    engine = Engine.load(three_stages(models, routing, tmp_path / "cuda"), "cuda", "float32", max_batch=4)
+    conv_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, to compare with the CPU
+    try:
+        engine.warmup()
+        results = engine.predict(imgs)
+    finally:
+        torch.backends.cudnn.allow_tf32 = conv_tf32
+        engine.close()
+    # Exit decisions could flip only within rounding of a threshold; the thresholds sit in gaps.
+    for r, c in zip(results, cpu):
+        assert r.stage == c.stage and r.prediction == pytest.approx(c.prediction, abs=1e-3)
+    free, _ = torch.cuda.mem_get_info()
+    text = classifier_stage(models, 0.2, 0.8) + vlm_stage(models, kv_cache_gb=2 * free / 2 ** 30)
+    with pytest.raises(ModelLoadError, match=r"stage 2 \('vlm'\): the VLM does not fit on cuda:0: .* GiB is free"):
+        Engine.load(write_bundle(tmp_path / "big", text), "cuda", "float32")
