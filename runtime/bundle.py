@@ -6,13 +6,14 @@ the key."""
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Union
 
 from runtime.errors import ModelLoadError
 
 BUNDLE_FILE = "cascade.toml"
+QUANTIZE_MODES = ("none", "int8")
 REQUIRED = object()
 
 
@@ -24,6 +25,7 @@ class ClassifierStageSpec:
     device: str | None = None  # None: the device Engine.load was given
     exit_below: float | None = None  # p < exit_below or p > exit_above: the image exits here (set iff a later
     exit_above: float | None = None  # stage exists)
+    quantize: str | None = None  # "int8": the encoder's Linear layers compute in int8 (runtime/quant.py)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class DetectorSpec:
     roadwork_classes: tuple[str | int, ...]  # id2label names or class ids that count as roadwork evidence
     weight: float = 1.0
     box_threshold: float = 0.5  # a roadwork box must score above this to count as a "roadwork" vote
+    quantize: str | None = None  # "int8": its ViT backbone's Linear layers compute in int8
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,14 @@ def parse_classifier_stage(root: Path, table: Table, has_next: bool) -> Classifi
     model = model_dir(root, table)
     device = table.get("device", str, None)
     below, above = exit_thresholds(table, has_next)
-    return ClassifierStageSpec(name, model, device, below, above)
+    return ClassifierStageSpec(name, model, device, below, above, quantize_of(table))
+
+
+def quantize_of(table: Table) -> str | None:
+    mode = table.get("quantize", str, "none")
+    if mode not in QUANTIZE_MODES:
+        raise ModelLoadError(f"{table.where}: key 'quantize' must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
+    return None if mode == "none" else mode
 
 
 def parse_detector(root: Path, table: Table) -> DetectorSpec:
@@ -178,7 +188,7 @@ def parse_detector(root: Path, table: Table) -> DetectorSpec:
     weight = table.number("weight", 1.0, 0.0, float("inf"))
     # Below 1 so that a detector that found nothing has 1 - c > 0 (the "no" side's geometric mean is defined).
     box_threshold = table.number("box_threshold", 0.5, 0.0, 1.0, high_open=True)
-    return DetectorSpec(name, model, tuple(classes), weight, box_threshold)
+    return DetectorSpec(name, model, tuple(classes), weight, box_threshold, quantize_of(table))
 
 
 def parse_detector_stage(root: Path, table: Table, has_next: bool) -> DetectorStageSpec:
@@ -291,6 +301,21 @@ def single_classifier_bundle(model_dir: str | Path) -> Bundle:
     """A plain Hugging Face classifier directory as a one-stage cascade."""
     model_dir = Path(model_dir)
     return Bundle(model_dir, (ClassifierStageSpec("classifier", model_dir),), from_toml=False)
+
+
+def with_quantize(bundle: Bundle, mode: str) -> Bundle:
+    """The bundle with every classifier and detector set to `mode` ("none" or "int8"): a command-line override."""
+    if mode not in QUANTIZE_MODES:
+        raise ModelLoadError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
+    value = None if mode == "none" else mode
+    stages = []
+    for stage in bundle.stages:
+        if isinstance(stage, ClassifierStageSpec):
+            stage = replace(stage, quantize=value)
+        elif isinstance(stage, DetectorStageSpec):
+            stage = replace(stage, detectors=tuple(replace(d, quantize=value) for d in stage.detectors))
+        stages.append(stage)
+    return replace(bundle, stages=tuple(stages))
 
 
 def load_bundle(path: str | Path) -> Bundle:

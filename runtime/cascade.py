@@ -44,6 +44,7 @@ from runtime.config import read_json
 from runtime.deimv2 import Deimv2Detector
 from runtime.dinov3 import DINOv3ViT
 from runtime.errors import ModelLoadError
+from runtime.quant import quantize_int8
 from runtime.vlm_stage import VLMStage
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,7 @@ class DetectorStage:
             "detectors": [{"name": d.spec.name, "model": str(d.spec.model), "model_type": "deimv2",
                            "roadwork_classes": d.class_names, "weight": d.spec.weight,
                            "box_threshold": d.spec.box_threshold, "shared_backbone": d.shared,
+                           "quantize": d.spec.quantize or "none",
                            "input_size": [d.preprocess.height, d.preprocess.width]} for d in self.detectors],
         }
         if self.routes:
@@ -325,13 +327,15 @@ def load_detector(spec: DetectorSpec, where: str, dtype: torch.dtype, device: to
 
 
 def share_backbone(detector: LoadedDetector, classifier: Classifier, classifier_pre: PreprocessSpec,
-                   classifier_digest: str | None, same_device: bool) -> str | None:
+                   classifier_digest: str | None, same_device: bool, classifier_quantize: str | None) -> str | None:
     """Point the detector at the classifier's backbone when that is exact; returns why not, or None."""
     own = detector.model.model.conv_encoder.backbone
     if not isinstance(classifier.backbone, DINOv3ViT):
         return "the classifier is not a DINOv3 model"
     if not same_device:
         return "the stages run on different devices"
+    if detector.spec.quantize != classifier_quantize:
+        return "their quantize settings differ"
     if own.cfg != classifier.backbone.cfg:
         return "the backbone configs differ"
     if detector.preprocess != classifier_pre:
@@ -360,11 +364,16 @@ class Cascade:
             for j, det in enumerate(spec.detectors, start=1):
                 where = f"{toml} stage {i + 1} ('{spec.name}') detector {j} ('{det.name}')"
                 d = load_detector(det, where, dtype, devices[i])
-                why_not = share_backbone(d, classifier, preprocess, digest, devices[i] == devices[0])
+                why_not = share_backbone(d, classifier, preprocess, digest, devices[i] == devices[0],
+                                         first_spec.quantize)
                 log.info("detector '%s': %s", det.name, "shares the classifier's backbone" if why_not is None
                          else f"runs its own backbone ({why_not})")
+                if det.quantize == "int8" and not d.shared:
+                    quantize_int8(d.model.model.conv_encoder.backbone, exclude=())
                 group.append(d)
             loaded.append(group)
+        if first_spec.quantize == "int8":  # after sharing: a shared backbone is converted once, here
+            quantize_int8(classifier)
         keep = tuple(sorted({layer for group in loaded for d in group if d.shared for layer in d.model.hidden_layers}))
         self.first = ClassifierStage(first_spec, classifier, preprocess, devices[0], dtype, max_batch,
                                      routes=bool(later_specs), keep_layers=keep)
@@ -500,7 +509,8 @@ class Cascade:
         first = {"name": self.first.name, "kind": "classifier", "model_type": self.first.model.model_type,
                  "model": str(spec.model), "labels": list(labels.names),
                  "roadwork_label": labels.names[labels.roadwork_index], "device": str(self.first.device),
-                 "input_size": [self.first.preprocess.height, self.first.preprocess.width]}
+                 "input_size": [self.first.preprocess.height, self.first.preprocess.width],
+                 "quantize": spec.quantize or "none"}
         if self.later:
             first.update(exit_below=spec.exit_below, exit_above=spec.exit_above)
         return [first] + [stage.describe() for stage in self.later]

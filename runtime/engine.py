@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from runtime.bundle import Bundle, load_bundle
+from runtime.bundle import Bundle, load_bundle, with_quantize
 from runtime.cascade import Box, Cascade, ImageResult, OnStage, image_tensor
 from runtime.errors import ModelLoadError
 from runtime.vlm_stage import VLMOutput, VLMStage
@@ -79,8 +79,9 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-             max_batch: int = 32) -> Engine:
-        """`model_dir`: a bundle directory with cascade.toml, or one Hugging Face classifier directory."""
+             max_batch: int = 32, quantize: str | None = None) -> Engine:
+        """`model_dir`: a bundle directory with cascade.toml, or one Hugging Face classifier directory.
+        `quantize`: "int8" or "none" for every classifier and detector, over what cascade.toml says."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelLoadError(f"model directory '{model_dir}' does not exist")
@@ -88,7 +89,10 @@ class Engine:
             raise ModelLoadError(f"max_batch must be >= 1, got {max_batch}")
         device = resolve_device(device)
         try:
-            return cls(load_bundle(model_dir), device, resolve_dtype(dtype, device), max_batch)
+            bundle = load_bundle(model_dir)
+            if quantize is not None:
+                bundle = with_quantize(bundle, quantize)
+            return cls(bundle, device, resolve_dtype(dtype, device), max_batch)
         except ModelLoadError:
             raise
         except ValueError as e:  # config values a model or the preprocessing spec rejects

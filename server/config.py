@@ -19,6 +19,7 @@ class ServerConfig:
     port: int = 8080
     device: str = "cpu"
     dtype: str | None = None              # None: the engine picks its default for the device
+    quantize: str | None = None           # None: as cascade.toml says; "int8" / "none": every vision model
     max_batch: int = 32                   # images per Engine.predict call
     max_delay_ms: float = 5.0             # longest an image waits for its batch to fill
     queue_size: int = 1024                # images being decoded or waiting for a batch; beyond this: 503
@@ -47,6 +48,8 @@ class ServerConfig:
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in (None, "none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if not 0 <= self.port <= 65535:
@@ -67,6 +70,8 @@ _HELP = {
     "port": "TCP port; 0 picks a free one (default 8080)",
     "device": "cpu, cuda or cuda:N (default cpu)",
     "dtype": "float32, bfloat16 or float16 (default: the engine's choice for the device)",
+    "quantize": "int8 or none for every classifier and detector, over cascade.toml's per-model 'quantize' "
+                "(default: as cascade.toml says; float for a plain classifier directory)",
     "max_batch": "largest batch per model call (default 32)",
     "max_delay_ms": "longest a request waits for its batch to fill, in ms; 0 runs whatever is queued as soon as "
                     "the model is free (default 5)",
@@ -120,8 +125,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                     parser.error(f"environment variable {env}: {e}")
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
-        kind = {"model": Path, "dtype": str}.get(f.name, type(default))
-        choices = {"dtype": ["float32", "bfloat16", "float16"],
+        kind = {"model": Path, "dtype": str, "quantize": str}.get(f.name, type(default))
+        choices = {"dtype": ["float32", "bfloat16", "float16"], "quantize": ["none", "int8"],
                    "log_level": ["debug", "info", "warning", "error"]}.get(f.name)
         if env in environ:
             try:

@@ -18,6 +18,7 @@ from runtime.deimv2 import Deimv2Detector
 from runtime.detect_postprocess import center_to_corners
 from runtime.engine import Engine
 from runtime.errors import ModelLoadError
+from runtime.quant import Int8Linear
 from tests.checkpoints import write_preprocessor
 from tests.test_deimv2 import make_deimv2
 from tests.test_vote import formula
@@ -182,6 +183,46 @@ def test_two_detectors_match_step_by_step(models, reference, tmp_path, max_batch
     assert engine.stage_states() == {"detectors": "closed"}
 
 
+def int8_layers(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, Int8Linear) for m in module.modules())
+
+
+@pytest.mark.parametrize("detector_quantize", ["int8", "none"])
+def test_int8_per_model(models, reference, tmp_path, detector_quantize):
+    """cascade.toml's quantize: the classifier's encoder in int8; a detector sharing its backbone only when both
+    say the same; answers stay near the float cascade's."""
+    ref = reference
+    text = (classifier_stage(models, ref["low"], ref["high"]) + 'quantize = "int8"\n'
+            + detector_stage(models, ref["box"]["a"], ref["box"]["b"]))
+    text = text.replace('box_threshold = ' + repr(ref["box"]["a"]),
+                        f'box_threshold = {ref["box"]["a"]!r}\nquantize = "{detector_quantize}"')
+    engine = Engine.load(write_bundle(tmp_path, text), "cpu", "float32", max_batch=16)
+    first, second = engine.describe()["stages"]
+    assert first["quantize"] == "int8" and second["detectors"][0]["quantize"] == detector_quantize
+    assert second["detectors"][0]["shared_backbone"] is (detector_quantize == "int8")
+    backbone_a = engine.cascade.later[0].detectors[0].model.model.conv_encoder.backbone
+    assert int8_layers(engine.classifier.backbone) > 0 and not isinstance(engine.classifier.classifier, Int8Linear)
+    assert int8_layers(backbone_a) == (int8_layers(engine.classifier.backbone) if detector_quantize == "int8" else 0)
+    assert int8_layers(engine.cascade.later[0].detectors[1].model) == 0  # det-b says nothing: float
+    float_results = Engine.load(write_bundle(tmp_path / "float", text.replace('quantize = "int8"', "")),
+                                "cpu", "float32", max_batch=16).predict(ref["images"])
+    for got, want in zip(engine.predict(ref["images"]), float_results):
+        assert abs(got.scores["classifier"] - want.scores["classifier"]) < 0.05
+
+
+def test_quantize_override_and_errors(models, reference, tmp_path):
+    plain = Engine.load(models / "cls", "cpu", "float32", max_batch=4, quantize="int8")
+    assert plain.describe()["stages"][0]["quantize"] == "int8" and int8_layers(plain.classifier) > 0
+    text = classifier_stage(models, 0.2, 0.8) + 'quantize = "int8"\n' + detector_stage(models, 0.5, None)
+    bundle = write_bundle(tmp_path, text)
+    assert int8_layers(Engine.load(bundle, "cpu", "float32", max_batch=4, quantize="none").classifier) == 0
+    write_bundle(tmp_path, text.replace('"int8"', '"int4"'))
+    with pytest.raises(ModelLoadError, match="stage 1 .*key 'quantize' must be one of none, int8, got 'int4'"):
+        Engine.load(bundle, "cpu", "float32")
+    with pytest.raises(ModelLoadError, match="quantize must be one of none, int8, got 'fp8'"):
+        Engine.load(models / "cls", "cpu", "float32", quantize="fp8")
+
+
 def test_one_detector_k1(models, reference, tmp_path):
     ref = reference
     bundle = write_bundle(tmp_path, classifier_stage(models, ref["low"], ref["high"])
@@ -306,7 +347,8 @@ def test_describe_bundle(models, reference, tmp_path):
     assert second["name"] == "detectors" and second["breaker"] == "closed" and second["time_budget_ms"] == 250
     assert second["detectors"][1] == {"name": "b", "model": str(models / "det-b"), "model_type": "deimv2",
                                       "roadwork_classes": ["LABEL_1", "LABEL_3"], "weight": 2.0,
-                                      "box_threshold": 0.5, "shared_backbone": False, "input_size": [96, 64]}
+                                      "box_threshold": 0.5, "shared_backbone": False, "quantize": "none",
+                                      "input_size": [96, 64]}
 
 
 @pytest.mark.parametrize("edit, message", [
