@@ -4,7 +4,7 @@
     python -m bench.int8 --model DIR        # a trained classifier: MCC against the labels means something
 
 Accuracy: JPEG bytes -> Engine.predict with the model loaded in fp32, in bf16, and in bf16 with its encoder
-Linear layers converted by runtime.quant.quantize_int8 (the call the Engine's int8 option makes), on the
+Linear layers converted by runtime.quant.quantize_int8 (Engine.load(quantize="int8")), on the
 synthetic eval set (train.generate: street scenes with and without roadwork, the validator's augmentations).
 Per dtype: max and mean |P - P_fp32|, decisions (P > 0.5) that differ from fp32's, and MCC of the decisions
 against fp32's and against the scene labels. Random-weight checkpoints ("parity-*" are tests/checkpoints.py's
@@ -26,7 +26,6 @@ from bench.common import PRESETS, make_checkpoint, print_table, time_interleaved
 from bench.mfu import model_call
 from runtime.decode import decode_image
 from runtime.engine import Engine
-from runtime.quant import quantize_int8
 
 PARITY = ("parity-dinov3", "parity-vit")
 DEFAULT_CASES = ("parity-dinov3", "parity-vit", "dinov3-vits16", "vit-b16")
@@ -60,10 +59,8 @@ def write_case(case: str, path: Path) -> None:
 
 
 def load_engine(path: Path, dtype_name: str, max_batch: int) -> Engine:
-    engine = Engine.load(path, "cpu", "fp32" if dtype_name == "fp32" else "bf16", max_batch=max_batch)
-    if dtype_name == "int8":
-        quantize_int8(engine.classifier)
-    return engine
+    return Engine.load(path, "cpu", "fp32" if dtype_name == "fp32" else "bf16", max_batch=max_batch,
+                       quantize="int8" if dtype_name == "int8" else "none")
 
 
 def accuracy(case: str, path: Path, jpegs: list[bytes], labels: np.ndarray, batch: int) -> list[dict]:
