@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from runtime.decode import decode_image
 
@@ -127,6 +128,8 @@ class StageClock:
         self.seconds: dict[str, float] = defaultdict(float)
         self.images: dict[str, int] = defaultdict(int)
         first = cascade.first
+        for name in [first.name] + [stage.name for stage in cascade.later]:
+            self.images[name] = 0   # every stage is reported, also one no image reached
         load, run, call = first.load, first.run, cascade.call
 
         def timed_load(images):
@@ -240,10 +243,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 where fast, else fp32)")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--limit", type=int, help="score only N images, evenly spread over the folder")
     ap.add_argument("--json", type=Path, help="also write the report here as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         data = list_labeled(args.data)
     except ValueError as e:

@@ -145,7 +145,7 @@ def search(obs: Observed, weights: Sequence[float], max_routed: float = 1.0,
             # exits keep the classifier's answer; routed images take each rule's answer
             keep = ~go
             tp0, fp0 = int(np.sum(clf & keep & y)), int(np.sum(clf & keep & ~y))
-            tn0, fn0 = int(np.sum(~clf & keep & ~y)), int(np.sum(~clf & keep & y))
+            fn0 = int(np.sum(~clf & keep & y))
             d = decisions[:, go]
             yg = y[go]
             tp = tp0 + (d & yg).sum(1)
@@ -214,10 +214,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--limit", type=int, help="tune on N images evenly spread over the folder")
     ap.add_argument("--write", action="store_true", help="write the chosen thresholds into BUNDLE/cascade.toml")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not 0 <= args.max_routed <= 1:
         ap.error(f"--max-routed must be in [0, 1], got {args.max_routed}")
     bundle = read_bundle(args.bundle)

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from runtime.bundle import read_bundle
 from runtime.decode import decode_image
@@ -19,13 +18,7 @@ from tests.test_deimv2 import make_deimv2
 from train.generate import DatasetWriter, iter_samples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their spinning costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +86,7 @@ def test_eval_report_matches_engine(data, bundle, tmp_path, capsys):
     stages = report["stages"]
     assert stages["classifier"]["reached"] == 1.0
     assert stages["classifier"]["decided"] + stages.get("detectors", {"decided": 0})["decided"] == pytest.approx(1.0)
-    assert all(s["ms_per_image_reached"] > 0 for s in stages.values())
+    assert all(s["ms_per_image_reached"] > 0 for s in stages.values() if s["reached"] > 0)
 
 
 def test_vote_decisions_are_the_rules():

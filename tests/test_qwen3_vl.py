@@ -25,14 +25,7 @@ ENGINE = VLMEngineConfig(kv_cache_bytes=1 << 22, max_model_len=512, max_num_batc
 QUESTION = "Is there roadwork in this image? Answer Yes or No."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. On a shared, oversubscribed CPU, every parallel region (SDPA's CPU
-    kernel opens one per call) can wait a scheduler slice for its second thread: 10+ ms per call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

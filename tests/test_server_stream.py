@@ -18,7 +18,9 @@ from runtime.engine import Engine
 from tests.checkpoints import make_vit
 from tests.test_cascade import classifier_stage, detector_stage, write_bundle
 from tests.test_server import Running, b64, jpeg, serving
-from tests.test_vlm_stage import models, one_thread, vlm_stage  # noqa: F401 (fixtures: the same tiny models)
+from tests.test_vlm_stage import models, vlm_stage  # noqa: F401 (a fixture: the same tiny models)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAX_EXPLAIN_TOKENS = 96  # long enough that a client can leave in the middle of an explanation
 

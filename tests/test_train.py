@@ -22,13 +22,7 @@ from train.generate import DatasetWriter, iter_samples
 TINY_ARGS = ["--hidden", "32", "--layers", "3", "--heads", "2", "--registers", "2", "--size", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their spinning costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ QUESTION = "Is there roadwork in this image? Answer Yes or No."
 ROOMY = VLMEngineConfig(kv_cache_bytes=1 << 22, max_model_len=256, max_num_batched_tokens=256, block_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. On a shared, oversubscribed CPU, every parallel region (SDPA's CPU
-    kernel opens one per call) can wait a scheduler slice for its second thread: 10+ ms per call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ down (cheap antialiasing). An id map drawn alongside the colours records which l
 each pixel, so boxes are tight around what is actually visible and hidden objects lose their label.
 
 Both labels share the same clutter, including orange and red cars, striped awnings, hydrants, balls,
-autumn trees, red roofs and ordinary signs; positives add a roadwork layout that can be as small as one
-distant cone, so colour alone does not separate the classes.
+autumn trees, red roofs and ordinary signs; positives add a work zone (a closed lane or site, usually
+near) or a few scattered roadwork items, each at least MIN_ROADWORK_SIDE of the image, so colour alone does
+not separate the classes.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ Z_FAR = 220.0           # metres; beyond this only the skyline
 MIN_VISIBLE = 0.35      # share of an object's own pixels that must stay unoccluded to keep its label
 MAX_FOG = 0.7           # labelled objects fogged more than this are too faint to call visible
 MIN_BOX_SIDE = 2.0      # output pixels
-MIN_ROADWORK_SIDE = 0.025  # of the image side: a positive needs one roadwork object at least this big
+MIN_ROADWORK_SIDE = 0.06   # of the image side: a positive needs one roadwork object at least this big
 OCCLUDER = 255          # id-map value of unlabelled solid shapes
 MAX_LAYOUTS = 20
 
@@ -1035,8 +1036,8 @@ class Layout:
         return -pad < self.cam.x(l, z) < self.canvas + pad
 
     def min_pixels(self) -> float:
-        """Canvas pixels a deliberately small roadwork object still spans (3 % of the image)."""
-        return 0.03 * self.canvas
+        """Canvas pixels a deliberately small roadwork object still spans (7 % of the image)."""
+        return 0.07 * self.canvas
 
     def person(self, worker: bool) -> Person:
         rng = self.rng
@@ -1107,7 +1108,7 @@ def _lane_closure(L: Layout) -> None:
     lo, hi = road.lane(k)
     side = 1 if k > road.ego else -1          # the open traffic is on the camera's side of the closed lane
     inner, outer = (lo + 0.3, hi - 0.4) if side > 0 else (hi - 0.3, lo + 0.4)
-    z0 = L.z_near + 1.5 + 40.0 * float(rng.random()) ** 1.5    # mostly near: the sparse layouts cover far
+    z0 = L.z_near + 1.5 + 25.0 * float(rng.random()) ** 2      # mostly near: the sparse layouts cover far
     z1 = min(z0 + _u(rng, 15.0, 70.0), 150.0)
     device = _pick(rng, ("cone", "cone", "cone", "barrel", "jersey", "board"))
     cone, bands = _pick(rng, CONE_COLORS), int(rng.integers(1, 3))
@@ -1157,7 +1158,7 @@ def _work_site(L: Layout) -> None:
         l0, l1 = (hi - width, hi - 0.15) if k >= road.ego else (lo + 0.15, lo + width)
         if road.lanes == 1:
             l0, l1 = road.right - width, road.right - 0.15
-    z0 = L.z_near + 2.0 + 35.0 * float(rng.random()) ** 1.5
+    z0 = L.z_near + 2.0 + 20.0 * float(rng.random()) ** 2
     z1 = z0 + _u(rng, 3.0, 14.0)
     fence = _pick(rng, ("board", "board", "jersey", "cones"))
     facing = 1 if l0 > 0 else -1      # the long side the camera sees
@@ -1189,9 +1190,9 @@ def _work_site(L: Layout) -> None:
 
 
 def _sparse_roadwork(L: Layout) -> None:
-    """One to three roadwork items, often small and far: the hard positives."""
+    """One to three roadwork items, smaller and farther than a work zone: the hard positives."""
     rng, road, cam = L.rng, L.road, L.cam
-    for _ in range(_pick(rng, (1, 1, 1, 2, 2, 3))):
+    for _ in range(_pick(rng, (1, 2, 2, 3))):
         kind = _pick(rng, ("cone", "cone", "cone", "barrel", "sign", "sign", "barrier", "worker", "machinery"))
         spot = rng.random()
         if spot < 0.4:
@@ -1231,9 +1232,9 @@ def _sparse_roadwork(L: Layout) -> None:
 
 def _place_roadwork(L: Layout) -> None:
     r = L.rng.random()
-    if r < 0.4 and L.road.lanes >= 2:
+    if r < 0.45 and L.road.lanes >= 2:
         _lane_closure(L)
-    elif r < 0.68:
+    elif r < 0.85:
         _work_site(L)
     else:
         _sparse_roadwork(L)
@@ -1241,7 +1242,7 @@ def _place_roadwork(L: Layout) -> None:
 
 def _place_street(L: Layout) -> None:
     """Street furniture, greenery, ordinary signs and the hard negatives, identical for both labels."""
-    rng, road, look, cam = L.rng, L.road, L.look, L.cam
+    rng, road, look = L.rng, L.road, L.look
     trees = {"urban": 0.45, "suburban": 0.9, "highway": 0.35}[road.kind]
     green_base = _pick(rng, ((55, 105, 45), (75, 120, 50), (40, 85, 45))) if not look.autumn else _pick(
         rng, ((200, 110, 30), (210, 160, 40), (170, 70, 30)))
