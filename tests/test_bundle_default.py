@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import DINOv3ViTModel
+from transformers import Deimv2ForObjectDetection, DINOv3ViTModel
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
 from runtime.classifier import load_classifier
 from runtime.config import read_json
 from runtime.decode import decode_image
+from runtime.deimv2 import Deimv2Detector
 from runtime.engine import Engine, image_tensor
 from train.generate import make_sample
 
@@ -22,12 +23,7 @@ SAMPLES = REPO / "samples"
 MAX_BUNDLE_BYTES = 25 * 2 ** 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +42,15 @@ def test_bundle_is_small_and_well_formed():
     assert total < MAX_BUNDLE_BYTES, f"bundle is {total / 2 ** 20:.1f} MiB"
     cfg = read_json(BUNDLE / "classifier" / "config.json")
     assert cfg["model_type"] == "dinov3_vit" and cfg["id2label"] == {"0": "none", "1": "roadwork"}
+    assert read_json(BUNDLE / "detector" / "config.json")["model_type"] == "deimv2"
 
 
-def test_bundle_is_the_one_stage_classifier(engine):
-    # The trained detector did not make the bundle yet (docs/training.md): one classifier stage decides.
-    assert [s["name"] for s in engine.describe()["stages"]] == ["classifier"]
+def test_two_stages_share_one_backbone(engine):
+    stages = engine.describe()["stages"]
+    assert [s["name"] for s in stages] == ["classifier", "detectors"]
+    assert stages[1]["detectors"][0]["shared_backbone"] is True
+    # thresholds chosen by runtime.tune (docs/training.md): the detectors get an undecided band
+    assert 0.0 < stages[0]["exit_below"] <= 0.5 <= stages[0]["exit_above"] < 1.0
 
 
 def test_samples_are_scored_on_the_right_side(engine):
@@ -87,3 +87,8 @@ def test_transformers_reads_the_bundled_checkpoints():
         seq, _ = ours.backbone(pixels)
         ref_seq = ref(pixel_values=pixels).last_hidden_state
     assert (seq - ref_seq).abs().max() <= 1e-4 * ref_seq.abs().max()
+    det = Deimv2Detector.from_pretrained(BUNDLE / "detector")
+    ref_det = Deimv2ForObjectDetection.from_pretrained(BUNDLE / "detector", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = ref_det(pixel_values=pixels), det(pixels)
+    assert (a.logits - b.logits).abs().max() <= 1e-3 * a.logits.abs().max()
