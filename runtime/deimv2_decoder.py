@@ -83,7 +83,9 @@ class DeformableAttention(nn.Module):
     def _sample(self, value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """[B*heads, head_dim, Q, P_l] values at the grid points."""
         if not self.discrete:
-            return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            # contiguous: torch 2.13's CPU bf16 grid_sample returns NaN for the channels-last strides a batch of
+            # one gives the value maps here (tests/test_bundle_default.py::test_one_image_at_a_time_in_bf16)
+            return F.grid_sample(value.contiguous(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         bh, dim, h, w = value.shape
         q, p = grid.shape[1], grid.shape[2]
         # Python-scalar scales: a tensor built from host values here would be a copy CUDA graph capture rejects.

@@ -61,6 +61,17 @@ def test_samples_are_scored_on_the_right_side(engine):
         assert (r.prediction > 0.5) == bool(e["label"]), (e["file"], r)
 
 
+def test_one_image_at_a_time_in_bf16():
+    """A lone request is a batch of one: its detector pass gave NaN in bf16 (runtime/deimv2_decoder.py, _sample)."""
+    engine = Engine.load(BUNDLE, dtype="bfloat16", max_batch=4)
+    images = [decode_image((SAMPLES / e["file"]).read_bytes()) for e in sample_index()]
+    together = engine.predict(images)
+    for image, want in zip(images, together):
+        got = engine.predict([image])[0]
+        assert np.isfinite(got.prediction) and abs(got.prediction - want.prediction) < 0.05, (got, want)
+        assert got.label == want.label
+
+
 def test_samples_come_from_the_generator():
     for e in sample_index():
         assert e["file"].startswith("roadwork_" if e["label"] else "none_")
