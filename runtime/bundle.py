@@ -169,11 +169,15 @@ def parse_classifier_stage(root: Path, table: Table, has_next: bool) -> Classifi
     return ClassifierStageSpec(name, model, device, below, above, quantize_of(table))
 
 
-def quantize_of(table: Table) -> str | None:
-    mode = table.get("quantize", str, "none")
+def quantize_mode(mode: str, what: str) -> str | None:
+    """A QUANTIZE_MODES name as a spec holds it: None for "none"; `what` names the setting in the error."""
     if mode not in QUANTIZE_MODES:
-        raise ModelLoadError(f"{table.where}: key 'quantize' must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
+        raise ModelLoadError(f"{what} must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     return None if mode == "none" else mode
+
+
+def quantize_of(table: Table) -> str | None:
+    return quantize_mode(table.get("quantize", str, "none"), f"{table.where}: key 'quantize'")
 
 
 def parse_detector(root: Path, table: Table) -> DetectorSpec:
@@ -305,9 +309,7 @@ def single_classifier_bundle(model_dir: str | Path) -> Bundle:
 
 def with_quantize(bundle: Bundle, mode: str) -> Bundle:
     """The bundle with every classifier and detector set to `mode` ("none" or "int8"): a command-line override."""
-    if mode not in QUANTIZE_MODES:
-        raise ModelLoadError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
-    value = None if mode == "none" else mode
+    value = quantize_mode(mode, "quantize")
     stages = []
     for stage in bundle.stages:
         if isinstance(stage, ClassifierStageSpec):

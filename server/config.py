@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from runtime.bundle import QUANTIZE_MODES
+
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "bundles" / "default"
 ENV_PREFIX = "ROADWORK_"
 
@@ -48,8 +50,8 @@ class ServerConfig:
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantize not in (None, "none", "int8"):
-            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if not 0 <= self.port <= 65535:
@@ -126,7 +128,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         kind = {"model": Path, "dtype": str, "quantize": str}.get(f.name, type(default))
-        choices = {"dtype": ["float32", "bfloat16", "float16"], "quantize": ["none", "int8"],
+        choices = {"dtype": ["float32", "bfloat16", "float16"], "quantize": list(QUANTIZE_MODES),
                    "log_level": ["debug", "info", "warning", "error"]}.get(f.name)
         if env in environ:
             try:
