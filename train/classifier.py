@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from runtime.dinov3 import DINOv3Config, DINOv3ViT
 from runtime.eval import Confusion
 from runtime.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
+from train.optim import adamw, warmup_cosine
 from train.scenes import ROADWORK_CLASSES
 
 log = logging.getLogger(__name__)
@@ -156,10 +156,7 @@ class TrainConfig:
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine to zero."""
-    warm = max(int(total * cfg.warmup), 1)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+    return warmup_cosine(step, total, cfg.lr, max(int(total * cfg.warmup), 1))
 
 
 @torch.no_grad()
@@ -183,11 +180,7 @@ def train(model: TrainingModel, pixels: torch.Tensor, labels: torch.Tensor, patc
     order_rng = torch.Generator().manual_seed(cfg.seed)
     if cfg.freeze_backbone:
         model.classifier.backbone.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
     n = len(pixels)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = n // batch
@@ -229,7 +222,7 @@ def train(model: TrainingModel, pixels: torch.Tensor, labels: torch.Tensor, patc
                 loss = loss + cfg.aux_weight * F.mse_loss(patch_logits.float(), t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
             seen += len(idx)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from runtime.config import read_json
 from runtime.eval import Confusion
 from runtime.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
+from train.optim import adamw, warmup_cosine
 from train.scenes import CLASSES, ROADWORK_CLASSES
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,7 @@ class TrainConfig:
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    warm = max(int(total * cfg.warmup), 1)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+    return warmup_cosine(step, total, cfg.lr, max(int(total * cfg.warmup), 1))
 
 
 ROADWORK_IDS = [CLASSES.index(c) for c in ROADWORK_CLASSES]
@@ -187,11 +184,7 @@ def train(model, pixels: torch.Tensor, labels: list[dict], cfg: TrainConfig,
 
     torch.manual_seed(cfg.seed)
     order_rng = torch.Generator().manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     n = len(pixels)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = n // batch
@@ -222,7 +215,7 @@ def train(model, pixels: torch.Tensor, labels: list[dict], cfg: TrainConfig,
                 loss = model(pixel_values=x, labels=y).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
             step += 1
             seen += len(idx)

@@ -42,6 +42,7 @@ from runtime.sequence import SamplingParams
 from runtime.tokenizer import ChatTokenizer
 from runtime.vlm_engine import VLMEngine, VLMEngineConfig
 from train.data import LabeledFolder, decode_file, list_folder
+from train.optim import adamw, warmup_cosine
 from train.vlm_tokenizer import (EXPLAIN_PROMPT, IM_END, IMAGE_PAD, NO, PAD, SCORE_PROMPT, SPECIAL_TOKENS, YES,
                                  corpus, explanation, save_tokenizer, train_tokenizer)
 
@@ -222,9 +223,7 @@ def fast_patch_embed_(model: Qwen3VLForConditionalGeneration) -> None:
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup over warmup_steps, then cosine to zero at `total`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1)))
+    return warmup_cosine(step, total, cfg.lr, cfg.warmup_steps)
 
 
 def make_batch(chats: Chats, images: torch.Tensor, labels: np.ndarray, explanations: list[list[int]],
@@ -281,10 +280,7 @@ def train(model: Qwen3VLForConditionalGeneration, chats: Chats, images: torch.Te
 
     torch.manual_seed(cfg.seed)
     order = torch.Generator().manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98))
+    opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.98))
     n = len(images)
     batch = min(cfg.batch_size, n)
     num_explain = round(batch * cfg.explain_share)
@@ -320,7 +316,7 @@ def train(model: Qwen3VLForConditionalGeneration, chats: Chats, images: torch.Te
             loss = cfg.score_weight * score_loss + text_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
             seen += len(index)
