@@ -15,7 +15,7 @@ from runtime.eval import Confusion, list_labeled, main as eval_main, run_engine
 from runtime.tune import Observed, apply, bundle_toml, main as tune_main, search, vote_decisions
 from tests.checkpoints import make_dinov3, write_preprocessor
 from tests.test_deimv2 import make_deimv2
-from train.generate import DatasetWriter, iter_samples
+from train.generate import write_dataset
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,10 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "set"
-    writer = DatasetWriter(out, seed=3, size=224, levels=(0, 1, 2, 3))
-    for sample in iter_samples(3, 16):
-        writer.add(sample)
-    writer.finish()
+    write_dataset(out, seed=3, n=16)
     return out
 
 

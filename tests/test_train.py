@@ -17,7 +17,7 @@ from train.classifier import Architecture, TrainConfig, main as classifier_main,
     preprocessor_config, train
 from train.detector import main as detector_main
 from train.data import decode_file, list_folder, load_pixels
-from train.generate import DatasetWriter, iter_samples
+from train.generate import write_dataset
 
 TINY_ARGS = ["--hidden", "32", "--layers", "3", "--heads", "2", "--registers", "2", "--size", "64"]
 
@@ -28,10 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "set"
-    writer = DatasetWriter(out, seed=7, size=224, levels=(0, 1, 2, 3))
-    for sample in iter_samples(7, 12):
-        writer.add(sample)
-    writer.finish()
+    write_dataset(out, seed=7, n=12)
     return out
 
 

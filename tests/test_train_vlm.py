@@ -13,7 +13,7 @@ from runtime.tokenizer import ChatTokenizer
 from runtime.vlm_engine import VLMEngine, VLMEngineConfig
 from tests.vlm_checkpoints import hf_inputs
 from train.data import decode_file, list_folder
-from train.generate import DatasetWriter, iter_samples
+from train.generate import write_dataset
 from train.vlm import IGNORE, Architecture, Chats, make_batch, main, vision_spec
 from train.vlm_tokenizer import (EXPLAIN_PROMPT, SCORE_PROMPT, SPECIAL_TOKENS, corpus, explanation, save_tokenizer,
                                  train_tokenizer)
@@ -31,10 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "set"
-    writer = DatasetWriter(out, seed=3, size=224, levels=(0, 1, 2, 3))
-    for sample in iter_samples(3, 8):
-        writer.add(sample)
-    writer.finish()
+    write_dataset(out, seed=3, n=8)
     return out
 
 

@@ -21,7 +21,7 @@ import multiprocessing
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -130,6 +130,17 @@ class DatasetWriter:
         (self.out / "meta.jsonl").write_text("".join(line + "\n" for line in self.meta))
 
 
+def write_dataset(out: Path, seed: int, n: int, size: int = SIZE, levels: Sequence[int] = LEVELS, workers: int = 1,
+                  progress: Callable[[Iterator[Sample]], Iterable[Sample]] = iter) -> DatasetWriter:
+    """Images 0..n-1 of the dataset with this seed, written to `out` (new or empty); `progress` wraps the samples
+    (a progress bar)."""
+    writer = DatasetWriter(out, seed, size, levels)
+    for sample in progress(iter_samples(seed, n, size, levels, workers)):
+        writer.add(sample)
+    writer.finish()
+    return writer
+
+
 def _levels(text: str) -> tuple[int, ...]:
     try:
         levels = tuple(int(v) for v in text.split(","))
@@ -159,13 +170,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error(f"--seed must be non-negative, got {args.seed}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        writer = DatasetWriter(args.out, args.seed, args.size, args.levels)
+        writer = write_dataset(args.out, args.seed, args.n, args.size, args.levels, args.workers,
+                               lambda samples: tqdm(samples, total=args.n, unit="img", file=sys.stderr))
     except ValueError as e:
         ap.error(str(e))
-    samples = iter_samples(args.seed, args.n, args.size, args.levels, args.workers)
-    for sample in tqdm(samples, total=args.n, unit="img", file=sys.stderr):
-        writer.add(sample)
-    writer.finish()
     log.info("wrote %d images, %d boxes to %s", len(writer.images), len(writer.annotations), args.out)
 
 
