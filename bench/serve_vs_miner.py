@@ -1,15 +1,16 @@
 """Our server against the reference miner's way, same weights, same load, same concurrency levels, loopback only.
 
     python -m bench.serve_vs_miner [--preset vit-b16 | --model DIR] [--concurrency 1,8,32,128]
-                                   [--duration 20] [--requests 400]
+                                   [--duration 20] [--requests 400] [--servers baseline,server,server-int8]
 
 1. A random-weight checkpoint of the preset (default ViT-B/16, the reference miner's architecture) is written
    to a temporary directory, or --model names one.
 2. Offline: Engine.predict on full batches in this process (decoded images, and JPEG bytes -> decode ->
    predict): the runtime's throughput without HTTP, the ceiling the server is held to.
 3. Each server in turn, alone on the machine: `python -m bench.miner_baseline` (BASELINE: transformers
-   pipeline run synchronously in the async handler, fp32, one request at a time) and `python -m server`
-   (result cache off, so every request is computed). Each starts on 127.0.0.1 with a free port; once /readyz
+   pipeline run synchronously in the async handler, fp32, one request at a time), `python -m server`
+   (result cache off, so every request is computed; `--quantize none`) and the same with `--quantize int8`
+   (server-int8), each with its own offline figure. Each starts on 127.0.0.1 with a free port; once /readyz
    answers 200 one request is timed alone (first request after ready), then for each concurrency level a
    closed loop of that many clients POSTs ImageSynapse JSON ({"image": base64 JPEG, "prediction": -1.0, ...})
    back to back, bounded by --requests and --duration. Between levels the server is left to drain.
@@ -42,7 +43,8 @@ import orjson
 from bench.common import PRESETS, jpeg_images, make_checkpoint, print_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-SERVERS = ("baseline", "server")
+SERVERS = ("baseline", "server", "server-int8")
+OURS = {"server": "none", "server-int8": "int8"}  # our server kinds -> their --quantize
 
 
 @dataclass
@@ -156,7 +158,7 @@ def server_command(name: str, model: Path, args: argparse.Namespace) -> list[str
     if name == "baseline":
         return [sys.executable, "-m", "bench.miner_baseline", "--model", str(model), "--port", "0"]
     return [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
-            "--cache-entries", "0", "--max-batch", str(args.max_batch), *args.server_arg]
+            "--cache-entries", "0", "--max-batch", str(args.max_batch), "--quantize", OURS[name], *args.server_arg]
 
 
 async def measure_server(name: str, model: Path, bodies: list[bytes], args: argparse.Namespace) -> dict:
@@ -182,14 +184,14 @@ async def measure_server(name: str, model: Path, bodies: list[bytes], args: argp
             "exit_code": proc.returncode}
 
 
-def offline(model: Path, jpegs: list[bytes], batch: int, batches: int, dtype: str | None) -> dict:
+def offline(model: Path, jpegs: list[bytes], batch: int, batches: int, dtype: str | None, quantize: str) -> dict:
     """Images/s of Engine.predict in this process: on decoded images, and from JPEG bytes (decode included)."""
     import torch
 
     from runtime.decode import decode_image
     from runtime.engine import Engine
 
-    engine = Engine.load(model, "cpu", dtype, max_batch=batch)
+    engine = Engine.load(model, "cpu", dtype, max_batch=batch, quantize=quantize)
     chunk = [jpegs[i % len(jpegs)] for i in range(batch)]
     decoded = [decode_image(j) for j in chunk]
     engine.predict(decoded)
@@ -203,72 +205,81 @@ def offline(model: Path, jpegs: list[bytes], batch: int, batches: int, dtype: st
             times.append(t1 - t0)
             e2e_times.append(time.perf_counter() - t1)
     result = {"batch": batch, "img_s": batch / statistics.median(times),
-              "e2e_img_s": batch / statistics.median(e2e_times), "dtype": str(engine.dtype).removeprefix("torch.")}
+              "e2e_img_s": batch / statistics.median(e2e_times), "dtype": str(engine.dtype).removeprefix("torch."),
+              "quantize": quantize}
     del engine
     gc.collect()
     return result
 
 
-def report(results: list[dict], offline_result: dict | None) -> dict:
+def report(results: list[dict], offline_results: dict[str, dict]) -> dict:
     rows = [level for r in results for level in r["levels"]]
     by = {(row["server"], row["concurrency"]): row for row in rows}
     ratios = []
-    for concurrency in sorted({row["concurrency"] for row in rows}):
-        base, ours = by.get(("baseline", concurrency)), by.get(("server", concurrency))
-        if base and ours:
-            ratios.append({"concurrency": concurrency, "server_req_s": ours["req_s"], "baseline_req_s": base["req_s"],
-                           "throughput_ratio": ours["req_s"] / base["req_s"] if base["req_s"] else float("inf"),
-                           "server_errors": ours["errors"], "baseline_errors": base["errors"],
-                           "p50_ratio": base["p50_ms"] / ours["p50_ms"]})
+    for name in OURS:
+        for concurrency in sorted({row["concurrency"] for row in rows}):
+            base, ours = by.get(("baseline", concurrency)), by.get((name, concurrency))
+            if base and ours:
+                ratios.append({"server": name, "concurrency": concurrency, "server_req_s": ours["req_s"],
+                               "baseline_req_s": base["req_s"],
+                               "throughput_ratio": ours["req_s"] / base["req_s"] if base["req_s"] else float("inf"),
+                               "server_errors": ours["errors"], "baseline_errors": base["errors"],
+                               "p50_ratio": base["p50_ms"] / ours["p50_ms"]})
     print("\nper server and concurrency (closed loop)")
     print_table(rows, ["server", "concurrency", "load_avg", "ok", "errors", "seconds", "req_s", "p50_ms", "p99_ms"])
     if ratios:
-        print("\nserver / baseline")
-        print_table(ratios, ["concurrency", "server_req_s", "baseline_req_s", "throughput_ratio", "server_errors",
-                             "baseline_errors", "p50_ratio"])
-    checks = {}
-    ours = next((r for r in results if r["server"] == "server"), None)
-    if ours is not None:
-        steady = by.get(("server", 1))
-        first_ms = ours["first_request"]["p50_ms"]
-        checks["first_request_ms"] = first_ms
-        if steady:
-            checks["first_vs_steady_p50"] = first_ms / steady["p50_ms"]
-        at32 = by.get(("server", 32))
-        if at32 and offline_result:
-            checks["server_c32_vs_offline"] = at32["req_s"] / offline_result["img_s"]
-            checks["server_c32_vs_offline_with_decode"] = at32["req_s"] / offline_result["e2e_img_s"]
-        ratio32 = next((r for r in ratios if r["concurrency"] == 32), None)
-        if ratio32:
-            checks["c32_throughput_ratio"] = ratio32["throughput_ratio"]
-            checks["c32_server_errors"] = ratio32["server_errors"]
-    if offline_result:
-        print(f"\noffline Engine.predict (batch {offline_result['batch']}, {offline_result['dtype']}): "
-              f"{offline_result['img_s']:.2f} img/s decoded, {offline_result['e2e_img_s']:.2f} img/s from JPEG")
-    for key, target, text in [("c32_throughput_ratio", 3.0, "server >= 3x baseline req/s at concurrency 32"),
-                              ("server_c32_vs_offline", 0.9, "server at concurrency 32 >= 90% of offline img/s")]:
-        if key in checks:
-            print(f"target: {text}: {checks[key]:.2f} ({'met' if checks[key] >= target else 'not met'})")
-    if "c32_server_errors" in checks:
-        print(f"target: zero server errors at concurrency 32: {checks['c32_server_errors']} "
-              f"({'met' if checks['c32_server_errors'] == 0 else 'not met'})")
-    if "first_vs_steady_p50" in checks:
-        verdict = "met" if checks["first_vs_steady_p50"] <= 1.5 else "not met"
-        print(f"target: first request after /readyz within 1.5x steady p50 (concurrency 1): "
-              f"{checks['first_request_ms']:.0f} ms = {checks['first_vs_steady_p50']:.2f}x ({verdict})")
+        print("\nours / baseline")
+        print_table(ratios, ["server", "concurrency", "server_req_s", "baseline_req_s", "throughput_ratio",
+                             "server_errors", "baseline_errors", "p50_ratio"])
+    checks = {name: server_checks(name, results, by, ratios, offline_results.get(name)) for name in OURS
+              if any(r["server"] == name for r in results)}
+    for name, offline_result in offline_results.items():
+        print(f"\noffline Engine.predict for {name} (batch {offline_result['batch']}, {offline_result['dtype']}, "
+              f"quantize {offline_result['quantize']}): {offline_result['img_s']:.2f} img/s decoded, "
+              f"{offline_result['e2e_img_s']:.2f} img/s from JPEG")
+    for name, c in checks.items():
+        for key, target, text in [("c32_throughput_ratio", 3.0, "req/s >= 3x baseline at concurrency 32"),
+                                  ("server_c32_vs_offline", 0.9, "at concurrency 32 >= 90% of offline img/s")]:
+            if key in c:
+                print(f"target ({name}): {text}: {c[key]:.2f} ({'met' if c[key] >= target else 'not met'})")
+        if "c32_server_errors" in c:
+            print(f"target ({name}): zero errors at concurrency 32: {c['c32_server_errors']} "
+                  f"({'met' if c['c32_server_errors'] == 0 else 'not met'})")
+        if "first_vs_steady_p50" in c:
+            verdict = "met" if c["first_vs_steady_p50"] <= 1.5 else "not met"
+            print(f"target ({name}): first request after /readyz within 1.5x steady p50 (concurrency 1): "
+                  f"{c['first_request_ms']:.0f} ms = {c['first_vs_steady_p50']:.2f}x ({verdict})")
     return {"levels": rows, "ratios": ratios, "checks": checks}
 
 
+def server_checks(name: str, results: list[dict], by: dict, ratios: list[dict], offline_result: dict | None) -> dict:
+    """The issue's targets for one of our servers."""
+    ours = next(r for r in results if r["server"] == name)
+    checks = {"first_request_ms": ours["first_request"]["p50_ms"]}
+    steady = by.get((name, 1))
+    if steady:
+        checks["first_vs_steady_p50"] = checks["first_request_ms"] / steady["p50_ms"]
+    at32 = by.get((name, 32))
+    if at32 and offline_result:
+        checks["server_c32_vs_offline"] = at32["req_s"] / offline_result["img_s"]
+        checks["server_c32_vs_offline_with_decode"] = at32["req_s"] / offline_result["e2e_img_s"]
+    ratio32 = next((r for r in ratios if r["server"] == name and r["concurrency"] == 32), None)
+    if ratio32:
+        checks["c32_throughput_ratio"] = ratio32["throughput_ratio"]
+        checks["c32_server_errors"] = ratio32["server_errors"]
+    return checks
+
+
 async def run_servers(model: Path, jpegs: list[bytes], bodies: list[bytes],
-                      args: argparse.Namespace) -> tuple[list[dict], dict | None]:
-    """Each server alone; the offline figure is taken right before our server runs, as background load drifts."""
-    results, offline_result = [], None
+                      args: argparse.Namespace) -> tuple[list[dict], dict[str, dict]]:
+    """Each server alone; each offline figure is taken right before its server runs, as background load drifts."""
+    results, offline_results = [], {}
     for name in args.servers:
-        if name == "server":
+        if name in OURS:
             dtype = next((a.split("=", 1)[1] for a in args.server_arg if a.startswith("--dtype=")), None)
-            offline_result = offline(model, jpegs, args.max_batch, args.offline_batches, dtype)
+            offline_results[name] = offline(model, jpegs, args.max_batch, args.offline_batches, dtype, OURS[name])
         results.append(await measure_server(name, model, bodies, args))
-    return results, offline_result
+    return results, offline_results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -276,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", default="vit-b16", choices=sorted(p for p, (k, _) in PRESETS.items() if k == "vit"),
                     help="random-weight ViT checkpoint to write (the baseline's pipeline needs a ViT classifier)")
     ap.add_argument("--model", type=Path, help="an existing ViTForImageClassification directory instead")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated, from baseline,server")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help="comma-separated, from baseline,server,server-int8 (our server with --quantize int8)")
     ap.add_argument("--concurrency", default="1,8,32,128", help="closed-loop client counts")
     ap.add_argument("--requests", type=int, default=400, help="most requests per level")
     ap.add_argument("--duration", type=float, default=20.0, help="most seconds per level")
@@ -299,11 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
         model = args.model or Path(tmp)
         if args.model is None:
             make_checkpoint(args.preset, model)
-        results, offline_result = asyncio.run(run_servers(model, jpegs, bodies, args))
-    summary = report(results, offline_result)
+        results, offline_results = asyncio.run(run_servers(model, jpegs, bodies, args))
+    summary = report(results, offline_results)
     write_json(args.json, {"benchmark": "serve_vs_miner", "settings": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "offline": offline_result, "servers": results, **summary})
+        "offline": offline_results, "servers": results, **summary})
     return summary
 
 

@@ -1,19 +1,25 @@
 """Pick a cascade's thresholds for the best MCC under a compute budget, and write them into cascade.toml.
 
-    python -m runtime.tune BUNDLE DATA [--max-routed 0.5] [--budget-ms X] [--write]
+    python -m runtime.tune BUNDLE DATA [--max-routed 0.5] [--max-vlm 0.2] [--budget-ms X] [--write]
 
 One pass sends every image of DATA through every stage (exit_below 0, exit_above 1) and records the classifier's
-P(roadwork), each detector's roadwork confidence and each stage's time per image. Then every candidate setting
-is scored offline with the vote's own reference code (kernels/vote.py), exactly as the cascade would decide:
+P(roadwork), each detector's roadwork confidence, the VLM's P(roadwork) when a vlm stage follows, and each
+stage's time per image. Then every candidate setting is scored offline with the vote's own reference code
+(kernels/vote.py), exactly as the cascade would decide:
 
   exit_below / exit_above   the classifier's undecided band (images inside it go on to the detectors)
   box_threshold             one value for every detector
   classifier_weight, majority   how the vote counts the classifier: 0 (detectors only); or weight 1 with
                             majority 1/2 (with one detector: roadwork if either says so) or 1 (both must)
 
+With a vlm stage, a second search keeps the best classifier/detector setting and picks the detectors stage's
+own exit band over the voted P(roadwork): images inside it take the VLM's answer. Its budget is the share of
+all images sent to the VLM (--max-vlm).
+
 Budget: the share of images routed to the detectors (--max-routed) and/or the expected milliseconds per image,
-stage 1 time + routed share x stage 2 time as measured in the pass (--budget-ms). The best MCC wins; ties go
-to the cheaper setting. Tune on a different labeled set than the one you report numbers on."""
+stage 1 time + routed share x stage 2 time (+ VLM share x stage 3 time) as measured in the pass (--budget-ms).
+The best MCC wins; ties go to the cheaper setting. Tune on a different labeled set than the one you report
+numbers on."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 
 from kernels.vote import vote_reference
-from runtime.bundle import BUNDLE_FILE, Bundle, ClassifierStageSpec, DetectorStageSpec, read_bundle
+from runtime.bundle import BUNDLE_FILE, Bundle, ClassifierStageSpec, DetectorStageSpec, VLMStageSpec, read_bundle
 from runtime.eval import Confusion, LabeledSet, list_labeled, run_engine
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,8 @@ class Observed:
     c: np.ndarray               # (N, K) detector roadwork confidences
     stage1_ms: float            # per image
     stage2_ms: float            # per routed image
+    v: np.ndarray | None = None  # (N,) the VLM's P(roadwork), when a vlm stage follows
+    stage3_ms: float = 0.0      # per image that reaches the VLM
 
 
 @dataclass(frozen=True)
@@ -60,44 +68,61 @@ class Setting:
     accuracy: float
     routed: float               # share of images sent to the detectors
     ms_per_image: float         # expected
+    vlm_exit_below: float | None = None  # the detectors stage's exit band (a vlm stage follows)
+    vlm_exit_above: float | None = None
+    to_vlm: float = 0.0         # share of all images sent to the VLM
 
     def as_dict(self) -> dict:
-        return {k: round(v, 4) for k, v in dataclasses.asdict(self).items()}
+        return {k: v if v is None else round(v, 4) for k, v in dataclasses.asdict(self).items()}
 
 
-def stage_specs(bundle: Bundle) -> tuple[ClassifierStageSpec, DetectorStageSpec]:
-    if len(bundle.stages) != 2 or not isinstance(bundle.stages[1], DetectorStageSpec):
+def stage_specs(bundle: Bundle) -> tuple[ClassifierStageSpec, DetectorStageSpec, VLMStageSpec | None]:
+    kinds = tuple(type(s) for s in bundle.stages)
+    if kinds not in ((ClassifierStageSpec, DetectorStageSpec), (ClassifierStageSpec, DetectorStageSpec, VLMStageSpec)):
         raise ValueError(f"{bundle.root / BUNDLE_FILE}: the tuner needs a classifier stage followed by a detectors "
-                         f"stage, got {len(bundle.stages)} stage(s)")
-    first, second = bundle.stages
-    assert isinstance(first, ClassifierStageSpec)
-    return first, second
+                         f"stage (and optionally a vlm stage), got {len(bundle.stages)} stage(s): "
+                         f"{', '.join(s.name for s in bundle.stages)}")
+    first, second, *vlm = bundle.stages
+    return first, second, (vlm[0] if vlm else None)
 
 
 def observe(bundle: Bundle, data: LabeledSet, device: str, dtype: str | None, max_batch: int) -> Observed:
-    """Run every image through both stages and collect the scores and stage times."""
+    """Run every image through every stage and collect the scores and stage times."""
     from runtime.engine import Engine, resolve_device, resolve_dtype
 
-    first, second = stage_specs(bundle)
-    everything = dataclasses.replace(bundle, stages=(dataclasses.replace(first, exit_below=0.0, exit_above=1.0),
-                                                     second))
+    first, second, vlm = stage_specs(bundle)
+    stages = [dataclasses.replace(first, exit_below=0.0, exit_above=1.0), second]
+    if vlm is not None:
+        stages = [stages[0], dataclasses.replace(second, exit_below=0.0, exit_above=1.0), vlm]
     dev = resolve_device(device)
-    engine = Engine(everything, dev, resolve_dtype(dtype, dev), max_batch)
-    engine.warmup()
-    scored = run_engine(engine, data)
+    engine = Engine(dataclasses.replace(bundle, stages=tuple(stages)), dev, resolve_dtype(dtype, dev), max_batch)
+    try:
+        engine.warmup()
+        scored = run_engine(engine, data)
+    finally:
+        engine.close()
+    last = stages[-1].name
     names = [d.name for d in second.detectors]
-    missing = [i for i, s in enumerate(scored.stages) if s != second.name]
+    missing = [i for i, s in enumerate(scored.stages) if s != last]
     if missing:
-        raise RuntimeError(f"{len(missing)} image(s) did not reach stage '{second.name}' (degraded: "
-                           f"{int(scored.degraded.sum())}); cannot tune on a failing detector stage")
+        raise RuntimeError(f"{len(missing)} image(s) did not reach stage '{last}' (degraded: "
+                           f"{int(scored.degraded.sum())}); cannot tune on a failing stage")
     return Observed(labels=scored.labels, p=np.array([s[first.name] for s in scored.scores], np.float64),
                     c=np.array([[d[name] for name in names] for d in scored.detector_scores], np.float64),
-                    stage1_ms=scored.stage_ms[first.name], stage2_ms=scored.stage_ms[second.name])
+                    stage1_ms=scored.stage_ms[first.name], stage2_ms=scored.stage_ms[second.name],
+                    v=None if vlm is None else np.array([s[vlm.name] for s in scored.scores], np.float64),
+                    stage3_ms=0.0 if vlm is None else scored.stage_ms[vlm.name])
 
 
 def vote_decisions(p: np.ndarray, c: np.ndarray, weights: Sequence[float], threshold: float,
                    classifier_weight: float, majority: float) -> np.ndarray:
-    """(N,) bool: the vote's answer for every image, from kernels/vote.py's reference (as the CPU runs it)."""
+    """(N,) bool: the vote's answer for every image."""
+    return vote_probs(p, c, weights, threshold, classifier_weight, majority) > 0.5
+
+
+def vote_probs(p: np.ndarray, c: np.ndarray, weights: Sequence[float], threshold: float,
+               classifier_weight: float, majority: float) -> np.ndarray:
+    """(N,) the voted P(roadwork) of every image, from kernels/vote.py's reference (as the CPU runs it)."""
     n, k = c.shape
     conf = np.clip(c, 1e-7, 1 - 1e-7)
     logits = torch.from_numpy(np.log(conf) - np.log1p(-conf)).float()   # sigmoid(logit(c)) = c
@@ -105,7 +130,7 @@ def vote_decisions(p: np.ndarray, c: np.ndarray, weights: Sequence[float], thres
     prob = torch.empty(n)
     vote_reference(logits, offsets, torch.full((k,), threshold), torch.tensor(weights, dtype=torch.float32),
                    torch.from_numpy(p).float(), classifier_weight, majority, torch.empty(n, k), torch.empty(n), prob)
-    return prob.numpy() > 0.5
+    return prob.numpy().astype(np.float64)
 
 
 def band_candidates(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +144,15 @@ def band_candidates(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(lo, 0, 0.5), np.clip(hi, 0.5, 1)
 
 
+def mcc_of(tp, fp, fn, n):
+    """MCC from counts (numpy arrays or ints), 0 where undefined."""
+    tn = n - tp - fp - fn
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).astype(np.float64)
+    return np.where(denom > 0, (tp * tn - fp * fn) / np.maximum(denom, 1), 0.0)
+
+
 def search(obs: Observed, weights: Sequence[float], max_routed: float = 1.0,
-           budget_ms: float | None = None) -> tuple[Setting, Setting]:
+           budget_ms: float | None = None, max_vlm: float = 1.0) -> tuple[Setting, Setting]:
     """(best setting within the budget, the classifier alone) on the observed scores."""
     y = obs.labels.astype(bool)
     clf = obs.p > 0.5
@@ -151,13 +183,47 @@ def search(obs: Observed, weights: Sequence[float], max_routed: float = 1.0,
             tp = tp0 + (d & yg).sum(1)
             fp = fp0 + (d & ~yg).sum(1)
             fn = fn0 + (~d & yg).sum(1)
-            tn = n - tp - fp - fn
-            denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).astype(np.float64)
-            mcc = np.where(denom > 0, (tp * tn - fp * fn) / np.maximum(denom, 1), 0.0)
+            mcc = mcc_of(tp, fp, fn, n)
             r = int(np.argmax(mcc))
             if mcc[r] > best.mcc + 1e-12 or (abs(mcc[r] - best.mcc) <= 1e-12 and routed < best.routed):
-                best = setting(lo, hi, rules[r], Confusion(int(tp[r]), int(fp[r]), int(tn[r]), int(fn[r])), routed)
+                best = setting(lo, hi, rules[r], Confusion(int(tp[r]), int(fp[r]), int(n - tp[r] - fp[r] - fn[r]),
+                                                           int(fn[r])), routed)
+    if obs.v is not None:
+        best = search_vlm_band(obs, weights, best, max_vlm, budget_ms)
     return best, setting(0.5, 0.5, rules[0], alone, 0.0)
+
+
+def search_vlm_band(obs: Observed, weights: Sequence[float], chosen: Setting, max_vlm: float,
+                    budget_ms: float | None) -> Setting:
+    """The detectors stage's exit band for the chosen classifier/detector setting: routed images whose voted
+    P(roadwork) falls inside it take the VLM's answer instead. (0.5, 0.5) sends (almost) none on."""
+    assert obs.v is not None
+    y = obs.labels.astype(bool)
+    n = len(y)
+    routed = ~((obs.p < chosen.exit_below) | (obs.p > chosen.exit_above))
+    q = vote_probs(obs.p, obs.c, weights, chosen.box_threshold, chosen.classifier_weight, chosen.majority)
+    two_stage = np.where(routed, q > 0.5, obs.p > 0.5)
+    vlm_says = obs.v > 0.5
+    best, best_mcc, best_share = (0.5, 0.5), -2.0, 2.0
+    lows, highs = band_candidates(q[routed]) if routed.any() else (np.array([0.5]), np.array([0.5]))
+    for lo in lows:
+        for hi in highs[highs >= lo]:
+            to_vlm = routed & ~((q < lo) | (q > hi))
+            share = float(to_vlm.mean())
+            ms = obs.stage1_ms + chosen.routed * obs.stage2_ms + share * obs.stage3_ms
+            if share > max_vlm or (budget_ms is not None and ms > budget_ms):
+                continue
+            d = np.where(to_vlm, vlm_says, two_stage)
+            mcc = float(mcc_of(int(np.sum(d & y)), int(np.sum(d & ~y)), int(np.sum(~d & y)), n))
+            if mcc > best_mcc + 1e-12 or (abs(mcc - best_mcc) <= 1e-12 and share < best_share):
+                best, best_mcc, best_share = (float(lo), float(hi)), mcc, share
+    to_vlm = routed & ~((q < best[0]) | (q > best[1]))
+    d = np.where(to_vlm, vlm_says, two_stage)
+    conf = Confusion.of(y, d)
+    share = float(to_vlm.mean())
+    return dataclasses.replace(chosen, mcc=conf.mcc, accuracy=conf.accuracy, vlm_exit_below=best[0],
+                               vlm_exit_above=best[1], to_vlm=share,
+                               ms_per_image=chosen.ms_per_image + share * obs.stage3_ms)
 
 
 def _toml_value(v) -> str:
@@ -176,40 +242,53 @@ def _model_path(root: Path, model: Path) -> str:
 
 
 def bundle_toml(bundle: Bundle, header: str = "") -> str:
-    """cascade.toml for a two-stage bundle, every key written out (docs/bundle.md)."""
-    first, second = stage_specs(bundle)
+    """cascade.toml for a classifier + detectors (+ vlm) bundle, every key that is set written out (docs/bundle.md)."""
+    first, second, vlm = stage_specs(bundle)
     root = bundle.root
-    lines = [f"# {line}" for line in header.splitlines()] + ["", "[[stage]]", 'kind = "classifier"']
-    stage1 = {"name": first.name, "model": _model_path(root, first.model), "device": first.device,
-              "exit_below": first.exit_below, "exit_above": first.exit_above}
-    lines += [f"{k} = {_toml_value(v)}" for k, v in stage1.items() if v is not None]
-    lines += ["", "[[stage]]", 'kind = "detectors"']
-    stage2 = {"name": second.name, "device": second.device, "majority": second.majority,
-              "classifier_weight": second.classifier_weight, "time_budget_ms": second.time_budget_ms,
-              "failure_threshold": second.failure_threshold, "cooldown_s": second.cooldown_s}
-    lines += [f"{k} = {_toml_value(v)}" for k, v in stage2.items() if v is not None]
+
+    def table(header: str, kind: str | None, keys: dict) -> list[str]:
+        return ["", header] + ([f'kind = "{kind}"'] if kind else []) + \
+            [f"{k} = {_toml_value(v)}" for k, v in keys.items() if v is not None]
+
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += table("[[stage]]", "classifier", {
+        "name": first.name, "model": _model_path(root, first.model), "device": first.device,
+        "exit_below": first.exit_below, "exit_above": first.exit_above, "quantize": first.quantize})
+    lines += table("[[stage]]", "detectors", {
+        "name": second.name, "device": second.device, "majority": second.majority,
+        "classifier_weight": second.classifier_weight, "time_budget_ms": second.time_budget_ms,
+        "failure_threshold": second.failure_threshold, "cooldown_s": second.cooldown_s,
+        "exit_below": second.exit_below, "exit_above": second.exit_above})
     for d in second.detectors:
-        lines += ["", "[[stage.detector]]"]
-        det = {"name": d.name, "model": _model_path(root, d.model), "roadwork_classes": list(d.roadwork_classes),
-               "weight": d.weight, "box_threshold": d.box_threshold}
-        lines += [f"{k} = {_toml_value(v)}" for k, v in det.items()]
+        lines += table("[[stage.detector]]", None, {
+            "name": d.name, "model": _model_path(root, d.model), "roadwork_classes": list(d.roadwork_classes),
+            "weight": d.weight, "box_threshold": d.box_threshold, "quantize": d.quantize})
+    if vlm is not None:
+        keys = {f.name: getattr(vlm, f.name) for f in dataclasses.fields(vlm)}
+        lines += table("[[stage]]", "vlm", {**keys, "model": _model_path(root, vlm.model)})
     return "\n".join(lines) + "\n"
 
 
 def apply(bundle: Bundle, best: Setting) -> Bundle:
-    first, second = stage_specs(bundle)
+    first, second, vlm = stage_specs(bundle)
     first = dataclasses.replace(first, exit_below=best.exit_below, exit_above=best.exit_above)
     second = dataclasses.replace(second, majority=best.majority, classifier_weight=best.classifier_weight,
                                  detectors=tuple(dataclasses.replace(d, box_threshold=best.box_threshold)
                                                  for d in second.detectors))
-    return dataclasses.replace(bundle, stages=(first, second))
+    if vlm is None:
+        return dataclasses.replace(bundle, stages=(first, second))
+    assert best.vlm_exit_below is not None and best.vlm_exit_above is not None, "a vlm stage needs the VLM band"
+    second = dataclasses.replace(second, exit_below=best.vlm_exit_below, exit_above=best.vlm_exit_above)
+    return dataclasses.replace(bundle, stages=(first, second, vlm))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m runtime.tune", description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundle", type=Path, help="bundle directory with cascade.toml (classifier + detectors)")
+    ap.add_argument("bundle", type=Path, help="bundle directory with cascade.toml (classifier + detectors [+ vlm])")
     ap.add_argument("data", type=Path, help="labeled folder to tune on (not the one you report on)")
     ap.add_argument("--max-routed", type=float, default=0.5, help="largest share of images sent to the detectors")
+    ap.add_argument("--max-vlm", type=float, default=0.2, help="largest share of all images sent to the VLM "
+                                                               "(bundles with a vlm stage)")
     ap.add_argument("--budget-ms", type=float, help="largest expected milliseconds per image (measured here)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype")
@@ -221,24 +300,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not 0 <= args.max_routed <= 1:
-        ap.error(f"--max-routed must be in [0, 1], got {args.max_routed}")
+    for name in ("max_routed", "max_vlm"):
+        if not 0 <= getattr(args, name) <= 1:
+            ap.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     bundle = read_bundle(args.bundle)
+    try:
+        stage_specs(bundle)
+    except ValueError as e:
+        ap.error(str(e))
     data = list_labeled(args.data)
     if args.limit:
         data = data.spread(args.limit)
     obs = observe(bundle, data, args.device, args.dtype, args.max_batch)
     weights = [d.weight for d in stage_specs(bundle)[1].detectors]
-    best, alone = search(obs, weights, args.max_routed, args.budget_ms)
+    best, alone = search(obs, weights, args.max_routed, args.budget_ms, args.max_vlm)
     result = {"data": str(args.data), "images": len(data), "stage1_ms": round(obs.stage1_ms, 3),
               "stage2_ms_per_routed": round(obs.stage2_ms, 3), "classifier_alone": alone.as_dict(),
               "chosen": best.as_dict()}
+    if obs.v is not None:
+        result["stage3_ms_per_routed"] = round(obs.stage3_ms, 3)
+        result["vlm_alone"] = Confusion.of(obs.labels, obs.v).as_dict()
     print(json.dumps(result, indent=2))
     if args.write:
+        vlm = obs.v is not None
         header = (f"Thresholds chosen by: python -m runtime.tune {args.bundle} {args.data} --max-routed "
-                  f"{args.max_routed}" + (f" --budget-ms {args.budget_ms}" if args.budget_ms is not None else "")
+                  f"{args.max_routed}" + (f" --max-vlm {args.max_vlm}" if vlm else "")
+                  + (f" --budget-ms {args.budget_ms}" if args.budget_ms is not None else "")
                   + f"\nOn that set: MCC {best.mcc:.4f} (classifier alone {alone.mcc:.4f}), "
-                  f"{100 * best.routed:.1f}% of images go to the detectors.")
+                  f"{100 * best.routed:.1f}% of images go to the detectors"
+                  + (f", {100 * best.to_vlm:.1f}% to the VLM." if vlm else "."))
         (args.bundle / BUNDLE_FILE).write_text(bundle_toml(apply(bundle, best), header))
         log.warning("wrote %s", args.bundle / BUNDLE_FILE)
 

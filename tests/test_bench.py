@@ -101,7 +101,8 @@ def test_serve_vs_miner():
     summary = serve_vs_miner.main(["--preset", "tiny-vit", "--concurrency", "1,2", "--requests", "6",
                                    "--duration", "5", "--images", "4", "--max-batch", "2", "--offline-batches", "1"])
     levels = summary["levels"]
-    assert {(r["server"], r["concurrency"]) for r in levels} == {(s, c) for s in ("baseline", "server") for c in (1, 2)}
+    servers = ("baseline", "server", "server-int8")
+    assert {(r["server"], r["concurrency"]) for r in levels} == {(s, c) for s in servers for c in (1, 2)}
     assert all(r["ok"] > 0 and r["errors"] == 0 for r in levels), levels
-    assert [r["concurrency"] for r in summary["ratios"]] == [1, 2]
-    assert summary["checks"]["first_request_ms"] > 0
+    assert [(r["server"], r["concurrency"]) for r in summary["ratios"]] == [(s, c) for s in servers[1:] for c in (1, 2)]
+    assert all(summary["checks"][s]["first_request_ms"] > 0 for s in servers[1:])

@@ -1,6 +1,7 @@
 """runtime.eval (scores, levels, stages, cost) and runtime.tune (threshold search, cascade.toml writing)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -15,6 +16,7 @@ from runtime.eval import Confusion, list_labeled, main as eval_main, run_engine
 from runtime.tune import Observed, apply, bundle_toml, main as tune_main, search, vote_decisions
 from tests.checkpoints import make_dinov3, write_preprocessor
 from tests.test_deimv2 import make_deimv2
+from tests.vlm_checkpoints import make_qwen3_vl
 from train.generate import write_dataset
 
 
@@ -50,6 +52,19 @@ model = "detector"
 roadwork_classes = [0, 1]
 box_threshold = 0.5
 """)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vlm_bundle(bundle, tmp_path_factory):
+    """The same classifier and detector, then a tiny random Qwen3-VL for what the detectors leave undecided."""
+    root = tmp_path_factory.mktemp("vlm_bundle")
+    shutil.copytree(bundle, root, dirs_exist_ok=True)
+    make_qwen3_vl(root / "vlm", seed=2)
+    text = (root / "cascade.toml").read_text().replace(
+        "time_budget_ms = 60000.0", "time_budget_ms = 60000.0\nexit_below = 0.4\nexit_above = 0.6")
+    (root / "cascade.toml").write_text(text + '\n[[stage]]\nkind = "vlm"\nmodel = "vlm"\nkv_cache_gb = 0.02\n'
+                                               'max_explain_tokens = 8\n')
     return root
 
 
@@ -114,18 +129,41 @@ def test_search_routes_the_uncertain_band_to_a_good_detector():
     assert cheap.ms_per_image <= 2.0 and cheap.mcc < best.mcc
 
 
-def test_bundle_toml_round_trip(bundle, tmp_path):
-    parsed = read_bundle(bundle)
-    obs_best = search(Observed(np.array([0, 1]), np.array([0.2, 0.7]), np.array([[0.1], [0.9]]), 1.0, 1.0),
-                      [1.0])[0]
-    tuned = apply(parsed, obs_best)
-    (bundle / "cascade.toml").rename(tmp_path / "orig.toml")
+def test_search_sends_what_the_detectors_leave_unsure_to_a_good_vlm():
+    rng = np.random.default_rng(1)
+    n = 400
+    labels = np.arange(n) % 2
+    p = np.full(n, 0.5)   # the classifier decides nothing: every image goes to the detectors
+    # the detector: sure and right on 60%, unsure (0.4-0.6) and a coin flip on the rest; the VLM is always right
+    sure = rng.random(n) < 0.6
+    c = np.where(sure, np.where(labels == 1, 0.9, 0.1), rng.uniform(0.4, 0.6, n))[:, None]
+    v = np.where(labels == 1, 0.8, 0.2)
+    obs = Observed(labels, p, c, stage1_ms=1.0, stage2_ms=10.0, v=v, stage3_ms=100.0)
+    two_stage, _ = search(dataclasses.replace(obs, v=None), [1.0])
+    best, _ = search(obs, [1.0], max_vlm=0.5)
+    assert two_stage.mcc < 0.8 and best.mcc > 0.95 and two_stage.vlm_exit_below is None
+    assert best.to_vlm <= 0.5 and best.vlm_exit_below <= 0.4 and best.vlm_exit_above >= 0.6
+    assert best.ms_per_image == pytest.approx(1.0 + 10.0 * best.routed + 100.0 * best.to_vlm)
+    none, _ = search(obs, [1.0], max_vlm=0.0)
+    assert none.to_vlm == 0.0 and none.mcc == pytest.approx(two_stage.mcc)
+    cheap, _ = search(obs, [1.0], max_vlm=0.5, budget_ms=11.0 + 100.0 * 0.1)
+    assert cheap.to_vlm <= 0.1 + 1e-9 and none.mcc <= cheap.mcc < best.mcc
+
+
+@pytest.mark.parametrize("which", ["bundle", "vlm_bundle"])
+def test_bundle_toml_round_trip(which, request, tmp_path):
+    root = request.getfixturevalue(which)
+    parsed = read_bundle(root)
+    observed = Observed(np.array([0, 1]), np.array([0.2, 0.7]), np.array([[0.1], [0.9]]), 1.0, 1.0,
+                        v=np.array([0.3, 0.6]) if which == "vlm_bundle" else None, stage3_ms=5.0)
+    tuned = apply(parsed, search(observed, [1.0])[0])
+    (root / "cascade.toml").rename(tmp_path / "orig.toml")
     try:
-        (bundle / "cascade.toml").write_text(bundle_toml(tuned, "a header\nsecond line"))
-        again = read_bundle(bundle)
+        (root / "cascade.toml").write_text(bundle_toml(tuned, "a header\nsecond line"))
+        again = read_bundle(root)
     finally:
-        (tmp_path / "orig.toml").replace(bundle / "cascade.toml")
-    assert again.stages == tuned.stages
+        (tmp_path / "orig.toml").replace(root / "cascade.toml")
+    assert again.stages == tuned.stages and len(again.stages) == (3 if which == "vlm_bundle" else 2)
 
 
 def test_tune_cli_writes_a_loadable_bundle(data, bundle, tmp_path, capsys):
@@ -140,3 +178,22 @@ def test_tune_cli_writes_a_loadable_bundle(data, bundle, tmp_path, capsys):
     engine = Engine.load(copy, "cpu", "float32", max_batch=8)
     scored = run_engine(engine, list_labeled(data), progress=False)
     assert Confusion.of(scored.labels, scored.predictions).mcc == pytest.approx(result["chosen"]["mcc"], abs=1e-4)
+
+
+def test_tune_cli_with_a_vlm_stage(data, vlm_bundle, tmp_path, capsys):
+    copy = tmp_path / "b"
+    shutil.copytree(vlm_bundle, copy)
+    tune_main([str(copy), str(data), "--dtype", "float32", "--max-batch", "8", "--max-routed", "1.0",
+               "--max-vlm", "0.5", "--write"])
+    result = json.loads(capsys.readouterr().out)
+    chosen = result["chosen"]
+    assert chosen["to_vlm"] <= 0.5 and chosen["vlm_exit_below"] <= chosen["vlm_exit_above"]
+    assert result["stage3_ms_per_routed"] > 0 and -1 <= result["vlm_alone"]["mcc"] <= 1
+    assert "--max-vlm 0.5" in (copy / "cascade.toml").read_text()
+    engine = Engine.load(copy, "cpu", "float32", max_batch=8)
+    try:
+        scored = run_engine(engine, list_labeled(data), progress=False)
+    finally:
+        engine.close()
+    assert Confusion.of(scored.labels, scored.predictions).mcc == pytest.approx(chosen["mcc"], abs=1e-4)
+    assert np.mean([s == "vlm" for s in scored.stages]) == pytest.approx(chosen["to_vlm"])

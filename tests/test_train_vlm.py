@@ -9,12 +9,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
+from kernels.vlm_preprocess import vision_input_reference
 from runtime.tokenizer import ChatTokenizer
+from tests.checkpoints import IMAGENET, make_dinov3
 from runtime.vlm_engine import VLMEngine, VLMEngineConfig
 from tests.vlm_checkpoints import hf_inputs
 from train.data import decode_file, list_folder
 from train.generate import write_dataset
 from train.vlm import IGNORE, Architecture, Chats, make_batch, main, vision_spec
+from train.vlm_vision_init import architecture_overrides, copy_backbone, freeze_backbone, read_backbone
 from train.vlm_tokenizer import (EXPLAIN_PROMPT, SCORE_PROMPT, SPECIAL_TOKENS, corpus, explanation, save_tokenizer,
                                  train_tokenizer)
 
@@ -138,3 +141,46 @@ def test_training_record_and_reproducibility(trained, tiny_data, tmp_path):
     for name in ("model.safetensors", "tokenizer.json", "config.json", "preprocessor_config.json"):
         assert (again / name).read_bytes() == (trained / name).read_bytes(), name
     assert json.loads((again / "training.json").read_text())["history"] == record["history"]
+
+
+def dinov3_in_tower_order(ref, pixels: torch.Tensor, grid: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """transformers' DINOv3 layers on the patch tokens alone (no CLS/registers), in the tower's 2x2 merge-block
+    order, rotated as Qwen3-VL rotates (angle = integer row/column x inv_freq), then DINOv3's final norm."""
+    tokens = ref.embeddings.patch_embeddings(pixels).flatten(2).transpose(1, 2)
+    half = grid // 2
+    block_y, block_x, in_y, in_x = torch.meshgrid(*[torch.arange(n) for n in (half, half, 2, 2)], indexing="ij")
+    rows, cols = (2 * block_y + in_y).flatten(), (2 * block_x + in_x).flatten()
+    tokens = tokens[:, rows * grid + cols]
+    angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1)
+    for layer in ref.model.layer:
+        tokens = layer(tokens, position_embeddings=(angles.cos(), angles.sin()))
+    return ref.norm(tokens)[0]
+
+
+def test_vision_tower_from_dinov3_maps_every_weight(tmp_path):
+    """With CLS/register tokens left out and Qwen3-VL's RoPE angles on both sides (the two differences the module
+    docstring names), transformers' DINOv3 and the filled Qwen3-VL tower compute the same features: patch
+    embedding over two frames, fused qkv with the missing key bias, layer scales folded, final norm -> merger."""
+    ref = make_dinov3(tmp_path, image_size=64, hidden_act="gelu")  # perturbed: biases and layer scales matter
+    cfg, preprocessor, backbone = read_backbone(tmp_path)
+    overrides = architecture_overrides(cfg, preprocessor)
+    assert overrides["image_mean"] == tuple(IMAGENET["image_mean"]) and overrides["vision_depth"] == 2
+    arch = Architecture(size=64, deepstack=(0,), text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1,
+                        text_intermediate=96, **overrides)
+    model = Qwen3VLForConditionalGeneration(arch.config(vocab_size=64)).eval()
+    visual = model.model.visual
+    copy_backbone(visual, cfg, backbone)
+    image = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rows, grid = vision_input_reference(image, vision_spec(arch))
+    mean, std = (torch.tensor(preprocessor[k])[:, None, None] for k in ("image_mean", "image_std"))
+    pixels = ((image.permute(2, 0, 1).float() / 255 - mean) / std)[None]
+    with torch.no_grad():
+        ours = visual.merger.norm(visual(rows, grid_thw=torch.tensor([grid])).last_hidden_state)
+        expected = dinov3_in_tower_order(ref, pixels, 4, visual.rotary_pos_emb.inv_freq)
+    assert ours.shape == expected.shape == (16, 64)
+    assert torch.allclose(ours, expected, atol=2e-4), (ours - expected).abs().max()
+    frozen = freeze_backbone(visual)
+    assert frozen == sum(p.numel() for p in (*visual.patch_embed.parameters(), *visual.pos_embed.parameters(),
+                                              *visual.blocks.parameters()))
+    assert all(p.requires_grad for p in visual.merger.parameters())

@@ -43,13 +43,14 @@ from runtime.tokenizer import ChatTokenizer
 from runtime.vlm_engine import VLMEngine, VLMEngineConfig
 from train.data import LabeledFolder, decode_file, list_folder
 from train.optim import adamw, warmup_cosine
+from train.vlm_vision_init import architecture_overrides, copy_backbone, freeze_backbone, read_backbone
 from train.vlm_tokenizer import (EXPLAIN_PROMPT, IM_END, IMAGE_PAD, NO, PAD, SCORE_PROMPT, SPECIAL_TOKENS, YES,
                                  corpus, explanation, save_tokenizer, train_tokenizer)
 
 log = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)  # Qwen3-VL's
+IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)  # Qwen3-VL's (--vision-from takes the DINOv3 backbone's)
 MAX_MODEL_LEN = 4096
 IGNORE = -100  # transformers' ignore_index
 CALIBRATION_STEPS = 10  # --minutes: steps timed before the step count is fixed
@@ -69,6 +70,11 @@ class Architecture:
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 384
+    vision_intermediate: int | None = None  # None: 2 * vision_hidden
+    vision_act: str = "gelu_pytorch_tanh"
+    vision_rope_theta: float = 10000.0
+    image_mean: tuple[float, ...] = IMAGE_MEAN
+    image_std: tuple[float, ...] = IMAGE_STD
 
     @property
     def grid(self) -> int:
@@ -88,7 +94,9 @@ class Architecture:
                              rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section,
                                                   mrope_interleaved=True)),
             vision_config=dict(depth=self.vision_depth, hidden_size=self.vision_hidden,
-                               intermediate_size=2 * self.vision_hidden, num_heads=self.vision_heads,
+                               intermediate_size=self.vision_intermediate or 2 * self.vision_hidden,
+                               num_heads=self.vision_heads, hidden_act=self.vision_act,
+                               rope_parameters=dict(rope_type="axial", rope_theta=self.vision_rope_theta),
                                patch_size=self.patch_size, out_hidden_size=self.text_hidden,
                                num_position_embeddings=self.grid ** 2,
                                deepstack_visual_indexes=list(self.deepstack)),
@@ -100,8 +108,8 @@ class Architecture:
         pixels = self.size * self.size
         return {"image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "resample": 3,
                 "size": {"shortest_edge": pixels, "longest_edge": pixels}, "do_rescale": True,
-                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(IMAGE_MEAN),
-                "image_std": list(IMAGE_STD), "do_convert_rgb": True, "patch_size": self.patch_size,
+                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(self.image_mean),
+                "image_std": list(self.image_std), "do_convert_rgb": True, "patch_size": self.patch_size,
                 "temporal_patch_size": 2, "merge_size": 2}
 
 
@@ -430,6 +438,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--vision-heads", type=int, default=Architecture.vision_heads)
     ap.add_argument("--deepstack", type=str, default=",".join(map(str, Architecture.deepstack)),
                     help="comma-separated vision block indexes tapped for DeepStack ('' for none)")
+    ap.add_argument("--vision-from", type=Path, metavar="DIR",
+                    help="start the vision tower from this trained DINOv3 checkpoint (e.g. the bundle's classifier; "
+                         "train/vlm_vision_init.py): its widths, depth, patch, activation, RoPE theta and image "
+                         "mean/std replace the --vision-*/--patch options")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="with --vision-from: keep the copied patch embedding and blocks fixed (mergers train)")
     ap.add_argument("--text-hidden", type=int, default=Architecture.text_hidden)
     ap.add_argument("--text-layers", type=int, default=Architecture.text_layers)
     ap.add_argument("--text-heads", type=int, default=Architecture.text_heads)
@@ -455,10 +469,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         deepstack = tuple(int(v) for v in args.deepstack.split(",") if v.strip())
     except ValueError:
         ap.error(f"--deepstack must be comma-separated integers, got {args.deepstack!r}")
-    arch = Architecture(size=args.size, patch_size=args.patch, vision_hidden=args.vision_hidden,
-                        vision_depth=args.vision_depth, vision_heads=args.vision_heads, deepstack=deepstack,
-                        text_hidden=args.text_hidden, text_layers=args.text_layers, text_heads=args.text_heads,
-                        text_kv_heads=args.text_kv_heads, text_intermediate=args.text_intermediate)
+    vision = dict(patch_size=args.patch, vision_hidden=args.vision_hidden, vision_depth=args.vision_depth,
+                  vision_heads=args.vision_heads)
+    if args.freeze_vision and not args.vision_from:
+        ap.error("--freeze-vision needs --vision-from")
+    if args.vision_from:
+        try:
+            backbone_cfg, preprocessor, backbone = read_backbone(args.vision_from)
+            vision = architecture_overrides(backbone_cfg, preprocessor)
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--vision-from {args.vision_from}: {e}")
+    arch = Architecture(size=args.size, deepstack=deepstack, text_hidden=args.text_hidden,
+                        text_layers=args.text_layers, text_heads=args.text_heads, text_kv_heads=args.text_kv_heads,
+                        text_intermediate=args.text_intermediate, **vision)
     if any(not 0 <= i < arch.vision_depth for i in deepstack):
         ap.error(f"--deepstack {args.deepstack}: indexes must lie in [0, --vision-depth {arch.vision_depth})")
     if len(deepstack) > arch.text_layers:
@@ -484,6 +507,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     image_tokens = spec.num_tokens(224, 224)
     chats = Chats(tokenizer, image_tokens)
     model = new_model(arch, vocab, chats, args.seed)
+    if args.vision_from:
+        copy_backbone(model.model.visual, backbone_cfg, backbone)
+        log.info("vision tower copied from %s%s", args.vision_from, f" ({freeze_backbone(model.model.visual) / 1e6:.2f}M "
+                 "parameters frozen)" if args.freeze_vision else "")
     progress = not args.no_progress
     images = load_images(data, spec, progress)
     explanations = [tokenizer.encode(explanation(int(label), classes))
@@ -507,7 +534,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     record = {"data": str(args.data), "images": len(data), "val": str(args.val) if args.val else None,
               "seed": args.seed, "steps": steps, "minutes": round(minutes, 1),
               "train_minutes": round(train_minutes, 1), "threads": args.threads,
-              "architecture": asdict(arch), "train": asdict(cfg), "history": history, "val_runtime": final,
+              "architecture": asdict(arch), "train": asdict(cfg),
+              "vision_from": str(args.vision_from) if args.vision_from else None,
+              "freeze_vision": args.freeze_vision, "history": history, "val_runtime": final,
               "size_bytes": (args.out / "model.safetensors").stat().st_size}
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     if final is not None:
