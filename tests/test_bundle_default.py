@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import Deimv2ForObjectDetection, DINOv3ViTModel
+from transformers import Deimv2ForObjectDetection, DINOv3ViTModel, Qwen3VLForConditionalGeneration
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
 from runtime.classifier import load_classifier
@@ -15,7 +15,10 @@ from runtime.config import read_json
 from runtime.decode import decode_image
 from runtime.deimv2 import Deimv2Detector
 from runtime.engine import Engine, image_tensor
+from runtime.vlm_engine import VLMEngine, VLMEngineConfig
+from tests.vlm_checkpoints import hf_inputs
 from train.generate import make_sample
+from train.vlm_tokenizer import SCORE_PROMPT
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "default"
@@ -30,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def engine() -> Engine:
     engine = Engine.load(BUNDLE)   # the server's defaults: CPU, the engine's dtype choice
     engine.warmup()
-    return engine
+    yield engine
+    engine.close()
 
 
 def sample_index() -> list[dict]:
@@ -43,14 +47,16 @@ def test_bundle_is_small_and_well_formed():
     cfg = read_json(BUNDLE / "classifier" / "config.json")
     assert cfg["model_type"] == "dinov3_vit" and cfg["id2label"] == {"0": "none", "1": "roadwork"}
     assert read_json(BUNDLE / "detector" / "config.json")["model_type"] == "deimv2"
+    assert read_json(BUNDLE / "vlm" / "config.json")["model_type"] == "qwen3_vl"
 
 
-def test_two_stages_share_one_backbone(engine):
+def test_three_stages_the_detector_sharing_the_backbone(engine):
     stages = engine.describe()["stages"]
-    assert [s["name"] for s in stages] == ["classifier", "detectors"]
+    assert [s["name"] for s in stages] == ["classifier", "detectors", "vlm"]
     assert stages[1]["detectors"][0]["shared_backbone"] is True
-    # thresholds chosen by runtime.tune (docs/training.md): the detectors get an undecided band
+    # thresholds chosen by runtime.tune (docs/training.md): the detectors and the VLM get an undecided band
     assert 0.0 < stages[0]["exit_below"] <= 0.5 <= stages[0]["exit_above"] < 1.0
+    assert 0.0 < stages[1]["exit_below"] <= stages[1]["exit_above"] < 1.0
 
 
 def test_samples_are_scored_on_the_right_side(engine):
@@ -59,6 +65,9 @@ def test_samples_are_scored_on_the_right_side(engine):
     results = engine.predict([decode_image((SAMPLES / e["file"]).read_bytes()) for e in entries])
     for e, r in zip(entries, results):
         assert (r.prediction > 0.5) == bool(e["label"]), (e["file"], r)
+        assert r.stage == e["stage"][str(engine.dtype).removeprefix("torch.")], (e["file"], r)
+    # out of the box, the samples exercise every stage (train/samples.py picks them so)
+    assert {r.stage for r in results} == {"classifier", "detectors", "vlm"}
 
 
 def test_one_image_at_a_time_in_bf16():
@@ -103,3 +112,18 @@ def test_transformers_reads_the_bundled_checkpoints():
     with torch.no_grad():
         a, b = ref_det(pixel_values=pixels), det(pixels)
     assert (a.logits - b.logits).abs().max() <= 1e-3 * a.logits.abs().max()
+
+
+def test_transformers_reads_the_bundled_vlm():
+    """The bundled VLM scores a sample as transformers' Qwen3VLForConditionalGeneration does on the same files."""
+    engine = VLMEngine.load(BUNDLE / "vlm", dtype=torch.float32, config=VLMEngineConfig(
+        kv_cache_bytes=1 << 24, max_model_len=512, max_num_batched_tokens=1024, block_size=16))
+    image = decode_image((SAMPLES / sample_index()[0]["file"]).read_bytes())
+    request_id = engine.add_request(SCORE_PROMPT, [image])
+    seq = engine.requests[request_id]
+    ours = engine.runner.run(engine.scheduler.schedule(), all_positions=True)
+    engine.cancel(request_id)
+    ref_model = Qwen3VLForConditionalGeneration.from_pretrained(BUNDLE / "vlm", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = ref_model(**hf_inputs(BUNDLE / "vlm", seq.token_ids, [image])).logits[0]
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4

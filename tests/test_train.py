@@ -147,3 +147,20 @@ kind = "detectors"
 model = "detector"
 roadwork_classes = ["cone", "barrier", "barrel", "roadwork_sign", "worker", "machinery"]
 """
+
+
+def test_samples_pick_covers_every_stage_then_fills_each_label():
+    from train.samples import enough, pick
+
+    def cand(index, label, stage, bf16_stage=None):
+        return {"index": index, "label": label, "stage": {"float32": stage, "bfloat16": bf16_stage or stage}}
+
+    stages = ["classifier", "detectors", "vlm"]
+    drawn = [cand(0, 1, "classifier"), cand(1, 1, "classifier"), cand(2, 0, "classifier"), cand(3, 1, "classifier"),
+             cand(4, 0, "detectors"), cand(5, 0, "vlm", "detectors"), cand(6, 0, "classifier")]
+    assert not enough(drawn, 2, stages)   # the VLM decides image 5 under float32 only
+    drawn.append(cand(7, 1, "vlm"))
+    assert enough(drawn, 2, stages)
+    kept = pick(drawn, 2, stages)
+    assert sorted(c["index"] for c in kept) == [0, 2, 4, 7]
+    assert {c["stage"]["float32"] for c in kept} == set(stages)

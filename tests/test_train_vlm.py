@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import safetensors.torch as st
 import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
@@ -184,3 +185,20 @@ def test_vision_tower_from_dinov3_maps_every_weight(tmp_path):
     assert frozen == sum(p.numel() for p in (*visual.patch_embed.parameters(), *visual.pos_embed.parameters(),
                                               *visual.blocks.parameters()))
     assert all(p.requires_grad for p in visual.merger.parameters())
+
+
+def test_cli_starts_the_vision_tower_from_dinov3(tiny_data, tmp_path):
+    """--vision-from copies the backbone and takes its widths; --vision-lr-scale 0 then leaves the copied blocks
+    exactly as copied (AdamW's step and decay both scale with the learning rate) while the rest trains."""
+    make_dinov3(tmp_path / "dinov3", image_size=64, hidden_act="gelu")
+    out = tmp_path / "vlm"
+    main(["--data", str(tiny_data), "--out", str(out), "--vision-from", str(tmp_path / "dinov3"),
+          "--vision-lr-scale", "0", "--save-dtype", "float32", *TINY_ARGS])
+    cfg = json.loads((out / "config.json").read_text())["vision_config"]
+    assert (cfg["hidden_size"], cfg["depth"], cfg["intermediate_size"], cfg["hidden_act"]) == (64, 2, 128, "gelu")
+    _, preprocessor, backbone = read_backbone(tmp_path / "dinov3")
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == preprocessor["image_mean"]
+    saved = st.load_file(out / "model.safetensors")
+    qkv = torch.cat([backbone[f"layer.1.attention.{n}_proj.weight"] for n in "qkv"])
+    assert torch.equal(saved["model.visual.blocks.1.attn.qkv.weight"], qkv)
+    assert json.loads((out / "training.json").read_text())["vision_from"] == str(tmp_path / "dinov3")

@@ -3,9 +3,11 @@
     python -m train.samples --bundle bundles/default --out samples --seed 2024
 
 Draws images seed/0, seed/1, ... with train.generate.make_sample (all augmentation levels), scores them with the
-bundle, and keeps the first `--per-label` of each label whose P(roadwork) is on the right side of 0.5 by at
-least --margin under float32 and bfloat16 alike (so the shipped examples hold on any CPU). Writes
-OUT/roadwork_K.jpg, OUT/none_K.jpg and OUT/samples.json (file, label, seed, index, level, P per dtype).
+bundle, and keeps `--per-label` of each label whose P(roadwork) is on the right side of 0.5 by at least --margin
+under float32 and bfloat16 alike (so the shipped examples hold on any CPU): for every stage of the cascade, the
+first such image that stage decides (under both dtypes), so the samples exercise the whole cascade; then the
+first others. Writes OUT/roadwork_K.jpg, OUT/none_K.jpg and OUT/samples.json (file, label, seed, index, level,
+P and deciding stage per dtype).
 They are picked, not random: they show the pipeline working, not how accurate it is (docs/training.md).
 """
 from __future__ import annotations
@@ -25,6 +27,35 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16")
 
 
+def covered(candidates: list[dict]) -> set[str]:
+    """Stages that decide some candidate under every dtype."""
+    return {c["stage"][DTYPES[0]] for c in candidates if len(set(c["stage"].values())) == 1}
+
+
+def enough(candidates: list[dict], per_label: int, stages: list[str]) -> bool:
+    return all(sum(c["label"] == label for c in candidates) >= per_label for label in (0, 1)) and \
+        covered(candidates) >= set(stages)
+
+
+def pick(candidates: list[dict], per_label: int, stages: list[str]) -> list[dict]:
+    """per_label of each label, first one deciding at each stage (so the samples exercise the whole cascade),
+    then the rest in drawing order."""
+    kept: list[dict] = []
+    room = {0: per_label, 1: per_label}
+    for stage in stages:
+        if any(set(c["stage"].values()) == {stage} for c in kept):
+            continue
+        c = next((c for c in candidates if set(c["stage"].values()) == {stage} and room[c["label"]] > 0), None)
+        assert c is not None, f"no candidate left decided at stage '{stage}' with room in its label"
+        kept.append(c)
+        room[c["label"]] -= 1
+    for c in candidates:
+        if room[c["label"]] > 0 and c not in kept:
+            kept.append(c)
+            room[c["label"]] -= 1
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.samples", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, required=True)
@@ -36,28 +67,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     engines = {d: Engine.load(args.bundle, "cpu", d, max_batch=1) for d in DTYPES}
-    kept: dict[int, list[dict]] = {0: [], 1: []}
+    stages = [stage["name"] for stage in engines[DTYPES[0]].describe()["stages"]]
+    candidates: list[dict] = []
     for index in range(args.max_tries):
+        if enough(candidates, args.per_label, stages):
+            break
         sample = make_sample(args.seed, index)
-        if len(kept[sample.label]) >= args.per_label:
-            if all(len(v) >= args.per_label for v in kept.values()):
-                break
-            continue
         image = decode_image(sample.jpeg)
-        probs = {d: e.predict([image])[0].prediction for d, e in engines.items()}
+        results = {d: e.predict([image])[0] for d, e in engines.items()}
         side = 1 if sample.label else -1
-        if all(side * (p - 0.5) >= args.margin for p in probs.values()):
-            name = f"{'roadwork' if sample.label else 'none'}_{len(kept[sample.label]) + 1}.jpg"
-            kept[sample.label].append({"file": name, "label": sample.label, "seed": args.seed, "index": index,
-                                       "level": sample.level, "p": {d: round(p, 4) for d, p in probs.items()},
-                                       "jpeg": sample.jpeg})
-    if any(len(v) < args.per_label for v in kept.values()):
-        raise SystemExit(f"found only {len(kept[1])} roadwork and {len(kept[0])} none images scored clearly right "
-                         f"in {args.max_tries} tries; lower --margin or raise --max-tries")
+        if all(side * (r.prediction - 0.5) >= args.margin for r in results.values()):
+            candidates.append({"label": sample.label, "seed": args.seed, "index": index, "level": sample.level,
+                               "p": {d: round(r.prediction, 4) for d, r in results.items()},
+                               "stage": {d: r.stage for d, r in results.items()}, "jpeg": sample.jpeg})
+    for e in engines.values():
+        e.close()
+    if not enough(candidates, args.per_label, stages):
+        found = {label: sum(c["label"] == label for c in candidates) for label in (0, 1)}
+        raise SystemExit(f"found only {found[1]} roadwork and {found[0]} none images scored clearly right, deciding "
+                         f"at stages {sorted(covered(candidates))} of {stages}, in {args.max_tries} tries; lower "
+                         f"--margin or raise --max-tries")
+    kept = pick(candidates, args.per_label, stages)
     args.out.mkdir(parents=True, exist_ok=True)
     entries = []
     for label in (1, 0):
-        for e in kept[label]:
+        for k, e in enumerate(sorted((e for e in kept if e["label"] == label), key=lambda e: e["index"])):
+            e = {"file": f"{'roadwork' if label else 'none'}_{k + 1}.jpg", **e}
             (args.out / e["file"]).write_bytes(e.pop("jpeg"))
             entries.append(e)
     (args.out / "samples.json").write_text(json.dumps(entries, indent=2) + "\n")

@@ -121,6 +121,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
+    vision_lr_scale: float = 1.0  # the vision tower's patch embedding and blocks train at lr x this
     warmup_steps: int = 50
     score_weight: float = 4.0
     explain_share: float = 0.25
@@ -282,13 +283,15 @@ def p_yes(model: Qwen3VLForConditionalGeneration, chats: Chats, images: torch.Te
 
 def train(model: Qwen3VLForConditionalGeneration, chats: Chats, images: torch.Tensor, labels: np.ndarray,
           explanations: list[list[int]], spec: VisionPreprocessSpec, cfg: TrainConfig,
-          val: tuple[torch.Tensor, np.ndarray] | None = None) -> tuple[list[dict], int]:
+          val: tuple[torch.Tensor, np.ndarray] | None = None, progress: bool = True) -> tuple[list[dict], int]:
     """Train in place; returns (one record per evaluation, steps taken)."""
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
     order = torch.Generator().manual_seed(cfg.seed)
-    opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.98))
+    visual = model.model.visual
+    opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.98), scaled=(visual.patch_embed, visual.blocks),
+                lr_scale=cfg.vision_lr_scale)
     n = len(images)
     batch = min(cfg.batch_size, n)
     num_explain = round(batch * cfg.explain_share)
@@ -301,7 +304,7 @@ def train(model: Qwen3VLForConditionalGeneration, chats: Chats, images: torch.Te
     running = {"loss": 0.0, "score": 0.0, "text": 0.0}
     started = None
     bar = tqdm(total=None if cfg.minutes and not cfg.steps else total, desc="train vlm", unit="step",
-               file=sys.stderr)
+               file=sys.stderr, disable=not progress)
     while step < total:
         perm = torch.randperm(n, generator=order)
         for start in range(0, steps_per_epoch * batch, batch):
@@ -315,7 +318,7 @@ def train(model: Qwen3VLForConditionalGeneration, chats: Chats, images: torch.Te
             b = make_batch(chats, picked, labels[index.numpy()], [explanations[i] for i in index.tolist()],
                            num_explain, spec)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+                group["lr"] = lr_at(step, total, cfg) * group["lr_scale"]
             model.train()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(**b.model_inputs()).logits
@@ -444,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "mean/std replace the --vision-*/--patch options")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="with --vision-from: keep the copied patch embedding and blocks fixed (mergers train)")
+    ap.add_argument("--vision-lr-scale", type=float, default=TrainConfig.vision_lr_scale,
+                    help="the vision tower's patch embedding and blocks train at --lr x this (e.g. 0.1 to fine-tune "
+                         "a --vision-from tower gently)")
     ap.add_argument("--text-hidden", type=int, default=Architecture.text_hidden)
     ap.add_argument("--text-layers", type=int, default=Architecture.text_layers)
     ap.add_argument("--text-heads", type=int, default=Architecture.text_heads)
@@ -519,14 +525,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if val_folder is not None:
         val = (load_images(val_folder, spec, progress), val_folder.labels)
     cfg = TrainConfig(steps=args.steps, epochs=args.epochs, minutes=args.minutes, batch_size=args.batch_size,
-                      lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                      lr=args.lr, weight_decay=args.weight_decay, vision_lr_scale=args.vision_lr_scale,
+                      warmup_steps=args.warmup_steps,
                       score_weight=args.score_weight, explain_share=args.explain_share, hflip=not args.no_hflip,
                       bf16=not args.no_bf16, val_every=args.val_every, seed=args.seed)
     log.info("training on %d images (%d roadwork) at %dx%d (%d image tokens), vocab %d (model %d), %.2fM parameters",
              len(data), int(data.labels.sum()), arch.size, arch.size, image_tokens, tokenizer.vocab_size, vocab,
              sum(p.numel() for p in model.parameters()) / 1e6)
     fast_patch_embed_(model)
-    history, steps = train(model, chats, images, data.labels, explanations, spec, cfg, val)
+    history, steps = train(model, chats, images, data.labels, explanations, spec, cfg, val, progress)
     train_minutes = (time.time() - started) / 60
     save_model(model, arch, args.out, SAVE_DTYPES[args.save_dtype])
     final = evaluate_saved(args.out, val_folder, args.explain_examples, progress) if val_folder is not None else None
