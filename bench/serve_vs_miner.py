@@ -14,7 +14,8 @@
    answers 200 one request is timed alone (first request after ready), then for each concurrency level a
    closed loop of that many clients POSTs ImageSynapse JSON ({"image": base64 JPEG, "prediction": -1.0, ...})
    back to back, bounded by --requests and --duration. Between levels the server is left to drain.
-4. A request succeeds on HTTP 200 with a prediction in [0, 1]; anything else, or no answer within --timeout
+4. client_cpu: the share of the machine's cores the load generator (this process) used during a level.
+5. A request succeeds on HTTP 200 with a prediction in [0, 1]; anything else, or no answer within --timeout
    (default 9 s, the validator's), is an error, as the validator scores it.
 
 The load generator shares the cores with the server under test (both are on one machine), which costs both
@@ -41,9 +42,11 @@ import numpy as np
 import orjson
 
 from bench.common import PRESETS, jpeg_images, make_checkpoint, print_table, write_json
+from server.config import CPU_BATCH
 
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = ("baseline", "server", "server-int8")
+CORES = len(os.sched_getaffinity(0))
 OURS = {"server": "none", "server-int8": "int8"}  # our server kinds -> their --quantize
 
 
@@ -54,6 +57,7 @@ class Level:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # reason -> count
     seconds: float = 0.0
+    client_cpu_s: float = 0.0  # CPU time of this process (the load generator) during the level
     load_avg: float = field(default_factory=lambda: os.getloadavg()[0])  # at the start: background load drifts
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -69,6 +73,7 @@ class Level:
         return {"server": self.server, "concurrency": self.concurrency, "load_avg": self.load_avg, "ok": self.ok,
                 "errors": sum(self.errors.values()), "errors_by_kind": dict(self.errors),
                 "seconds": self.seconds, "req_s": self.ok / self.seconds if self.seconds else 0.0,
+                "client_cpu": self.client_cpu_s / (self.seconds * CORES) if self.seconds else 0.0,
                 "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
@@ -99,7 +104,7 @@ async def closed_loop(server: str, url: str, bodies: list[bytes], concurrency: i
     counter = iter(range(requests))
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         stop_at = start + duration_s
 
         async def client_loop() -> None:
@@ -111,6 +116,7 @@ async def closed_loop(server: str, url: str, bodies: list[bytes], concurrency: i
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         level.seconds = time.perf_counter() - start
+        level.client_cpu_s = time.process_time() - cpu_start
     return level
 
 
@@ -226,7 +232,8 @@ def report(results: list[dict], offline_results: dict[str, dict]) -> dict:
                                "server_errors": ours["errors"], "baseline_errors": base["errors"],
                                "p50_ratio": base["p50_ms"] / ours["p50_ms"]})
     print("\nper server and concurrency (closed loop)")
-    print_table(rows, ["server", "concurrency", "load_avg", "ok", "errors", "seconds", "req_s", "p50_ms", "p99_ms"])
+    print_table(rows, ["server", "concurrency", "load_avg", "ok", "errors", "seconds", "req_s", "p50_ms", "p99_ms",
+                       "client_cpu"])
     if ratios:
         print("\nours / baseline")
         print_table(ratios, ["server", "concurrency", "server_req_s", "baseline_req_s", "throughput_ratio",
@@ -294,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--duration", type=float, default=20.0, help="most seconds per level")
     ap.add_argument("--timeout", type=float, default=9.0, help="per-request client timeout (the validator's 9 s)")
     ap.add_argument("--images", type=int, default=64, help="distinct 224x224 JPEGs cycled through")
-    ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    ap.add_argument("--max-batch", type=int, default=CPU_BATCH,
+                    help=f"the servers' --max-batch and the offline batch (default {CPU_BATCH}, the server's CPU default)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for python -m server")
     ap.add_argument("--offline-batches", type=int, default=3)
     ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for listening and ready")

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from runtime.errors import ModelLoadError
 
     try:
-        engine = Engine.load(config.model, device=config.device, dtype=config.dtype, max_batch=config.max_batch,
+        engine = Engine.load(config.model, device=config.device, dtype=config.dtype, max_batch=config.batch_size,
                              quantize=config.quantize)
     except ModelLoadError as e:
         log.error("cannot load model from %s: %s", config.model, e)

@@ -41,7 +41,7 @@ class Service:
         self.config = config
         self.metrics = ServerMetrics()
         self.cache = ResultCache(config.cache_entries, config.cache_bytes, config.cache_ttl_s)
-        self.batcher = Batcher(engine, config.max_batch, config.max_delay_ms / 1000, config.queue_size,
+        self.batcher = Batcher(engine, config.batch_size, config.max_delay_ms / 1000, config.queue_size,
                                self.metrics)
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
@@ -510,8 +510,8 @@ async def readyz(request: web.Request) -> web.Response:
 async def models(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     config = service.config
-    server = {name: getattr(config, name) for name in (
-        "max_batch", "max_delay_ms", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
+    server = {"max_batch": config.batch_size} | {name: getattr(config, name) for name in (
+        "max_delay_ms", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
         "cache_entries", "cache_mb", "cache_ttl_s")}
     return json_response({"ready": service.ready, "engine": service.engine.describe(), "server": server})
 

@@ -14,6 +14,9 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "bundles" / "default"
 ENV_PREFIX = "ROADWORK_"
 
 
+CPU_BATCH, CUDA_BATCH = 8, 32  # default max_batch per device
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model: Path = DEFAULT_MODEL_DIR
@@ -22,7 +25,7 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str | None = None              # None: the engine picks its default for the device
     quantize: str | None = None           # None: as cascade.toml says; "int8" / "none": every vision model
-    max_batch: int = 32                   # images per Engine.predict call
+    max_batch: int | None = None          # images per Engine.predict call; None: the device's (batch_size)
     max_delay_ms: float = 5.0             # longest an image waits for its batch to fill
     queue_size: int = 1024                # images being decoded or waiting for a batch; beyond this: 503
     timeout_s: float = 9.0                # per-request deadline (the validator's timeout)
@@ -41,7 +44,7 @@ class ServerConfig:
         positive = ("max_batch", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
                     "decode_threads")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_delay_ms", "cache_entries", "cache_mb", "cache_ttl_s", "shutdown_timeout_s"):
             if getattr(self, name) < 0:
@@ -56,6 +59,14 @@ class ServerConfig:
             raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+    @property
+    def batch_size(self) -> int:
+        """max_batch, else 8 on CPU and 32 on CUDA: on CPU, ViT-B/16 batches beyond ~8 images spill their
+        activations out of the last-level cache and run slower per image (BENCHMARKS.md, section 3)."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return CPU_BATCH if self.device == "cpu" else CUDA_BATCH
 
     @property
     def max_body_bytes(self) -> int:
@@ -74,7 +85,7 @@ _HELP = {
     "dtype": "float32, bfloat16 or float16 (default: the engine's choice for the device)",
     "quantize": "int8 or none for every classifier and detector, over cascade.toml's per-model 'quantize' "
                 "(default: as cascade.toml says; float for a plain classifier directory)",
-    "max_batch": "largest batch per model call (default 32)",
+    "max_batch": f"largest batch per model call (default {CPU_BATCH} on cpu, {CUDA_BATCH} on cuda)",
     "max_delay_ms": "longest a request waits for its batch to fill, in ms; 0 runs whatever is queued as soon as "
                     "the model is free (default 5)",
     "queue_size": "images admitted at once (being decoded or waiting for a batch); beyond it requests get 503 "
@@ -127,7 +138,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                     parser.error(f"environment variable {env}: {e}")
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
-        kind = {"model": Path, "dtype": str, "quantize": str}.get(f.name, type(default))
+        kind = {"model": Path, "dtype": str, "quantize": str, "max_batch": int}.get(f.name, type(default))
         choices = {"dtype": ["float32", "bfloat16", "float16"], "quantize": list(QUANTIZE_MODES),
                    "log_level": ["debug", "info", "warning", "error"]}.get(f.name)
         if env in environ:
