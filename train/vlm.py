@@ -5,6 +5,8 @@
 1. A byte-level BPE tokenizer (train/vlm_tokenizer.py) is trained on the prompts, answers and explanations.
 2. A tiny Qwen3-VL (transformers' Qwen3VLForConditionalGeneration: vision tower with DeepStack taps, Qwen3 text
    model, tied LM head) is built from --seed, with a preprocessor config that keeps a 224x224 input at --size.
+   --vision-from DIR copies a trained DINOv3 backbone into the vision tower (train/vlm_vision_init.py): from
+   scratch the tower does not learn to see roadwork on CPU in minutes; from the cascade's backbone it does.
 3. Training uses transformers' own causal-LM loss on two single-turn chats per image:
      user: <image> "Is there roadwork in this image? Answer Yes or No."   assistant: "Yes" | "No"
      user: <image> "Describe the roadwork you see, briefly."              assistant: e.g. "Yes: barriers and a worker."
