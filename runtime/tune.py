@@ -144,13 +144,6 @@ def band_candidates(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(lo, 0, 0.5), np.clip(hi, 0.5, 1)
 
 
-def mcc_of(tp, fp, fn, n):
-    """MCC from counts (numpy arrays or ints), 0 where undefined."""
-    tn = n - tp - fp - fn
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).astype(np.float64)
-    return np.where(denom > 0, (tp * tn - fp * fn) / np.maximum(denom, 1), 0.0)
-
-
 def search(obs: Observed, weights: Sequence[float], max_routed: float = 1.0,
            budget_ms: float | None = None, max_vlm: float = 1.0) -> tuple[Setting, Setting]:
     """(best setting within the budget, the classifier alone) on the observed scores."""
@@ -183,11 +176,12 @@ def search(obs: Observed, weights: Sequence[float], max_routed: float = 1.0,
             tp = tp0 + (d & yg).sum(1)
             fp = fp0 + (d & ~yg).sum(1)
             fn = fn0 + (~d & yg).sum(1)
-            mcc = mcc_of(tp, fp, fn, n)
+            tn = n - tp - fp - fn
+            denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).astype(np.float64)
+            mcc = np.where(denom > 0, (tp * tn - fp * fn) / np.maximum(denom, 1), 0.0)
             r = int(np.argmax(mcc))
             if mcc[r] > best.mcc + 1e-12 or (abs(mcc[r] - best.mcc) <= 1e-12 and routed < best.routed):
-                best = setting(lo, hi, rules[r], Confusion(int(tp[r]), int(fp[r]), int(n - tp[r] - fp[r] - fn[r]),
-                                                           int(fn[r])), routed)
+                best = setting(lo, hi, rules[r], Confusion(int(tp[r]), int(fp[r]), int(tn[r]), int(fn[r])), routed)
     if obs.v is not None:
         best = search_vlm_band(obs, weights, best, max_vlm, budget_ms)
     return best, setting(0.5, 0.5, rules[0], alone, 0.0)
@@ -199,12 +193,11 @@ def search_vlm_band(obs: Observed, weights: Sequence[float], chosen: Setting, ma
     P(roadwork) falls inside it take the VLM's answer instead. (0.5, 0.5) sends (almost) none on."""
     assert obs.v is not None
     y = obs.labels.astype(bool)
-    n = len(y)
     routed = ~((obs.p < chosen.exit_below) | (obs.p > chosen.exit_above))
     q = vote_probs(obs.p, obs.c, weights, chosen.box_threshold, chosen.classifier_weight, chosen.majority)
     two_stage = np.where(routed, q > 0.5, obs.p > 0.5)
     vlm_says = obs.v > 0.5
-    best, best_mcc, best_share = (0.5, 0.5), -2.0, 2.0
+    best, best_mcc, best_share = (0.5, 0.5), -2.0, 2.0   # (0.5, 0.5) when nothing fits the budget
     lows, highs = band_candidates(q[routed]) if routed.any() else (np.array([0.5]), np.array([0.5]))
     for lo in lows:
         for hi in highs[highs >= lo]:
@@ -213,13 +206,11 @@ def search_vlm_band(obs: Observed, weights: Sequence[float], chosen: Setting, ma
             ms = obs.stage1_ms + chosen.routed * obs.stage2_ms + share * obs.stage3_ms
             if share > max_vlm or (budget_ms is not None and ms > budget_ms):
                 continue
-            d = np.where(to_vlm, vlm_says, two_stage)
-            mcc = float(mcc_of(int(np.sum(d & y)), int(np.sum(d & ~y)), int(np.sum(~d & y)), n))
+            mcc = Confusion.of(y, np.where(to_vlm, vlm_says, two_stage)).mcc
             if mcc > best_mcc + 1e-12 or (abs(mcc - best_mcc) <= 1e-12 and share < best_share):
                 best, best_mcc, best_share = (float(lo), float(hi)), mcc, share
     to_vlm = routed & ~((q < best[0]) | (q > best[1]))
-    d = np.where(to_vlm, vlm_says, two_stage)
-    conf = Confusion.of(y, d)
+    conf = Confusion.of(y, np.where(to_vlm, vlm_says, two_stage))
     share = float(to_vlm.mean())
     return dataclasses.replace(chosen, mcc=conf.mcc, accuracy=conf.accuracy, vlm_exit_below=best[0],
                                vlm_exit_above=best[1], to_vlm=share,
@@ -305,14 +296,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             ap.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     bundle = read_bundle(args.bundle)
     try:
-        stage_specs(bundle)
+        _, detectors_stage, _ = stage_specs(bundle)
     except ValueError as e:
         ap.error(str(e))
     data = list_labeled(args.data)
     if args.limit:
         data = data.spread(args.limit)
     obs = observe(bundle, data, args.device, args.dtype, args.max_batch)
-    weights = [d.weight for d in stage_specs(bundle)[1].detectors]
+    weights = [d.weight for d in detectors_stage.detectors]
     best, alone = search(obs, weights, args.max_routed, args.budget_ms, args.max_vlm)
     result = {"data": str(args.data), "images": len(data), "stage1_ms": round(obs.stage1_ms, 3),
               "stage2_ms_per_routed": round(obs.stage2_ms, 3), "classifier_alone": alone.as_dict(),

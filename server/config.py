@@ -62,8 +62,8 @@ class ServerConfig:
 
     @property
     def batch_size(self) -> int:
-        """max_batch, else 8 on CPU and 32 on CUDA: on CPU, ViT-B/16 batches beyond ~8 images spill their
-        activations out of the last-level cache and run slower per image (BENCHMARKS.md, section 3)."""
+        """max_batch, else 8 on CPU and 32 on CUDA: on CPU, ViT-B/16 runs slower per image at batch 32 than at 8
+        (BENCHMARKS.md, sections 3 and 5)."""
         if self.max_batch is not None:
             return self.max_batch
         return CPU_BATCH if self.device == "cpu" else CUDA_BATCH

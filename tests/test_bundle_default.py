@@ -16,6 +16,7 @@ from runtime.decode import decode_image
 from runtime.deimv2 import Deimv2Detector
 from runtime.engine import Engine, image_tensor
 from runtime.vlm_engine import VLMEngine, VLMEngineConfig
+from tests.test_qwen3_vl import prefill_logits
 from tests.vlm_checkpoints import hf_inputs
 from train.generate import make_sample
 from train.vlm_tokenizer import SCORE_PROMPT
@@ -74,11 +75,14 @@ def test_one_image_at_a_time_in_bf16():
     """A lone request is a batch of one: its detector pass gave NaN in bf16 (runtime/deimv2_decoder.py, _sample)."""
     engine = Engine.load(BUNDLE, dtype="bfloat16", max_batch=4)
     images = [decode_image((SAMPLES / e["file"]).read_bytes()) for e in sample_index()]
-    together = engine.predict(images)
-    for image, want in zip(images, together):
-        got = engine.predict([image])[0]
-        assert np.isfinite(got.prediction) and abs(got.prediction - want.prediction) < 0.05, (got, want)
-        assert got.label == want.label
+    try:
+        together = engine.predict(images)
+        for image, want in zip(images, together):
+            got = engine.predict([image])[0]
+            assert np.isfinite(got.prediction) and abs(got.prediction - want.prediction) < 0.05, (got, want)
+            assert got.label == want.label
+    finally:
+        engine.close()   # the vlm stage's loop thread
 
 
 def test_samples_come_from_the_generator():
@@ -119,11 +123,8 @@ def test_transformers_reads_the_bundled_vlm():
     engine = VLMEngine.load(BUNDLE / "vlm", dtype=torch.float32, config=VLMEngineConfig(
         kv_cache_bytes=1 << 24, max_model_len=512, max_num_batched_tokens=1024, block_size=16))
     image = decode_image((SAMPLES / sample_index()[0]["file"]).read_bytes())
-    request_id = engine.add_request(SCORE_PROMPT, [image])
-    seq = engine.requests[request_id]
-    ours = engine.runner.run(engine.scheduler.schedule(), all_positions=True)
-    engine.cancel(request_id)
+    ours, token_ids = prefill_logits(engine, SCORE_PROMPT, [image])
     ref_model = Qwen3VLForConditionalGeneration.from_pretrained(BUNDLE / "vlm", dtype=torch.float32).eval()
     with torch.no_grad():
-        ref = ref_model(**hf_inputs(BUNDLE / "vlm", seq.token_ids, [image])).logits[0]
+        ref = ref_model(**hf_inputs(BUNDLE / "vlm", token_ids, [image])).logits[0]
     assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import safetensors.torch as st
 import pytest
+import safetensors.torch as st
 import torch
 from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
 from kernels.vlm_preprocess import vision_input_reference
 from runtime.tokenizer import ChatTokenizer
-from tests.checkpoints import IMAGENET, make_dinov3
 from runtime.vlm_engine import VLMEngine, VLMEngineConfig
+from tests.checkpoints import IMAGENET, make_dinov3
 from tests.vlm_checkpoints import hf_inputs
 from train.data import decode_file, list_folder
 from train.generate import write_dataset

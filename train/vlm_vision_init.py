@@ -14,36 +14,28 @@ to parametrisation, so the trained one is copied over:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from runtime.dinov3 import DINOv3Config
+from runtime.config import read_json
+from runtime.dinov3 import DINOv3Config, DINOv3ViT
 from runtime.weights import read_safetensors
 
-PREFIXES = ("", "model.", "dinov3.", "backbone.")  # bare backbone, classifier, detector layouts
-
-
 def read_backbone(source: Path) -> tuple[DINOv3Config, dict, dict[str, torch.Tensor]]:
-    """(config, preprocessor config, float32 backbone tensors without prefix) of a DINOv3 checkpoint directory."""
-    raw = json.loads((source / "config.json").read_text())
+    """(config, preprocessor config, float32 backbone tensors by their on-disk names: embeddings.*, layer.N.*,
+    norm.*) of a DINOv3 directory, a bare backbone or a classifier (whose head is not used), loaded strictly by
+    the runtime's own DINOv3 loader."""
+    raw = read_json(source / "config.json")
     if raw.get("model_type") != "dinov3_vit":
         raise ValueError(f"{source}/config.json: model_type {raw.get('model_type')!r}, expected 'dinov3_vit'")
     cfg = DINOv3Config.from_dict(raw, f"{source}/config.json")
     if cfg.block.gated_mlp:
         raise ValueError(f"{source}: a gated (SwiGLU) MLP has no Qwen3-VL vision counterpart")
-    tensors = read_safetensors(source)
-    for prefix in PREFIXES:
-        if f"{prefix}embeddings.patch_embeddings.weight" in tensors:
-            backbone = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-            break
-    else:
-        raise ValueError(f"{source}: no embeddings.patch_embeddings.weight under any of the prefixes {PREFIXES}")
-    backbone = {k.replace("model.layer.", "layer."): v for k, v in backbone.items()}
-    preprocessor = json.loads((source / "preprocessor_config.json").read_text())
-    return cfg, preprocessor, backbone
+    backbone = DINOv3ViT(cfg)
+    backbone.load_weights(read_safetensors(source), torch.float32, source=str(source))
+    return cfg, read_json(source / "preprocessor_config.json"), backbone.state_dict()
 
 
 def architecture_overrides(cfg: DINOv3Config, preprocessor: dict) -> dict:
