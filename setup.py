@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Single-process inference server: is there roadwork in this street image?",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "bench*", "train*"]),
+    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "bench*", "train*", "tools*", "fixtures*"]),
     include_package_data=True,
     install_requires=[
         # Exact pin: on CPU machines this resolves to the 2.13.0+cpu wheel instead of a multi-GB CUDA build.

@@ -23,8 +23,8 @@ from bench.common import DTYPES, jpeg_images, print_table, time_call, write_json
 from graphs.runner import GraphRunner, default_buckets
 from kernels.preprocess import preprocess_into
 from kernels.vote import vote
-from runtime.decode import decode_image
-from runtime.engine import Engine, image_tensor
+from runtime.image_decode import decode_image
+from runtime.cascade.engine import Engine, image_tensor
 
 EXIT_RATES = (0.0, 0.5, 0.9)
 
@@ -56,7 +56,7 @@ def classifier_sharing_backbone(detector_dir: Path, path: Path, seed: int, input
     """A DINOv3 classifier directory whose backbone tensors are the DEIMv2 detector's, plus a random head."""
     import safetensors.torch as st
 
-    from tests.checkpoints import LABELS, write_preprocessor  # transformers: a benchmark/test dependency only
+    from fixtures.checkpoints import LABELS, write_preprocessor  # transformers: a benchmark/test dependency only
 
     path.mkdir(parents=True)
     prefix = "model.conv_encoder.backbone."
@@ -73,7 +73,7 @@ def classifier_sharing_backbone(detector_dir: Path, path: Path, seed: int, input
 
 def make_models(root: Path, preset: str, share: bool) -> None:
     """root/cls (classifier) and root/det (DEIMv2; shares the classifier's backbone when `share`)."""
-    from tests.checkpoints import write_preprocessor
+    from fixtures.checkpoints import write_preprocessor
     from tests.test_deimv2 import make_deimv2
 
     backbone, head, size = PRESETS[preset]

@@ -39,7 +39,7 @@ def preset_config(preset: str) -> dict:
 
 def make_checkpoint(preset: str, path: Path):
     """Write a random-weight checkpoint of `preset`; returns transformers' model on the same weights."""
-    from tests.checkpoints import make_dinov3, make_vit  # transformers: a benchmark/test dependency only
+    from fixtures.checkpoints import make_dinov3, make_vit  # transformers: a benchmark/test dependency only
 
     kind, cfg = PRESETS[preset]
     return make_dinov3(path, **cfg) if kind == "dinov3_vit" else make_vit(path, **cfg)

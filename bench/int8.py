@@ -4,10 +4,10 @@
     python -m bench.int8 --model DIR        # a trained classifier: MCC against the labels means something
 
 Accuracy: JPEG bytes -> Engine.predict with the model loaded in fp32, in bf16, and in bf16 with its encoder
-Linear layers converted by runtime.quant.quantize_int8 (Engine.load(quantize="int8")), on the
+Linear layers converted by runtime.models.quant.quantize_int8 (Engine.load(quantize="int8")), on the
 synthetic eval set (train.generate: street scenes with and without roadwork, the validator's augmentations).
 Per dtype: max and mean |P - P_fp32|, decisions (P > 0.5) that differ from fp32's, and MCC of the decisions
-against fp32's and against the scene labels. Random-weight checkpoints ("parity-*" are tests/checkpoints.py's
+against fp32's and against the scene labels. Random-weight checkpoints ("parity-*" are fixtures/checkpoints.py's
 tiny ones, the rest real sizes) know nothing of roadwork, so their MCC against labels is noise around 0; their
 drift and flips are the numerical cost. A trained --model gives the accuracy cost itself.
 
@@ -24,8 +24,8 @@ import torch
 
 from bench.common import PRESETS, make_checkpoint, print_table, time_interleaved, write_json
 from bench.mfu import model_call
-from runtime.decode import decode_image
-from runtime.engine import Engine
+from runtime.image_decode import decode_image
+from runtime.cascade.engine import Engine
 
 PARITY = ("parity-dinov3", "parity-vit")
 DEFAULT_CASES = ("parity-dinov3", "parity-vit", "dinov3-vits16", "vit-b16")
@@ -51,7 +51,7 @@ def eval_set(n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray]:
 
 def write_case(case: str, path: Path) -> None:
     if case in PARITY:
-        from tests.checkpoints import make_dinov3, make_vit
+        from fixtures.checkpoints import make_dinov3, make_vit
 
         (make_dinov3 if case == "parity-dinov3" else make_vit)(path)
     else:

@@ -75,8 +75,8 @@ def make_jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
 
 def offline_throughput(args: argparse.Namespace, images: list[bytes]) -> dict:
     """Images/s of Engine.predict on full batches of already-decoded images: the ceiling for the server."""
-    from runtime.decode import decode_image
-    from runtime.engine import Engine
+    from runtime.image_decode import decode_image
+    from runtime.cascade.engine import Engine
 
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
     engine.warmup()

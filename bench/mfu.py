@@ -7,7 +7,7 @@ Per preset, the model in every dtype and the matmul peak of every dtype are time
 the runtime's model-only path: the classifier (backbone + head) on a static preprocessed batch, as the graph
 runner calls it on CPU. FLOPs come from bench/flops.py (matrix products only).
 
-int8 is the bf16 model with its encoder Linear layers converted by runtime.quant.quantize_int8; its
+int8 is the bf16 model with its encoder Linear layers converted by runtime.models.quant.quantize_int8; its
 utilization is taken against the int8 (torch._int_mm) peak although attention and the patch embedding still
 run in bf16, so it understates how busy the integer units are. speedup_vs_bf16 compares with the bf16 row."""
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from bench.common import PRESETS, make_checkpoint, preset_config, print_table, time_interleaved, write_json
 from bench.flops import vision_flops
 from bench.peak import matmul_fn
-from runtime.classifier import load_classifier
-from runtime.quant import quantize_int8
+from runtime.models.classifier import load_classifier
+from runtime.models.quant import quantize_int8
 
 MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
 

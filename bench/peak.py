@@ -3,7 +3,7 @@
     python -m bench.peak [--size 2048] [--rounds 5]
 
 fp32 and bf16: torch.mm of two n x n matrices; int8: torch._int_mm (int8 x int8 -> int32, the product the
-int8 path in runtime/quant.py runs). Each figure is the median over `rounds` calls taken round-robin, so a
+int8 path in runtime/models/quant.py runs). Each figure is the median over `rounds` calls taken round-robin, so a
 burst of background load hits all three alike and the ratios stay fair. The peak is what the BLAS reaches on
 a large square product; a model's own (tall, narrow) products can reach less."""
 from __future__ import annotations

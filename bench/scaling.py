@@ -40,9 +40,9 @@ def _ints(text: str) -> list[int]:
 
 
 def batch_sweep(path: Path, dtype: torch.dtype, batches: list[int], min_time: float) -> list[dict]:
-    from runtime.classifier import load_classifier
-    from runtime.decode import decode_image
-    from runtime.engine import Engine
+    from runtime.models.classifier import load_classifier
+    from runtime.image_decode import decode_image
+    from runtime.cascade.engine import Engine
 
     model = load_classifier(path, dtype)
     engine = Engine.load(path, "cpu", dtype, max_batch=max(batches))
@@ -60,8 +60,8 @@ def batch_sweep(path: Path, dtype: torch.dtype, batches: list[int], min_time: fl
 
 
 def side_sweep(path: Path, dtype: torch.dtype, sides: list[int], batch: int, min_time: float) -> list[dict]:
-    from runtime.decode import decode_image
-    from runtime.engine import Engine
+    from runtime.image_decode import decode_image
+    from runtime.cascade.engine import Engine
 
     engine = Engine.load(path, "cpu", dtype, max_batch=batch)
     rows = []
@@ -79,7 +79,7 @@ def side_sweep(path: Path, dtype: torch.dtype, sides: list[int], batch: int, min
 
 def resolution_sweep(path: Path, cfg: dict, dtype: torch.dtype, resolutions: list[int], batch: int,
                      min_time: float) -> list[dict]:
-    from runtime.classifier import load_classifier
+    from runtime.models.classifier import load_classifier
 
     model = load_classifier(path, dtype)
     patch = cfg["patch_size"]
@@ -120,8 +120,8 @@ def _peak_mb() -> float:
 
 
 def child_batch(path: Path, dtype: torch.dtype, batch: int) -> dict:
-    from runtime.decode import decode_image
-    from runtime.engine import Engine
+    from runtime.image_decode import decode_image
+    from runtime.cascade.engine import Engine
 
     engine = Engine.load(path, "cpu", dtype, max_batch=batch)
     images = [decode_image(j) for j in jpeg_images(batch, engine.spec.height)]
@@ -133,7 +133,7 @@ def child_batch(path: Path, dtype: torch.dtype, batch: int) -> dict:
 
 
 def child_cache(entries: int) -> dict:
-    from runtime.engine import ImageResult
+    from runtime.cascade.engine import ImageResult
     from server.cache import ResultCache, image_key
 
     cache = ResultCache(max_entries=max(entries, 1), max_bytes=1 << 40, ttl_s=3600)

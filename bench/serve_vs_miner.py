@@ -194,8 +194,8 @@ def offline(model: Path, jpegs: list[bytes], batch: int, batches: int, dtype: st
     """Images/s of Engine.predict in this process: on decoded images, and from JPEG bytes (decode included)."""
     import torch
 
-    from runtime.decode import decode_image
-    from runtime.engine import Engine
+    from runtime.image_decode import decode_image
+    from runtime.cascade.engine import Engine
 
     engine = Engine.load(model, "cpu", dtype, max_batch=batch, quantize=quantize)
     chunk = [jpegs[i % len(jpegs)] for i in range(batch)]

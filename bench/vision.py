@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from bench.common import DTYPES, PRESETS, jpeg_images, make_checkpoint, print_table, time_call, write_json
-from runtime.decode import decode_image
-from runtime.engine import Engine
+from runtime.image_decode import decode_image
+from runtime.cascade.engine import Engine
 
 
 def baseline(path: Path, hf_model, kind: str, dtype: torch.dtype):

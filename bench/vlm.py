@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from bench.common import DTYPES, machine, print_table, write_json
-from runtime.sequence import SamplingParams
-from runtime.vlm_engine import VLMEngine, VLMEngineConfig
+from runtime.vlm.sequence import SamplingParams
+from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 
 QUESTION = "Is there roadwork in this image? Answer Yes or No."
 OTHER_QUESTION = "Describe the street scene: cars, cones, workers, signs, excavators and barriers."
@@ -42,7 +42,7 @@ PRESETS = {
 
 
 def make_checkpoint(preset: str, path: Path):
-    from tests.vlm_checkpoints import TINY, make_qwen3_vl  # transformers: a benchmark/test dependency only
+    from fixtures.vlm_checkpoints import TINY, make_qwen3_vl  # transformers: a benchmark/test dependency only
 
     cfg = TINY if preset == "tiny" else PRESETS[preset]
     patch = cfg["vision_config"]["patch_size"]
@@ -88,7 +88,7 @@ class TokenClock:
 
 def hf_generation(path: Path, model, c: int, new_tokens: int, seed: int, prompt: list[int]) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one transformers generate call on a batch of c requests."""
-    from tests.vlm_checkpoints import IMAGE_PAD
+    from fixtures.vlm_checkpoints import IMAGE_PAD
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     pixels = Qwen2VLImageProcessorPil.from_pretrained(path)(images=images(c, seed), return_tensors="pt")

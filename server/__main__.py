@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported here so `--help` and argument errors answer without loading torch.
-    from runtime.engine import Engine
+    from runtime.cascade.engine import Engine
     from runtime.errors import ModelLoadError
 
     try:

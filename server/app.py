@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 from PIL import Image
 
-from runtime.decode import ImageDecodeError, decode_image
+from runtime.image_decode import ImageDecodeError, decode_image
 from server.batcher import (BatcherClosed, Batcher, Computed, DeadlineExceeded, InferenceFailed, QueueFull,
                             StageListener, WorkItem)
 from server.cache import ResultCache, image_key

@@ -61,7 +61,7 @@ class WorkItem:
 
 @dataclass
 class Computed:
-    result: Any                         # runtime.engine.ImageResult
+    result: Any                         # runtime.cascade.engine.ImageResult
     queue_wait_s: float
     compute_s: float
     batch_size: int

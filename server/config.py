@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from runtime.bundle import QUANTIZE_MODES
+from runtime.cascade.bundle import QUANTIZE_MODES
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "bundles" / "default"
 ENV_PREFIX = "ROADWORK_"

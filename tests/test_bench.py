@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import flops, int8, kernels, mfu, peak, scaling, serve_vs_miner
 from bench.common import preset_config
-from runtime.classifier import load_classifier
-from tests.checkpoints import make_dinov3, make_vit
+from runtime.models.classifier import load_classifier
+from fixtures.checkpoints import make_dinov3, make_vit
 
 
 def counted_flops(model: torch.nn.Module, size: int) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from runtime.cascade.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 
 
 class Clock:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.bundle import (STAGE_KINDS, ClassifierStageSpec, DetectorSpec, DetectorStageSpec, VLMStageSpec, keys_of,
+from runtime.cascade.bundle import (STAGE_KINDS, ClassifierStageSpec, DetectorSpec, DetectorStageSpec, VLMStageSpec, keys_of,
                             load_bundle, read_bundle)
 from runtime.errors import ModelLoadError
 

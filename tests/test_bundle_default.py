@@ -10,14 +10,14 @@ import torch
 from transformers import Deimv2ForObjectDetection, DINOv3ViTModel, Qwen3VLForConditionalGeneration
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
-from runtime.classifier import load_classifier
+from runtime.models.classifier import load_classifier
 from runtime.config import read_json
-from runtime.decode import decode_image
-from runtime.deimv2 import Deimv2Detector
-from runtime.engine import Engine, image_tensor
-from runtime.vlm_engine import VLMEngine, VLMEngineConfig
+from runtime.image_decode import decode_image
+from runtime.models.deimv2 import Deimv2Detector
+from runtime.cascade.engine import Engine, image_tensor
+from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from tests.test_qwen3_vl import prefill_logits
-from tests.vlm_checkpoints import hf_inputs
+from fixtures.vlm_checkpoints import hf_inputs
 from train.generate import make_sample
 from train.vlm_tokenizer import SCORE_PROMPT
 
@@ -55,7 +55,7 @@ def test_three_stages_the_detector_sharing_the_backbone(engine):
     stages = engine.describe()["stages"]
     assert [s["name"] for s in stages] == ["classifier", "detectors", "vlm"]
     assert stages[1]["detectors"][0]["shared_backbone"] is True
-    # thresholds chosen by runtime.tune (docs/training.md): the detectors and the VLM get an undecided band
+    # thresholds chosen by tools.tune (docs/training.md): the detectors and the VLM get an undecided band
     assert 0.0 < stages[0]["exit_below"] <= 0.5 <= stages[0]["exit_above"] < 1.0
     assert 0.0 < stages[1]["exit_below"] <= stages[1]["exit_above"] < 1.0
 
@@ -72,7 +72,7 @@ def test_samples_are_scored_on_the_right_side(engine):
 
 
 def test_one_image_at_a_time_in_bf16():
-    """A lone request is a batch of one: its detector pass gave NaN in bf16 (runtime/deimv2_decoder.py, _sample)."""
+    """A lone request is a batch of one: its detector pass gave NaN in bf16 (runtime/models/deimv2_decoder.py, _sample)."""
     engine = Engine.load(BUNDLE, dtype="bfloat16", max_batch=4)
     images = [decode_image((SAMPLES / e["file"]).read_bytes()) for e in sample_index()]
     try:

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
-from runtime.classifier import load_classifier
+from runtime.models.classifier import load_classifier
 from bench.cascade import classifier_sharing_backbone
 from runtime.config import read_json
-from runtime.deimv2 import Deimv2Detector
-from runtime.detect_postprocess import center_to_corners
-from runtime.engine import Engine
+from runtime.models.deimv2 import Deimv2Detector
+from runtime.models.detect_postprocess import center_to_corners
+from runtime.cascade.engine import Engine
 from runtime.errors import ModelLoadError
-from runtime.quant import Int8Linear
-from tests.checkpoints import write_preprocessor
+from runtime.models.quant import Int8Linear
+from fixtures.checkpoints import write_preprocessor
 from tests.test_deimv2 import make_deimv2
 from tests.test_vote import formula
 

@@ -1,4 +1,4 @@
-"""Decode steps padded to batch buckets (graphs/decode.py) and the decode-attention seam (runtime/attention.py).
+"""Decode steps padded to batch buckets (runtime/vlm/decode_graphs.py) and the decode-attention seam (runtime/vlm/attention.py).
 
 CPU: padding of the static inputs, padded decode giving the logits and tokens of eager decode and writing no cache
 slot for padding rows, the block tables as flashinfer's CSR page table (checked against that table's documented
@@ -11,18 +11,18 @@ import os
 import pytest
 import torch
 
-from graphs.decode import DecodeGraphs, decode_inputs
+from runtime.vlm.decode_graphs import DecodeGraphs, decode_inputs
 from kernels.paged_attention import paged_decode_reference
-from runtime.attention import (DecodeAttentionSpec, FlashInferDecodeAttention, check_nhd_layout,
+from runtime.vlm.attention import (DecodeAttentionSpec, FlashInferDecodeAttention, check_nhd_layout,
                                choose_decode_backend, csr_page_table, flashinfer_module)
-from runtime.kv_cache import KVCacheSpec
-from runtime.scheduler import ScheduledBatch
-from runtime.sequence import SamplingParams
-from runtime.vlm_engine import VLMEngine, VLMEngineConfig
-from runtime.vlm_runner import ModelRunner
-from tests.seq_factory import make_seq
+from runtime.vlm.kv_cache import KVCacheSpec
+from runtime.vlm.scheduler import ScheduledBatch
+from runtime.vlm.sequence import SamplingParams
+from runtime.vlm.engine import VLMEngine, VLMEngineConfig
+from runtime.vlm.runner import ModelRunner
+from fixtures.sequences import make_seq
 from tests.test_paged_kernels import dense_attention, paged_layout
-from tests.vlm_checkpoints import QWEN3_VL_2B_SHAPED, TINY, make_qwen3_vl, random_image
+from fixtures.vlm_checkpoints import QWEN3_VL_2B_SHAPED, TINY, make_qwen3_vl, random_image
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # The decode graphs hold Triton kernels (the KV store at least); the interpreter copies through the host, which a

@@ -8,9 +8,9 @@ import safetensors.torch as st
 import torch
 from transformers import Deimv2Config, Deimv2ForObjectDetection, DINOv3ViTConfig, RTDetrImageProcessorPil
 
-from runtime.deimv2 import Deimv2Config as OurConfig
-from runtime.deimv2 import Deimv2Detector
-from runtime.detect_postprocess import post_process_object_detection
+from runtime.models.deimv2 import Deimv2Config as OurConfig
+from runtime.models.deimv2 import Deimv2Detector
+from runtime.models.detect_postprocess import post_process_object_detection
 from runtime.errors import ModelLoadError, WeightError
 
 TINY_BACKBONE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=16,

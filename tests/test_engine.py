@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
-from runtime.classifier import load_classifier
+from runtime.models.classifier import load_classifier
 from runtime.config import read_json
-from runtime.engine import Engine, cpu_has_bf16, resolve_dtype
+from runtime.cascade.engine import Engine, cpu_has_bf16, resolve_dtype
 from runtime.errors import ModelLoadError
-from tests.checkpoints import make_dinov3, make_vit
+from fixtures.checkpoints import make_dinov3, make_vit
 
 
 def random_images(n: int, seed: int = 0) -> list[np.ndarray]:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from graphs.runner import BucketGraphs, GraphRunner, default_buckets
-from runtime.classifier import load_classifier
-from tests.checkpoints import make_dinov3, make_vit
+from runtime.models.classifier import load_classifier
+from fixtures.checkpoints import make_dinov3, make_vit
 
 
 def test_default_buckets():

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.kv_cache import BlockManager, KVCacheSpec
-from runtime.sequence import image_digest, image_key
-from tests.seq_factory import make_seq
+from runtime.vlm.kv_cache import BlockManager, KVCacheSpec
+from runtime.vlm.sequence import image_digest, image_key
+from fixtures.sequences import make_seq
 
 BS = 4
 

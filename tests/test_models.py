@@ -7,9 +7,9 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from runtime.classifier import load_classifier
+from runtime.models.classifier import load_classifier
 from runtime.errors import ModelLoadError, WeightError
-from tests.checkpoints import dinov3_reference, make_dinov3, make_vit
+from fixtures.checkpoints import dinov3_reference, make_dinov3, make_vit
 
 # Real sizes (random weights): DINOv3 ViT-S/16, ViT-S+/16 (SwiGLU), ViT-B/16; the NATIX reference ViT-B/16.
 DINOV3_S16 = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,

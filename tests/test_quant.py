@@ -1,4 +1,4 @@
-"""int8 dynamic quantization (runtime/quant.py): exactness where int8 is exact, bounded error elsewhere, and the
+"""int8 dynamic quantization (runtime/models/quant.py): exactness where int8 is exact, bounded error elsewhere, and the
 quantized classifier against fp32 transformers-made checkpoints."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from runtime.classifier import load_classifier
-from runtime.quant import QMAX, Int8Linear, int_mm_supported, quantize_int8, quantize_rows
-from tests.checkpoints import make_dinov3, make_vit
+from runtime.models.classifier import load_classifier
+from runtime.models.quant import QMAX, Int8Linear, int_mm_supported, quantize_int8, quantize_rows
+from fixtures.checkpoints import make_dinov3, make_vit
 
 
 def random_rows(rows: int, cols: int, seed: int, dtype: torch.dtype) -> torch.Tensor:

@@ -14,11 +14,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from kernels.vlm_preprocess import (VisionPreprocessSpec, patchify_reference, patchify_triton, smart_resize,
                                     vision_input_reference, vision_input_triton)
 from runtime.errors import ModelLoadError, WeightError
-from runtime.scheduler import ScheduledBatch
-from runtime.sequence import SamplingParams
-from runtime.tokenizer import ChatTokenizer
-from runtime.vlm_engine import VLMEngine, VLMEngineConfig
-from tests.vlm_checkpoints import (IMAGE_PAD, QWEN3_VL_2B_SHAPED, TINY, hf_inputs, image_processor, make_qwen3_vl,
+from runtime.vlm.scheduler import ScheduledBatch
+from runtime.vlm.sequence import SamplingParams
+from runtime.vlm.tokenizer import ChatTokenizer
+from runtime.vlm.engine import VLMEngine, VLMEngineConfig
+from fixtures.vlm_checkpoints import (IMAGE_PAD, QWEN3_VL_2B_SHAPED, TINY, hf_inputs, image_processor, make_qwen3_vl,
                                    random_image, write_tokenizer)
 
 ENGINE = VLMEngineConfig(kv_cache_bytes=1 << 22, max_model_len=512, max_num_batched_tokens=1024, block_size=8)

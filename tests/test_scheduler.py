@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.kv_cache import BlockManager
-from runtime.scheduler import Scheduler
-from runtime.sequence import SequenceStatus
-from tests.seq_factory import make_seq
+from runtime.vlm.kv_cache import BlockManager
+from runtime.vlm.scheduler import Scheduler
+from runtime.vlm.sequence import SequenceStatus
+from fixtures.sequences import make_seq
 
 BS = 4
 

@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.decode import decode_image
-from runtime.engine import Engine
+from runtime.image_decode import decode_image
+from runtime.cascade.engine import Engine
 from server.app import SERVICE, Service, create_app, start_site
 from server.config import ServerConfig
-from tests.checkpoints import make_vit
+from fixtures.checkpoints import make_vit
 
 MAX_BATCH = 8
 TOL = 1e-5  # same weights, fp32; only the batch composition differs between server and direct calls

@@ -7,8 +7,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.cascade import classifier_sharing_backbone
-from runtime.engine import Engine
-from tests.checkpoints import write_preprocessor
+from runtime.cascade.engine import Engine
+from fixtures.checkpoints import write_preprocessor
 from tests.test_deimv2 import make_deimv2
 from tests.test_server import b64, jpeg, serving
 

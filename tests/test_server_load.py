@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.checkpoints import make_vit
+from fixtures.checkpoints import make_vit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.engine import ImageResult
+from runtime.cascade.engine import ImageResult
 from server.cache import ResultCache, image_key
 from server.config import DEFAULT_MODEL_DIR, ServerConfig, parse_config
 from server.errors import ApiError

@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from runtime.decode import decode_image
-from runtime.engine import Engine
-from tests.checkpoints import make_vit
+from runtime.image_decode import decode_image
+from runtime.cascade.engine import Engine
+from fixtures.checkpoints import make_vit
 from tests.test_server import jpeg
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.decode import decode_image
-from runtime.engine import Engine
-from tests.checkpoints import make_vit
+from runtime.image_decode import decode_image
+from runtime.cascade.engine import Engine
+from fixtures.checkpoints import make_vit
 from tests.test_cascade import classifier_stage, detector_stage, write_bundle
 from tests.test_server import Running, b64, jpeg, serving
 from tests.test_vlm_stage import models, vlm_stage  # noqa: F401 (a fixture: the same tiny models)

@@ -10,9 +10,9 @@ import torch
 from transformers import Deimv2ForObjectDetection, DINOv3ViTModel
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
-from runtime.classifier import load_classifier
-from runtime.deimv2 import Deimv2Detector
-from runtime.engine import Engine, image_tensor
+from runtime.models.classifier import load_classifier
+from runtime.models.deimv2 import Deimv2Detector
+from runtime.cascade.engine import Engine, image_tensor
 from train.classifier import Architecture, TrainConfig, main as classifier_main, new_model, patch_targets, \
     preprocessor_config, train
 from train.detector import main as detector_main

@@ -11,10 +11,10 @@ import torch
 from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
 from kernels.vlm_preprocess import vision_input_reference
-from runtime.tokenizer import ChatTokenizer
-from runtime.vlm_engine import VLMEngine, VLMEngineConfig
-from tests.checkpoints import IMAGENET, make_dinov3
-from tests.vlm_checkpoints import hf_inputs
+from runtime.vlm.tokenizer import ChatTokenizer
+from runtime.vlm.engine import VLMEngine, VLMEngineConfig
+from fixtures.checkpoints import IMAGENET, make_dinov3
+from fixtures.vlm_checkpoints import hf_inputs
 from train.data import decode_file, list_folder
 from train.generate import write_dataset
 from train.vlm import IGNORE, Architecture, Chats, make_batch, main, vision_spec

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from bench.cascade import classifier_sharing_backbone
-from runtime.engine import Engine
+from runtime.cascade.engine import Engine
 from runtime.errors import ModelLoadError
-from runtime.sequence import SamplingParams
-from runtime.vlm_engine import VLMEngine, VLMEngineConfig
-from tests.checkpoints import write_preprocessor
+from runtime.vlm.sequence import SamplingParams
+from runtime.vlm.engine import VLMEngine, VLMEngineConfig
+from fixtures.checkpoints import write_preprocessor
 from tests.test_cascade import classifier_stage, detector_stage, images, thresholds_splitting, write_bundle
 from tests.test_deimv2 import make_deimv2
-from tests.vlm_checkpoints import make_qwen3_vl
+from fixtures.vlm_checkpoints import make_qwen3_vl
 
 PROMPT = "Is there roadwork in this image? Answer Yes or No."
 EXPLAIN = "Describe the roadwork you see, briefly."

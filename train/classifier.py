@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.preprocess import PreprocessSpec
-from runtime.classifier import Classifier, Labels
+from runtime.models.classifier import Classifier, Labels
 from runtime.config import read_json
-from runtime.dinov3 import DINOv3Config, DINOv3ViT
-from runtime.eval import Confusion
-from runtime.weights import read_safetensors
+from runtime.models.dinov3 import DINOv3Config, DINOv3ViT
+from tools.eval import Confusion
+from runtime.models.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
 from train.optim import adamw, warmup_cosine
 from train.scenes import ROADWORK_CLASSES

@@ -18,9 +18,9 @@ import safetensors.torch as st
 import torch
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
-from runtime.decode import decode_image
-from runtime.engine import image_tensor
-from runtime.eval import list_labeled
+from runtime.image_decode import decode_image
+from runtime.cascade.engine import image_tensor
+from tools.eval import list_labeled
 
 log = logging.getLogger(__name__)
 

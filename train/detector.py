@@ -25,8 +25,8 @@ import torch
 
 from kernels.preprocess import PreprocessSpec
 from runtime.config import read_json
-from runtime.eval import Confusion
-from runtime.weights import read_safetensors
+from tools.eval import Confusion
+from runtime.models.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
 from train.optim import adamw, warmup_cosine
 from train.scenes import CLASSES, ROADWORK_CLASSES

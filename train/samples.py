@@ -18,8 +18,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from runtime.decode import decode_image
-from runtime.engine import Engine
+from runtime.image_decode import decode_image
+from runtime.cascade.engine import Engine
 from train.generate import make_sample
 
 log = logging.getLogger(__name__)

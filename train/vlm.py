@@ -1,4 +1,4 @@
-"""Train a small Qwen3-VL on the synthetic scenes; save it in the Hugging Face layout runtime.vlm_engine loads.
+"""Train a small Qwen3-VL on the synthetic scenes; save it in the Hugging Face layout runtime.vlm.engine loads.
 
     python -m train.vlm --data data/train --val data/val --out out/vlm --seed 0 [--minutes 20 | --epochs E | --steps S]
 
@@ -15,7 +15,7 @@
    the product), the other answer tokens weigh 1.
 4. Output: config.json, model.safetensors (--save-dtype), tokenizer.json, tokenizer_config.json (chat template),
    preprocessor_config.json, generation_config.json (eos <|im_end|>), training.json (arguments, history, and the
-   final val accuracy / MCC of P(Yes) computed by runtime.vlm_engine.VLMEngine.score on the saved files).
+   final val accuracy / MCC of P(Yes) computed by runtime.vlm.engine.VLMEngine.score on the saved files).
 
 --minutes fixes the number of steps from the speed of the first steps, so that run is not bit-reproducible;
 training.json records the step count, and --steps with it repeats the run exactly.
@@ -39,10 +39,10 @@ from torch import nn
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from kernels.vlm_preprocess import VisionPreprocessSpec, vision_input_reference
-from runtime.eval import Confusion
-from runtime.sequence import SamplingParams
-from runtime.tokenizer import ChatTokenizer
-from runtime.vlm_engine import VLMEngine, VLMEngineConfig
+from tools.eval import Confusion
+from runtime.vlm.sequence import SamplingParams
+from runtime.vlm.tokenizer import ChatTokenizer
+from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from train.data import LabeledFolder, decode_file, list_folder
 from train.optim import adamw, warmup_cosine
 from train.vlm_vision_init import architecture_overrides, copy_backbone, freeze_backbone, read_backbone
@@ -387,7 +387,7 @@ def save_model(model: Qwen3VLForConditionalGeneration, arch: Architecture, out: 
 
 
 def evaluate_saved(out: Path, folder: LabeledFolder, explain: int, progress: bool = True) -> dict:
-    """Accuracy / MCC of P(Yes) from runtime.vlm_engine on the saved directory, per augmentation level too, and
+    """Accuracy / MCC of P(Yes) from runtime.vlm.engine on the saved directory, per augmentation level too, and
     greedy explanations for the first `explain` images of each label (with how often they name the right answer)."""
     from tqdm import tqdm
 

@@ -88,7 +88,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int) -> None:
     """tokenizer.json + tokenizer_config.json (chat template, eos <|im_end|>, pad <|endoftext|>), as
-    transformers' PreTrainedTokenizerFast and runtime/tokenizer.py read them."""
+    transformers' PreTrainedTokenizerFast and runtime/vlm/tokenizer.py read them."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE, "eos_token": IM_END,

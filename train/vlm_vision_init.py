@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from runtime.config import read_json
-from runtime.dinov3 import DINOv3Config, DINOv3ViT
-from runtime.weights import read_safetensors
+from runtime.models.dinov3 import DINOv3Config, DINOv3ViT
+from runtime.models.weights import read_safetensors
 
 def read_backbone(source: Path) -> tuple[DINOv3Config, dict, dict[str, torch.Tensor]]:
     """(config, preprocessor config, float32 backbone tensors by their on-disk names: embeddings.*, layer.N.*,

@@ -1,4 +1,4 @@
-"""runtime.eval (scores, levels, stages, cost) and runtime.tune (threshold search, cascade.toml writing)."""
+"""tools.eval (scores, levels, stages, cost) and tools.tune (threshold search, cascade.toml writing)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,14 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime.bundle import read_bundle
-from runtime.decode import decode_image
-from runtime.engine import Engine
-from runtime.eval import Confusion, list_labeled, main as eval_main, run_engine
-from runtime.tune import Observed, apply, bundle_toml, main as tune_main, search, vote_decisions
-from tests.checkpoints import make_dinov3, write_preprocessor
+from runtime.cascade.bundle import read_bundle
+from runtime.image_decode import decode_image
+from runtime.cascade.engine import Engine
+from tools.eval import Confusion, list_labeled, main as eval_main, run_engine
+from tools.tune import Observed, apply, bundle_toml, main as tune_main, search, vote_decisions
+from fixtures.checkpoints import make_dinov3, write_preprocessor
 from tests.test_deimv2 import make_deimv2
-from tests.vlm_checkpoints import make_qwen3_vl
+from fixtures.vlm_checkpoints import make_qwen3_vl
 from train.generate import write_dataset
 
 

@@ -1,5 +1,5 @@
 """The VLM stage: a Qwen3-VL answers the bundle's prompt for the images earlier stages left undecided, and writes
-explanations (runtime/vlm_engine.py does the model work).
+explanations (runtime/vlm/engine.py does the model work).
 
 One "vlm loop" thread owns the VLMEngine and alone calls add_request / step / cancel; every other thread posts a
 command to its queue and waits on a future. So the cascade's scoring calls (the worker thread) and the server's
@@ -20,15 +20,15 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
-from runtime.breaker import Breaker
-from runtime.bundle import VLMStageSpec
+from runtime.cascade.breaker import Breaker
+from runtime.cascade.bundle import VLMStageSpec
 from runtime.config import read_json
 from runtime.errors import ModelLoadError, WeightError
-from runtime.kv_cache import KVCacheSpec
-from runtime.qwen3_vl import MODEL_TYPE, Qwen3VLConfig
-from runtime.sequence import SamplingParams
-from runtime.vlm_engine import RequestOutput, VLMEngine, VLMEngineConfig
-from runtime.weights import checkpoint_files
+from runtime.vlm.kv_cache import KVCacheSpec
+from runtime.models.qwen3_vl import MODEL_TYPE, Qwen3VLConfig
+from runtime.vlm.sequence import SamplingParams
+from runtime.vlm.engine import RequestOutput, VLMEngine, VLMEngineConfig
+from runtime.models.weights import checkpoint_files
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.dinov3 import DINOv3ViT
+from runtime.models.dinov3 import DINOv3ViT
 
 if TYPE_CHECKING:
-    from runtime.deimv2 import Deimv2Config
+    from runtime.models.deimv2 import Deimv2Config
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU}
 

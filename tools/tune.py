@@ -1,6 +1,6 @@
 """Pick a cascade's thresholds for the best MCC under a compute budget, and write them into cascade.toml.
 
-    python -m runtime.tune BUNDLE DATA [--max-routed 0.5] [--max-vlm 0.2] [--budget-ms X] [--write]
+    python -m tools.tune BUNDLE DATA [--max-routed 0.5] [--max-vlm 0.2] [--budget-ms X] [--write]
 
 One pass sends every image of DATA through every stage (exit_below 0, exit_above 1) and records the classifier's
 P(roadwork), each detector's roadwork confidence, the VLM's P(roadwork) when a vlm stage follows, and each
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from kernels.vote import vote_reference
-from runtime.bundle import BUNDLE_FILE, Bundle, ClassifierStageSpec, DetectorStageSpec, VLMStageSpec, read_bundle
-from runtime.eval import Confusion, LabeledSet, list_labeled, run_engine
+from runtime.cascade.bundle import BUNDLE_FILE, Bundle, ClassifierStageSpec, DetectorStageSpec, VLMStageSpec, read_bundle
+from tools.eval import Confusion, LabeledSet, list_labeled, run_engine
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def stage_specs(bundle: Bundle) -> tuple[ClassifierStageSpec, DetectorStageSpec,
 
 def observe(bundle: Bundle, data: LabeledSet, device: str, dtype: str | None, max_batch: int) -> Observed:
     """Run every image through every stage and collect the scores and stage times."""
-    from runtime.engine import Engine, resolve_device, resolve_dtype
+    from runtime.cascade.engine import Engine, resolve_device, resolve_dtype
 
     first, second, vlm = stage_specs(bundle)
     stages = [dataclasses.replace(first, exit_below=0.0, exit_above=1.0), second]
@@ -274,7 +274,7 @@ def apply(bundle: Bundle, best: Setting) -> Bundle:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m runtime.tune", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.tune", description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", type=Path, help="bundle directory with cascade.toml (classifier + detectors [+ vlm])")
     ap.add_argument("data", type=Path, help="labeled folder to tune on (not the one you report on)")
     ap.add_argument("--max-routed", type=float, default=0.5, help="largest share of images sent to the detectors")
@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps(result, indent=2))
     if args.write:
         vlm = obs.v is not None
-        header = (f"Thresholds chosen by: python -m runtime.tune {args.bundle} {args.data} --max-routed "
+        header = (f"Thresholds chosen by: python -m tools.tune {args.bundle} {args.data} --max-routed "
                   f"{args.max_routed}" + (f" --max-vlm {args.max_vlm}" if vlm else "")
                   + (f" --budget-ms {args.budget_ms}" if args.budget_ms is not None else "")
                   + f"\nOn that set: MCC {best.mcc:.4f} (classifier alone {alone.mcc:.4f}), "

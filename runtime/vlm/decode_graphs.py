@@ -14,10 +14,10 @@ from typing import Callable
 import torch
 
 from graphs.runner import BucketGraphs
-from runtime.attention import DecodeAttention
-from runtime.qwen3_vl import Qwen3VL
-from runtime.qwen3_vl_text import AttentionMetadata
-from runtime.sequence import Sequence
+from runtime.vlm.attention import DecodeAttention
+from runtime.models.qwen3_vl import Qwen3VL
+from runtime.models.qwen3_vl_text import AttentionMetadata
+from runtime.vlm.sequence import Sequence
 
 
 @dataclass

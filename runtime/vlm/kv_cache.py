@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from runtime.sequence import Sequence
+from runtime.vlm.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

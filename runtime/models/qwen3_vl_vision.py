@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import require
-from runtime.encoder import activation, rotate_half
+from runtime.models.vit_block import activation, rotate_half
 from runtime.errors import ModelLoadError
 
 SOURCE = "config.json vision_config"

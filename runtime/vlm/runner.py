@@ -2,8 +2,8 @@
 metadata, and the image features of the images whose placeholders are not cached. Returns each sequence's
 last-position logits.
 
-Decode attention goes through a planned backend (runtime/attention.py: flashinfer, Triton or the torch reference).
-With decode graphs on, a decode-only step runs padded to a batch bucket through static buffers (graphs/decode.py),
+Decode attention goes through a planned backend (runtime/vlm/attention.py: flashinfer, Triton or the torch reference).
+With decode graphs on, a decode-only step runs padded to a batch bucket through static buffers (runtime/vlm/decode_graphs.py),
 captured as CUDA graphs on CUDA; steps with prefills run eagerly.
 
 Vision-tower outputs are kept in a small LRU keyed by image content, so an image whose prompt is only partly
@@ -15,14 +15,14 @@ from collections import OrderedDict
 
 import torch
 
-from graphs.decode import DecodeGraphs, decode_inputs
+from runtime.vlm.decode_graphs import DecodeGraphs, decode_inputs
 from graphs.runner import default_buckets
-from runtime.attention import (FLASHINFER_WORKSPACE_BYTES, DecodeAttention, DecodeAttentionSpec, choose_decode_backend,
+from runtime.vlm.attention import (FLASHINFER_WORKSPACE_BYTES, DecodeAttention, DecodeAttentionSpec, choose_decode_backend,
                                flashinfer_module, make_decode_attention)
-from runtime.qwen3_vl import Qwen3VL
-from runtime.qwen3_vl_text import AttentionMetadata
-from runtime.scheduler import ScheduledBatch
-from runtime.sequence import ImageInput, Sequence
+from runtime.models.qwen3_vl import Qwen3VL
+from runtime.models.qwen3_vl_text import AttentionMetadata
+from runtime.vlm.scheduler import ScheduledBatch
+from runtime.vlm.sequence import ImageInput, Sequence
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps
 from transformers.image_transforms import convert_to_rgb
 
-from runtime.decode import ImageDecodeError, decode_image
+from runtime.image_decode import ImageDecodeError, decode_image
 
 
 def encode(im: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -1,5 +1,5 @@
 """The stage pipeline: classifier for every image, detectors + vote for the images the classifier left undecided,
-a VLM (runtime/vlm_stage.py) for the images still undecided.
+a VLM (runtime/cascade/vlm_stage.py) for the images still undecided.
 
 Per chunk of at most max_batch images (CUDA: each segment is one captured graph per batch bucket):
 
@@ -37,15 +37,15 @@ from graphs.runner import BucketGraphs, GraphRunner, default_buckets
 from kernels.preprocess import PreprocessSpec, preprocess_into
 from kernels.route import route
 from kernels.vote import vote
-from runtime.breaker import Breaker
-from runtime.bundle import Bundle, ClassifierStageSpec, DetectorSpec, DetectorStageSpec, VLMStageSpec
-from runtime.classifier import Classifier, load_classifier
+from runtime.cascade.breaker import Breaker
+from runtime.cascade.bundle import Bundle, ClassifierStageSpec, DetectorSpec, DetectorStageSpec, VLMStageSpec
+from runtime.models.classifier import Classifier, load_classifier
 from runtime.config import read_json
-from runtime.deimv2 import Deimv2Detector
-from runtime.dinov3 import DINOv3ViT
+from runtime.models.deimv2 import Deimv2Detector
+from runtime.models.dinov3 import DINOv3ViT
 from runtime.errors import ModelLoadError
-from runtime.quant import quantize_int8
-from runtime.vlm_stage import VLMStage
+from runtime.models.quant import quantize_int8
+from runtime.cascade.vlm_stage import VLMStage
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from runtime.config import pair, require
-from runtime.encoder import Block, BlockConfig
-from runtime.weights import load_into
+from runtime.models.vit_block import Block, BlockConfig
+from runtime.models.weights import load_into
 
 
 @dataclass(frozen=True)

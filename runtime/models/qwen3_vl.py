@@ -13,9 +13,9 @@ from torch import nn
 
 from runtime.config import read_json, require
 from runtime.errors import ModelLoadError
-from runtime.qwen3_vl_text import AttentionMetadata, TextConfig, TextModel
-from runtime.qwen3_vl_vision import VisionConfig, VisionTower
-from runtime.weights import check_all_used, load_into, read_safetensors
+from runtime.models.qwen3_vl_text import AttentionMetadata, TextConfig, TextModel
+from runtime.models.qwen3_vl_vision import VisionConfig, VisionTower
+from runtime.models.weights import check_all_used, load_into, read_safetensors
 
 log = logging.getLogger(__name__)
 

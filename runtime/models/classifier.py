@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from runtime.config import read_json
-from runtime.dinov3 import DINOv3Config, DINOv3ViT
+from runtime.models.dinov3 import DINOv3Config, DINOv3ViT
 from runtime.errors import ModelLoadError
-from runtime.vit import ViT, ViTConfig
-from runtime.weights import check_all_used, load_into, read_safetensors
+from runtime.models.vit import ViT, ViTConfig
+from runtime.models.weights import check_all_used, load_into, read_safetensors
 
 SUPPORTED_MODEL_TYPES = ("vit", "dinov3_vit")
 

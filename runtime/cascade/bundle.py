@@ -25,7 +25,7 @@ class ClassifierStageSpec:
     device: str | None = None  # None: the device Engine.load was given
     exit_below: float | None = None  # p < exit_below or p > exit_above: the image exits here (set iff a later
     exit_above: float | None = None  # stage exists)
-    quantize: str | None = None  # "int8": the encoder's Linear layers compute in int8 (runtime/quant.py)
+    quantize: str | None = None  # "int8": the encoder's Linear layers compute in int8 (runtime/models/quant.py)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class DetectorStageSpec:
 @dataclass(frozen=True)
 class VLMStageSpec:
     """Last stage: a Qwen3-VL answers the prompt for the images still undecided; P(roadwork) is
-    P(yes) / (P(yes) + P(no)) of its next token. It also writes explanations (runtime/vlm_stage.py)."""
+    P(yes) / (P(yes) + P(no)) of its next token. It also writes explanations (runtime/cascade/vlm_stage.py)."""
     name: str
     model: Path
     prompt: str = "Is there roadwork in this image? Answer Yes or No."

@@ -14,8 +14,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.kv_cache import BlockManager
-from runtime.sequence import Sequence, SequenceStatus
+from runtime.vlm.kv_cache import BlockManager
+from runtime.vlm.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 

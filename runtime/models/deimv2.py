@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from runtime.config import read_json
-from runtime.deimv2_decoder import Decoder
-from runtime.deimv2_encoder import ACTIVATIONS, MLP, ConvNorm, DINOv3ConvEncoder, HybridEncoder, LiteEncoder, \
+from runtime.models.deimv2_decoder import Decoder
+from runtime.models.deimv2_encoder import ACTIVATIONS, MLP, ConvNorm, DINOv3ConvEncoder, HybridEncoder, LiteEncoder, \
     RepVggBlock
-from runtime.dinov3 import DINOv3Config
+from runtime.models.dinov3 import DINOv3Config
 from runtime.errors import ModelLoadError, WeightError
-from runtime.weights import check_all_used, load_into, read_safetensors
+from runtime.models.weights import check_all_used, load_into, read_safetensors
 
 log = logging.getLogger(__name__)
 

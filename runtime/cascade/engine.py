@@ -2,7 +2,7 @@
 
 Engine.load takes a bundle directory (cascade.toml: classifier, then detectors that vote on what the classifier
 left undecided, then a VLM for what is still undecided; docs/bundle.md) or a single Hugging Face classifier
-directory (a one-stage cascade), and runs it through runtime/cascade.py."""
+directory (a one-stage cascade), and runs it through runtime/cascade/pipeline.py."""
 from __future__ import annotations
 
 import threading
@@ -13,10 +13,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from runtime.bundle import Bundle, load_bundle, with_quantize
-from runtime.cascade import Box, Cascade, ImageResult, OnStage, image_tensor
+from runtime.cascade.bundle import Bundle, load_bundle, with_quantize
+from runtime.cascade.pipeline import Box, Cascade, ImageResult, OnStage, image_tensor
 from runtime.errors import ModelLoadError
-from runtime.vlm_stage import VLMOutput, VLMStage
+from runtime.cascade.vlm_stage import VLMOutput, VLMStage
 
 __all__ = ["Box", "Engine", "ImageResult", "VLMOutput", "cpu_has_bf16", "image_tensor", "resolve_device",
            "resolve_dtype"]

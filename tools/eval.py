@@ -1,6 +1,6 @@
 """Score a classifier or cascade bundle on a labeled folder, as the subnet scores miners.
 
-    python -m runtime.eval MODEL_DIR DATA_DIR [--device cpu] [--dtype bfloat16] [--json report.json]
+    python -m tools.eval MODEL_DIR DATA_DIR [--device cpu] [--dtype bfloat16] [--json report.json]
 
 DATA_DIR holds DIR/roadwork/* and DIR/none/* images (what train.generate writes) and optionally DIR/meta.jsonl
 with each image's augmentation level. Predictions are rounded like the validator's: roadwork only when
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from runtime.decode import decode_image
+from runtime.image_decode import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +235,9 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from runtime.engine import Engine
+    from runtime.cascade.engine import Engine
 
-    ap = argparse.ArgumentParser(prog="python -m runtime.eval", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path, help="bundle directory (cascade.toml) or classifier directory")
     ap.add_argument("data", type=Path, help="labeled folder: DATA/roadwork/*, DATA/none/*, optional meta.jsonl")
     ap.add_argument("--device", default="cpu")

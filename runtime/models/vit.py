@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from runtime.config import pair, require
-from runtime.encoder import Block, BlockConfig
+from runtime.models.vit_block import Block, BlockConfig
 from runtime.errors import ModelLoadError
-from runtime.weights import load_into
+from runtime.models.weights import load_into
 
 # Our parameter name -> on-disk name under the `vit.` prefix, as ViTForImageClassification saves it.
 DISK_NAMES = [

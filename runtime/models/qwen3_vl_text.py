@@ -16,7 +16,7 @@ from torch import nn
 from kernels.kv_store import kv_store
 from kernels.paged_attention import paged_decode, paged_prefill
 from runtime.config import require
-from runtime.encoder import activation, rotate_half
+from runtime.models.vit_block import activation, rotate_half
 from runtime.errors import ModelLoadError
 
 SOURCE = "config.json text_config"
@@ -94,7 +94,7 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor  # (prefill seqs, max blocks) int32, -1 padded
     decode_context_lens: torch.Tensor  # (decode seqs,) int32, including the token being decoded
     decode_block_tables: torch.Tensor  # (decode seqs, max blocks) int32, -1 padded
-    # Planned decode attention (runtime/attention.py), paged_decode's signature.
+    # Planned decode attention (runtime/vlm/attention.py), paged_decode's signature.
     decode_attention: Callable[..., torch.Tensor] = paged_decode
 
 

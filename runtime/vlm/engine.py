@@ -21,12 +21,12 @@ import torch
 from kernels.vlm_preprocess import VisionPreprocessSpec, vision_input
 from runtime.config import read_json
 from runtime.errors import ModelLoadError
-from runtime.kv_cache import BlockManager, KVCacheSpec
-from runtime.qwen3_vl import Qwen3VL, load_qwen3_vl, mrope_positions
-from runtime.scheduler import Scheduler
-from runtime.sequence import ImageInput, SamplingParams, Sequence, image_digest, image_key
-from runtime.tokenizer import ChatTokenizer, IncrementalDetokenizer
-from runtime.vlm_runner import ModelRunner
+from runtime.vlm.kv_cache import BlockManager, KVCacheSpec
+from runtime.models.qwen3_vl import Qwen3VL, load_qwen3_vl, mrope_positions
+from runtime.vlm.scheduler import Scheduler
+from runtime.vlm.sequence import ImageInput, SamplingParams, Sequence, image_digest, image_key
+from runtime.vlm.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from runtime.vlm.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

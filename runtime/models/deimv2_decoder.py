@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.deimv2_encoder import MLP, SelfAttention
+from runtime.models.deimv2_encoder import MLP, SelfAttention
 
 if TYPE_CHECKING:
-    from runtime.deimv2 import Deimv2Config
+    from runtime.models.deimv2 import Deimv2Config
 
 
 class RMSNorm(nn.Module):

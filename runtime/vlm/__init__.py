@@ -1,0 +1,1 @@
+"""The paged-KV VLM engine: engine, scheduler, sequences, KV cache, runner, attention, tokenizer, decode graphs."""
