@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 from PIL import Image
 
+from runtime.cascade.results import TokenCounts, add_tokens
 from runtime.image_decode import ImageDecodeError, decode_image
 from server.batcher import (BatcherClosed, Batcher, Computed, DeadlineExceeded, InferenceFailed, QueueFull,
                             StageListener, WorkItem)
@@ -459,9 +460,9 @@ async def _stream_explanation(service: Service, events: EventStream, key: bytes,
                                                   "log")
     if final.finish_reason == "cancelled":  # not by us: the engine was closed under the stream
         raise ApiError(503, "shutting_down", "the vlm stage stopped before the explanation finished")
-    counts = {"prompt": final.prompt_tokens, "cached": final.cached_tokens, "generated": final.generated_tokens}
-    if result.tokens is not None:  # the VLM scored this image too: both requests' tokens count
-        counts = {kind: counts[kind] + result.tokens[kind] for kind in counts}
+    # The VLM may have scored this image too: both requests' tokens count.
+    counts = add_tokens(result.tokens, TokenCounts(prompt=final.prompt_tokens, cached=final.cached_tokens,
+                                                   generated=final.generated_tokens))
     explained = dataclasses.replace(result, explanation="".join(pieces), tokens=counts)
     service.remember(key, explained)
     return explained

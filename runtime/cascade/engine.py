@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from runtime.cascade.bundle import Bundle, load_bundle, with_quantize
-from runtime.cascade.pipeline import Box, Cascade, ImageResult, OnStage, image_tensor
+from runtime.cascade.build import build_cascade
+from runtime.cascade.classifier_stage import image_tensor
+from runtime.cascade.results import Box, ImageResult, OnStage
 from runtime.errors import ModelLoadError
 from runtime.cascade.vlm_stage import VLMOutput, VLMStage
 
@@ -72,7 +74,7 @@ class Engine:
         self.max_batch = max_batch
         devices = [device if stage.device is None else stage_device(bundle, stage.name, stage.device)
                    for stage in bundle.stages]
-        self.cascade = Cascade(bundle, devices, dtype, max_batch)
+        self.cascade = build_cascade(bundle, devices, dtype, max_batch)
         first = self.cascade.first
         self.classifier, self.spec, self.runner = first.model, first.preprocess, first.runner
         self.lock = threading.Lock()

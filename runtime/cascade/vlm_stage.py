@@ -22,6 +22,8 @@ from safetensors import safe_open
 
 from runtime.cascade.breaker import Breaker
 from runtime.cascade.bundle import VLMStageSpec
+from runtime.cascade.results import StageAnswer, TokenCounts
+from runtime.cascade.stage import GraphPools
 from runtime.config import read_json
 from runtime.errors import ModelLoadError, WeightError
 from runtime.vlm.kv_cache import KVCacheSpec
@@ -52,7 +54,7 @@ class VLMOutput:
 class VLMAnswer:
     p: float | None  # P(yes) / (P(yes) + P(no)) for a scoring request, None for an explanation
     text: str  # the explanation ("" for a scoring request)
-    tokens: dict[str, int]  # {"prompt", "cached", "generated"}
+    tokens: TokenCounts
 
 
 class StageClosed(RuntimeError):
@@ -155,6 +157,10 @@ class VLMStage:
     # Any thread
     # ------------------------------------------------------------------------------------------------------------
 
+    def run(self, pending: list[int], images: list[torch.Tensor], want_boxes: bool) -> list[StageAnswer]:
+        """The VLM decides every image it gets. It moves the images to its own device as it preprocesses them."""
+        return [StageAnswer(a.p, tokens=a.tokens) for a in self.score([images[i] for i in pending])]
+
     def score(self, images: list[torch.Tensor]) -> list[VLMAnswer]:
         """P(roadwork) of each (H, W, 3) uint8 image, with its token counts; blocks until all are scored."""
         return self._call(lambda: self._submit(self.spec.prompt, images, None)).result()
@@ -204,9 +210,9 @@ class VLMStage:
             self.thread.join()  # final_stats is written before the thread ends
             return dict(self.final_stats or {})
 
-    def warmup(self) -> None:
-        """Score and explain one image, so the first real request finds every kernel compiled; the token counters
-        start after it."""
+    def warmup(self, pools: GraphPools | None = None) -> None:
+        """Score and explain one image, so the first real request finds every kernel compiled (its decode graphs
+        keep a pool of their own); the token counters start after it."""
         image = torch.full((*WARMUP_IMAGE, 3), 128, dtype=torch.uint8)
         self.score([image])
         self.explain([image], SamplingParams(max_new_tokens=2, ignore_eos=True))
@@ -356,5 +362,5 @@ class VLMStage:
                 "running": s["running"], "waiting": s["waiting"], "preemptions": s["preemptions"]}
 
 
-def tokens_of(out: RequestOutput) -> dict[str, int]:
-    return {"prompt": out.num_prompt_tokens, "cached": out.num_cached_tokens, "generated": out.num_generated_tokens}
+def tokens_of(out: RequestOutput) -> TokenCounts:
+    return TokenCounts(prompt=out.num_prompt_tokens, cached=out.num_cached_tokens, generated=out.num_generated_tokens)

@@ -1,10 +1,13 @@
-"""Detector outputs -> per-image detections, as transformers' RT-DETR family post_process_object_detection
-(sigmoid / focal-loss scoring): top-k over queries x classes, score threshold, cxcywh -> pixel xyxy. No NMS."""
+"""Detector outputs -> detections: transformers' RT-DETR family post_process_object_detection (sigmoid / focal-loss
+scoring: top-k over queries x classes, score threshold, cxcywh -> pixel xyxy; no NMS), and the mapping of model-input
+boxes back to the original image that the detectors stage serves `?detail=1` boxes with."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from kernels.preprocess import PreprocessSpec
 
 
 @dataclass
@@ -39,3 +42,14 @@ def post_process_object_detection(logits: torch.Tensor, pred_boxes: torch.Tensor
     boxes = boxes.gather(1, (index // num_classes).unsqueeze(-1).expand(-1, -1, 4))
     keep = scores > threshold
     return [Detections(s[k], l[k], b[k]) for s, l, b, k in zip(scores, labels, boxes, keep)]
+
+
+def to_image_xyxy(cxcywh: torch.Tensor, spec: PreprocessSpec, height: int, width: int) -> torch.Tensor:
+    """Normalized (cx, cy, w, h) boxes on the model input -> (x0, y0, x1, y1) pixels of the original
+    height x width image, undoing the preprocessing's resize and center crop (in float64)."""
+    resized_h, resized_w = spec.resized_size(height, width)
+    top, left = spec.crop_offsets(resized_h, resized_w)
+    x0, y0, x1, y1 = center_to_corners(cxcywh.double()).unbind(-1)
+    xs = [(x * spec.width + left) * width / resized_w for x in (x0, x1)]
+    ys = [(y * spec.height + top) * height / resized_h for y in (y0, y1)]
+    return torch.stack([xs[0], ys[0], xs[1], ys[1]], dim=-1)
