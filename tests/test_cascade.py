@@ -12,7 +12,6 @@ import torch
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
 from runtime.models.classifier import load_classifier
-from bench.cascade import classifier_sharing_backbone
 from runtime.config import read_json
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.detect_postprocess import center_to_corners
@@ -20,8 +19,8 @@ from runtime.cascade.engine import Engine
 from runtime.errors import ModelLoadError
 from runtime.models.quant import Int8Linear
 from fixtures.checkpoints import write_preprocessor
-from tests.test_deimv2 import make_deimv2
-from tests.test_vote import formula
+from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
+from fixtures.vote_formula import vote_formula
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,8 +137,8 @@ def expected_results(ref, detectors: list[tuple[str, float]], cls_weight: float 
             rows.append(("classifier", p, {"classifier": p}, {}))
             continue
         logits = [[math.log(ref["confs"][name][i] / (1 - ref["confs"][name][i]))] for name, _ in detectors]
-        confs, _, final = formula(logits, [ref["box"][name] for name, _ in detectors], [w for _, w in detectors],
-                                  p, cls_weight, 2 / 3)
+        confs, _, final = vote_formula(logits, [ref["box"][name] for name, _ in detectors], [w for _, w in detectors],
+                                       p, cls_weight, 2 / 3)
         rows.append(("detectors", final, {"classifier": p, "detectors": final},
                      {name: c for (name, _), c in zip(detectors, confs)}))
     return rows

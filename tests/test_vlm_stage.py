@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cascade import classifier_sharing_backbone
 from runtime.cascade.engine import Engine
 from runtime.errors import ModelLoadError
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from fixtures.checkpoints import write_preprocessor
 from tests.test_cascade import classifier_stage, detector_stage, images, thresholds_splitting, write_bundle
-from tests.test_deimv2 import make_deimv2
+from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
 from fixtures.vlm_checkpoints import make_qwen3_vl
 
 PROMPT = "Is there roadwork in this image? Answer Yes or No."
