@@ -20,8 +20,8 @@ from runtime.vlm.scheduler import ScheduledBatch
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from runtime.vlm.runner import ModelRunner
+from fixtures.paged_attention import dense_attention, paged_layout
 from fixtures.sequences import make_seq
-from tests.test_paged_kernels import dense_attention, paged_layout
 from fixtures.vlm_checkpoints import QWEN3_VL_2B_SHAPED, TINY, make_qwen3_vl, random_image
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
