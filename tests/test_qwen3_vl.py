@@ -18,8 +18,9 @@ from runtime.vlm.scheduler import ScheduledBatch
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.tokenizer import ChatTokenizer
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
+from fixtures.images import random_image
 from fixtures.vlm_checkpoints import (IMAGE_PAD, QWEN3_VL_2B_SHAPED, TINY, hf_inputs, image_processor, make_qwen3_vl,
-                                   random_image, write_tokenizer)
+                                   write_tokenizer)
 from fixtures.vlm_prefill import prefill_logits
 
 ENGINE = VLMEngineConfig(kv_cache_bytes=1 << 22, max_model_len=512, max_num_batched_tokens=1024, block_size=8)

@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtime.cascade.engine import Engine
 from fixtures.checkpoints import write_preprocessor
 from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
-from tests.test_server import b64, jpeg, serving
+from fixtures.images import b64, jpeg
+from fixtures.serving import serving
 
 
 @pytest.fixture(scope="module")
