@@ -12,7 +12,6 @@ cascade approaches as the exit rate goes to 1."""
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -52,29 +51,10 @@ PRESETS = {
 ROADWORK_CLASSES = [1, 3]
 
 
-def classifier_sharing_backbone(detector_dir: Path, path: Path, seed: int, input_size: int) -> None:
-    """A DINOv3 classifier directory whose backbone tensors are the DEIMv2 detector's, plus a random head."""
-    import safetensors.torch as st
-
-    from fixtures.checkpoints import LABELS, write_preprocessor  # transformers: a benchmark/test dependency only
-
-    path.mkdir(parents=True)
-    prefix = "model.conv_encoder.backbone."
-    tensors = {k[len(prefix):]: v for k, v in st.load_file(detector_dir / "model.safetensors").items()
-               if k.startswith(prefix)}
-    cfg = json.loads((detector_dir / "config.json").read_text())["backbone_config"]
-    g = torch.Generator().manual_seed(seed)
-    tensors["classifier.weight"] = torch.randn(2, 2 * cfg["hidden_size"], generator=g) * 2
-    tensors["classifier.bias"] = torch.randn(2, generator=g)
-    st.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps({**cfg, **LABELS}))
-    write_preprocessor(path, "dinov3", (input_size, input_size))
-
-
 def make_models(root: Path, preset: str, share: bool) -> None:
     """root/cls (classifier) and root/det (DEIMv2; shares the classifier's backbone when `share`)."""
-    from fixtures.checkpoints import write_preprocessor
-    from tests.test_deimv2 import make_deimv2
+    from fixtures.checkpoints import write_preprocessor  # transformers: a benchmark/test dependency only
+    from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
 
     backbone, head, size = PRESETS[preset]
     make_deimv2(root / "det", seed=0, backbone=backbone, **head)

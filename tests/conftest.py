@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,3 +17,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vlm_cascade_models(tmp_path_factory) -> Path:
+    """det-a (DEIMv2), cls (a classifier on det-a's backbone) and vlm (Qwen3-VL): the models of cascades that end in a
+    VLM stage, laid out as fixtures.bundles' stage writers expect."""
+    from fixtures.checkpoints import write_preprocessor  # transformers: imported only by the modules that use it
+    from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
+    from fixtures.vlm_checkpoints import make_qwen3_vl
+
+    root = tmp_path_factory.mktemp("models")
+    make_deimv2(root / "det-a", seed=0)
+    write_preprocessor(root / "det-a", "dinov3", (64, 64))
+    classifier_sharing_backbone(root / "det-a", root / "cls", seed=3, input_size=64)
+    make_qwen3_vl(root / "vlm", seed=2)
+    return root

@@ -16,8 +16,8 @@ from runtime.image_decode import decode_image
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.cascade.engine import Engine, image_tensor
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
-from tests.test_qwen3_vl import prefill_logits
 from fixtures.vlm_checkpoints import hf_inputs
+from fixtures.vlm_prefill import prefill_logits
 from train.generate import make_sample
 from train.vlm_tokenizer import SCORE_PROMPT
 

@@ -12,16 +12,17 @@ import torch
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
 from runtime.models.classifier import load_classifier
-from bench.cascade import classifier_sharing_backbone
 from runtime.config import read_json
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.detect_postprocess import center_to_corners
 from runtime.cascade.engine import Engine
 from runtime.errors import ModelLoadError
 from runtime.models.quant import Int8Linear
+from fixtures.bundles import classifier_stage, detector_stage, thresholds_splitting, write_bundle
 from fixtures.checkpoints import write_preprocessor
-from tests.test_deimv2 import make_deimv2
-from tests.test_vote import formula
+from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
+from fixtures.images import tinted_images
+from fixtures.vote_formula import vote_formula
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,17 +36,6 @@ def models(tmp_path_factory) -> Path:
     make_deimv2(root / "det-b", seed=5)
     write_preprocessor(root / "det-b", "dinov3", (96, 64))  # its own weights and input size: does not share
     return root
-
-
-def images(n: int = 12, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    sizes = [(64, 64), (48, 80), (120, 90), (1, 1), (70, 70), (33, 200)]
-    out = []
-    for i in range(n):  # smooth-ish images with a per-image tint, so the classifier's answers spread out
-        h, w = sizes[i % len(sizes)]
-        base = rng.integers(0, 256, (3,))
-        out.append(np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8))
-    return out
 
 
 def preprocessed(image: np.ndarray, model_dir: Path) -> torch.Tensor:
@@ -71,57 +61,10 @@ def roadwork_conf(out, class_ids=(1, 3)) -> float:
     return torch.sigmoid(out.logits[0][:, list(class_ids)].max()).item()
 
 
-def thresholds_splitting(values: list[float], low_n: int, high_n: int) -> tuple[float, float]:
-    """Exit thresholds that let the `low_n` lowest and `high_n` highest values exit."""
-    s = sorted(values)
-    assert s[low_n - 1] < s[low_n] and s[-high_n - 1] < s[-high_n], s
-    return (s[low_n - 1] + s[low_n]) / 2, (s[-high_n - 1] + s[-high_n]) / 2
-
-
-def write_bundle(path: Path, text: str) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "cascade.toml").write_text(text)
-    return path
-
-
-def classifier_stage(models: Path, low: float, high: float) -> str:
-    return f"""
-[[stage]]
-kind = "classifier"
-model = "{models / 'cls'}"
-exit_below = {low!r}
-exit_above = {high!r}
-"""
-
-
-def detector_stage(models: Path, box_a: float, box_b: float | None, extra: str = "") -> str:
-    text = f"""
-[[stage]]
-kind = "detectors"
-classifier_weight = 0.5
-{extra}
-[[stage.detector]]
-name = "a"
-model = "{models / 'det-a'}"
-roadwork_classes = ["LABEL_1", 3]  # a name and an id of the tiny detectors' LABEL_0..LABEL_4
-box_threshold = {box_a!r}
-"""
-    if box_b is not None:
-        text += f"""
-[[stage.detector]]
-name = "b"
-model = "{models / 'det-b'}"
-roadwork_classes = ["LABEL_1", 3]
-weight = 2.0
-box_threshold = {box_b!r}
-"""
-    return text
-
-
 @pytest.fixture(scope="module")
 def reference(models):
     """Everything step by step, one image at a time, each model loaded on its own (no sharing, no batching)."""
-    imgs = images()
+    imgs = tinted_images()
     probs = classifier_probs(models, imgs)
     outs = {"a": detector_outputs(models / "det-a", imgs), "b": detector_outputs(models / "det-b", imgs)}
     confs = {k: [roadwork_conf(o) for o in v] for k, v in outs.items()}
@@ -138,8 +81,8 @@ def expected_results(ref, detectors: list[tuple[str, float]], cls_weight: float 
             rows.append(("classifier", p, {"classifier": p}, {}))
             continue
         logits = [[math.log(ref["confs"][name][i] / (1 - ref["confs"][name][i]))] for name, _ in detectors]
-        confs, _, final = formula(logits, [ref["box"][name] for name, _ in detectors], [w for _, w in detectors],
-                                  p, cls_weight, 2 / 3)
+        confs, _, final = vote_formula(logits, [ref["box"][name] for name, _ in detectors], [w for _, w in detectors],
+                                       p, cls_weight, 2 / 3)
         rows.append(("detectors", final, {"classifier": p, "detectors": final},
                      {name: c for (name, _), c in zip(detectors, confs)}))
     return rows

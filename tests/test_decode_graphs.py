@@ -20,9 +20,10 @@ from runtime.vlm.scheduler import ScheduledBatch
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from runtime.vlm.runner import ModelRunner
+from fixtures.paged_attention import dense_attention, paged_layout
 from fixtures.sequences import make_seq
-from tests.test_paged_kernels import dense_attention, paged_layout
-from fixtures.vlm_checkpoints import QWEN3_VL_2B_SHAPED, TINY, make_qwen3_vl, random_image
+from fixtures.images import random_image
+from fixtures.vlm_checkpoints import QWEN3_VL_2B_SHAPED, TINY, make_qwen3_vl
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # The decode graphs hold Triton kernels (the KV store at least); the interpreter copies through the host, which a

@@ -6,20 +6,13 @@ import json
 import pytest
 import safetensors.torch as st
 import torch
-from transformers import Deimv2Config, Deimv2ForObjectDetection, DINOv3ViTConfig, RTDetrImageProcessorPil
+from transformers import RTDetrImageProcessorPil
 
 from runtime.models.deimv2 import Deimv2Config as OurConfig
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.detect_postprocess import post_process_object_detection
 from runtime.errors import ModelLoadError, WeightError
-
-TINY_BACKBONE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=16,
-                     num_register_tokens=2, out_indices=[2, 3, 4], apply_layernorm=False, image_size=64)
-TINY = dict(encoder_hidden_dim=32, encoder_in_channels=[32, 32, 32], encoder_ffn_dim=64, encoder_attention_heads=2,
-            d_model=32, decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64, decoder_layers=3,
-            decoder_attention_heads=4, num_queries=30, decoder_n_points=[3, 6, 3], num_labels=5,
-            encoder_has_trailing_conv=False, spatial_tuning_adapter_inplanes=8, depth_mult=0.34, hidden_expansion=0.5,
-            lqe_hidden_dim=16, activation_function="silu", decoder_activation_function="silu")
+from fixtures.deimv2_checkpoints import TINY_BACKBONE, make_deimv2
 
 # DEIMv2-S (Intellindust DEIMv2_DINOv3_S_COCO) as transformers' conversion script builds it: distilled ViT-Tiny
 # (192 wide, 3 heads, no registers, no key bias, plain layernorm only on the last stage), layers 6/9/12,
@@ -36,36 +29,6 @@ DEIMV2_S = dict(encoder_hidden_dim=192, encoder_in_channels=[192, 192, 192], enc
                 eval_size=[640, 640])
 
 TOL = 1e-4  # max abs diff relative to the reference output's max magnitude
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """transformers zero-inits several heads (offsets, attention weights, box and quality heads, gates) and leaves
-    BatchNorm at identity; give every tensor random values so every path matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("decoder.reg_scale", "decoder.up")) or "mask_token" in name:
-                continue
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif "norm" in name or "lambda1" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.2 * torch.randn(b.shape, generator=g))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g))
-
-
-def make_deimv2(path, seed=0, backbone=None, **overrides) -> Deimv2ForObjectDetection:
-    torch.manual_seed(seed)
-    cfg = Deimv2Config(backbone_config=DINOv3ViTConfig(**(backbone or TINY_BACKBONE)), **{**TINY, **overrides})
-    model = Deimv2ForObjectDetection(cfg).eval()
-    randomize_(model, seed + 1)
-    model.save_pretrained(path)
-    return model
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -2,43 +2,15 @@
 references against dense attention written out by hand."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from fixtures.paged_attention import dense_attention, paged_layout
 from kernels.kv_store import kv_store, kv_store_reference, kv_store_triton
 from kernels.paged_attention import (paged_decode, paged_decode_reference, paged_decode_triton, paged_prefill,
                                      paged_prefill_reference)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def paged_layout(context_lens: list[int], num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 seed: int = 0):
-    """Random caches, and for each sequence a random set of distinct blocks holding its context."""
-    g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    width = max(1, max(-(-c // block_size) for c in context_lens))
-    tables = torch.full((len(context_lens), width), -1, dtype=torch.int32)
-    for s, c in enumerate(context_lens):
-        n = -(-c // block_size)
-        tables[s, :n] = torch.tensor([perm.pop() for _ in range(n)], dtype=torch.int32)
-    return k_cache, v_cache, tables
-
-
-def dense_attention(q, k, v, scale, causal_offset: int | None = None):
-    """q (n, heads, d), k/v (m, kv_heads, d): plain softmax(QK^T)V with kv heads repeated per group."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,mhd->hnm", q.double(), k.double()) * scale
-    if causal_offset is not None:
-        visible = torch.arange(q.shape[0])[:, None] + causal_offset >= torch.arange(k.shape[0])[None, :]
-        scores = scores.masked_fill(~visible, -math.inf)
-    return torch.einsum("hnm,mhd->nhd", scores.softmax(-1), v.double()).float()
 
 
 def gather(cache, table, length):

@@ -18,8 +18,10 @@ from runtime.vlm.scheduler import ScheduledBatch
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.tokenizer import ChatTokenizer
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
+from fixtures.images import random_image
 from fixtures.vlm_checkpoints import (IMAGE_PAD, QWEN3_VL_2B_SHAPED, TINY, hf_inputs, image_processor, make_qwen3_vl,
-                                   random_image, write_tokenizer)
+                                   write_tokenizer)
+from fixtures.vlm_prefill import prefill_logits
 
 ENGINE = VLMEngineConfig(kv_cache_bytes=1 << 22, max_model_len=512, max_num_batched_tokens=1024, block_size=8)
 QUESTION = "Is there roadwork in this image? Answer Yes or No."
@@ -103,17 +105,6 @@ def test_preprocess_config_errors(cfg, match):
 
 
 # --- model parity -------------------------------------------------------------------------------------------------
-
-
-def prefill_logits(engine: VLMEngine, prompt, images) -> tuple[torch.Tensor, list[int]]:
-    """Our logits at every prompt position, through the engine's request building and model runner."""
-    request_id = engine.add_request(prompt, images)
-    seq = engine.requests[request_id]
-    batch = engine.scheduler.schedule()
-    assert batch.prefill == [seq] and seq.num_cached_tokens == 0
-    logits = engine.runner.run(batch, all_positions=True)
-    engine.cancel(request_id)
-    return logits, seq.token_ids
 
 
 def check_prefill(path, ref_model, prompt, images):

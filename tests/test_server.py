@@ -2,30 +2,24 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import io
 import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import orjson
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import Engine
-from server.app import SERVICE, Service, create_app, start_site
-from server.config import ServerConfig
+from server.app import Service
 from fixtures.checkpoints import make_vit
+from fixtures.images import b64, jpeg
+from fixtures.serving import MAX_BATCH, serving
 
-MAX_BATCH = 8
 TOL = 1e-5  # same weights, fp32; only the batch composition differs between server and direct calls
 
 
@@ -41,76 +35,9 @@ def engine(model_dir) -> Engine:
     return Engine.load(model_dir, device="cpu", dtype="float32", max_batch=MAX_BATCH)
 
 
-def jpeg(seed: int, size: tuple[int, int] = (96, 64)) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).resize(size, Image.BILINEAR).save(buffer, format="JPEG", quality=75)
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def direct(engine: Engine, images: list[bytes]) -> list[float]:
     """What the server must answer: Engine.predict on the same decoded images (no server involved)."""
     return [r.prediction for r in engine.predict([decode_image(data) for data in images])]
-
-
-@dataclass
-class Running:
-    client: aiohttp.ClientSession
-    service: Service
-    url: str
-
-    async def post(self, path: str, payload: object = None, data: bytes | None = None,
-                   content_type: str = "application/json", method: str = "POST") -> tuple[int, dict, dict]:
-        """One request; answers (status, JSON body, headers). Every answer, errors included, must be JSON."""
-        body = orjson.dumps(payload) if data is None else data
-        async with self.client.request(method, self.url + path, data=body,
-                                       headers={"Content-Type": content_type}) as r:
-            assert r.content_type == "application/json", (r.status, await r.text())
-            return r.status, await r.json(), dict(r.headers)
-
-    async def get(self, path: str) -> tuple[int, bytes, str]:
-        async with self.client.get(self.url + path) as r:
-            return r.status, await r.read(), r.headers.get("Content-Type", "")
-
-    async def metric(self, name: str, **labels: str) -> float:
-        """A sample's value read from GET /metrics, the way Prometheus reads it; 0 if absent."""
-        _, body, _ = await self.get("/metrics")
-        for family in text_string_to_metric_families(body.decode()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
-
-    async def wait_ready(self, timeout_s: float = 20.0) -> None:
-        give_up = time.monotonic() + timeout_s
-        while (await self.get("/readyz"))[0] != 200:
-            warmup = self.service.warmup_task
-            if warmup.done():
-                warmup.result()  # a failed warmup fails the test with its own error
-            assert time.monotonic() < give_up, "server never became ready"
-            await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def serving(engine: Engine, model_dir: Path, wait_ready: bool = True, before_start=None, **settings):
-    config = ServerConfig(model=model_dir, port=0, **{"max_batch": MAX_BATCH, **settings})
-    app = create_app(engine, config)
-    if before_start is not None:
-        before_start(app[SERVICE])
-    runner, host, port = await start_site(app, "127.0.0.1", 0)
-    try:
-        async with aiohttp.ClientSession() as client:
-            running = Running(client, app[SERVICE], f"http://{host}:{port}")
-            if wait_ready:
-                await running.wait_ready()
-            yield running
-    finally:
-        await runner.cleanup()
 
 
 def run(coro):

@@ -6,11 +6,11 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.cascade import classifier_sharing_backbone
 from runtime.cascade.engine import Engine
 from fixtures.checkpoints import write_preprocessor
-from tests.test_deimv2 import make_deimv2
-from tests.test_server import b64, jpeg, serving
+from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
+from fixtures.images import b64, jpeg
+from fixtures.serving import serving
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import Engine
 from fixtures.checkpoints import make_vit
-from tests.test_server import jpeg
+from fixtures.images import jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import Engine
 from fixtures.checkpoints import make_vit
-from tests.test_cascade import classifier_stage, detector_stage, write_bundle
-from tests.test_server import Running, b64, jpeg, serving
-from tests.test_vlm_stage import models, vlm_stage  # noqa: F401 (a fixture: the same tiny models)
+from fixtures.bundles import classifier_stage, detector_stage, vlm_stage, write_bundle
+from fixtures.images import b64, jpeg
+from fixtures.serving import Running, serving
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,12 +26,12 @@ MAX_EXPLAIN_TOKENS = 96  # long enough that a client can leave in the middle of 
 
 
 @pytest.fixture(scope="module")
-def bundle(models, tmp_path_factory):
+def bundle(vlm_cascade_models, tmp_path_factory):
     """Exit thresholds 0 and 1 decide nothing early: every image goes classifier -> detectors -> VLM."""
     return write_bundle(tmp_path_factory.mktemp("vlm_bundle"),
-                        classifier_stage(models, 0.0, 1.0)
-                        + detector_stage(models, 0.5, None, extra="exit_below = 0.0\nexit_above = 1.0")
-                        + vlm_stage(models, f"max_explain_tokens = {MAX_EXPLAIN_TOKENS}"))
+                        classifier_stage(vlm_cascade_models, 0.0, 1.0)
+                        + detector_stage(vlm_cascade_models, 0.5, None, extra="exit_below = 0.0\nexit_above = 1.0")
+                        + vlm_stage(vlm_cascade_models, f"max_explain_tokens = {MAX_EXPLAIN_TOKENS}"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from runtime.cascade.engine import Engine
 from tools.eval import Confusion, list_labeled, main as eval_main, run_engine
 from tools.tune import Observed, apply, bundle_toml, main as tune_main, search, vote_decisions
 from fixtures.checkpoints import make_dinov3, write_preprocessor
-from tests.test_deimv2 import make_deimv2
+from fixtures.deimv2_checkpoints import make_deimv2
 from fixtures.vlm_checkpoints import make_qwen3_vl
 from train.generate import write_dataset
 

@@ -7,7 +7,8 @@ import torch
 
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
-from fixtures.vlm_checkpoints import hf_inputs, make_qwen3_vl, random_image
+from fixtures.images import random_image
+from fixtures.vlm_checkpoints import hf_inputs, make_qwen3_vl
 
 QUESTION = "Is there roadwork in this image? Answer Yes or No."
 ROOMY = VLMEngineConfig(kv_cache_bytes=1 << 22, max_model_len=256, max_num_batched_tokens=256, block_size=8)

@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cascade import classifier_sharing_backbone
 from runtime.cascade.engine import Engine
 from runtime.errors import ModelLoadError
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
-from fixtures.checkpoints import write_preprocessor
-from tests.test_cascade import classifier_stage, detector_stage, images, thresholds_splitting, write_bundle
-from tests.test_deimv2 import make_deimv2
-from fixtures.vlm_checkpoints import make_qwen3_vl
+from fixtures.bundles import classifier_stage, detector_stage, thresholds_splitting, vlm_stage, write_bundle
+from fixtures.images import tinted_images
 
 PROMPT = "Is there roadwork in this image? Answer Yes or No."
 EXPLAIN = "Describe the roadwork you see, briefly."
@@ -45,33 +42,13 @@ def engines():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    make_deimv2(root / "det-a", seed=0)
-    write_preprocessor(root / "det-a", "dinov3", (64, 64))
-    classifier_sharing_backbone(root / "det-a", root / "cls", seed=3, input_size=64)
-    make_qwen3_vl(root / "vlm", seed=2)
-    return root
-
-
-def vlm_stage(models: Path, extra: str = "", kv_cache_gb: float = 0.02) -> str:
-    return f"""
-[[stage]]
-kind = "vlm"
-model = "{models / 'vlm'}"
-kv_cache_gb = {kv_cache_gb!r}
-{extra}
-"""
-
-
-@pytest.fixture(scope="module")
-def routing(models, tmp_path_factory) -> dict:
+def routing(vlm_cascade_models, tmp_path_factory) -> dict:
     """Thresholds with which the classifier decides 6 of the 12 images, the detectors 2 of the other 6."""
-    imgs = images()
-    probs = [r.prediction for r in Engine.load(models / "cls", "cpu", "float32").predict(imgs)]
+    imgs = tinted_images()
+    probs = [r.prediction for r in Engine.load(vlm_cascade_models / "cls", "cpu", "float32").predict(imgs)]
     low, high = thresholds_splitting(probs, 3, 3)
-    two = write_bundle(tmp_path_factory.mktemp("two"), classifier_stage(models, low, high)
-                       + detector_stage(models, 0.5, None))
+    two = write_bundle(tmp_path_factory.mktemp("two"), classifier_stage(vlm_cascade_models, low, high)
+                       + detector_stage(vlm_cascade_models, 0.5, None))
     voted = {i: r.scores["detectors"] for i, r in enumerate(Engine.load(two, "cpu", "float32").predict(imgs))
              if r.stage == "detectors"}
     det_low, det_high = thresholds_splitting(list(voted.values()), 1, 1)
@@ -88,15 +65,15 @@ def reference_engine(models: Path) -> VLMEngine:
     return VLMEngine.load(models / "vlm", config=VLMEngineConfig(kv_cache_bytes=1 << 24))
 
 
-def test_undecided_images_reach_the_vlm_and_take_its_answer(models, routing, tmp_path, engines):
+def test_undecided_images_reach_the_vlm_and_take_its_answer(vlm_cascade_models, routing, tmp_path, engines):
     imgs = routing["images"]
-    engine = engines(three_stages(models, routing, tmp_path))
+    engine = engines(three_stages(vlm_cascade_models, routing, tmp_path))
     events = []
     results = engine.predict(imgs, on_stage=lambda *event: events.append(event))  # 3 chunks of 4
     stages = [r.stage for r in results]
     assert (stages.count("classifier"), stages.count("detectors"), stages.count("vlm")) == (6, 2, 4)
     to_vlm = [i for i, s in enumerate(stages) if s == "vlm"]
-    want = reference_engine(models).score([imgs[i] for i in to_vlm], PROMPT)
+    want = reference_engine(vlm_cascade_models).score([imgs[i] for i in to_vlm], PROMPT)
     for i, ref in zip(to_vlm, want):
         r = results[i]
         assert r.prediction == pytest.approx(ref.p_yes, abs=1e-5) and r.scores["vlm"] == r.prediction
@@ -124,15 +101,16 @@ def test_undecided_images_reach_the_vlm_and_take_its_answer(models, routing, tmp
     assert order == sorted(order) and len(events) == 12 + 6 + 4
 
 
-def test_explanations_and_streams(models, routing, tmp_path, engines):
+def test_explanations_and_streams(vlm_cascade_models, routing, tmp_path, engines):
     imgs = routing["images"]
-    bundle = write_bundle(tmp_path, classifier_stage(models, routing["low"], routing["high"]) + vlm_stage(models))
+    bundle = write_bundle(tmp_path, classifier_stage(vlm_cascade_models, routing["low"], routing["high"])
+                          + vlm_stage(vlm_cascade_models))
     engine = engines(bundle)
     plain = engine.predict(imgs)
     assert {r.stage for r in plain} == {"classifier", "vlm"} and all(r.explanation is None for r in plain)
     scored = next(i for i, r in enumerate(plain) if r.stage == "vlm")
     exited = next(i for i, r in enumerate(plain) if r.stage == "classifier")
-    reference = reference_engine(models)
+    reference = reference_engine(vlm_cascade_models)
 
     def greedy(image):
         result, = reference.generate([EXPLAIN], [[image]], SamplingParams(max_new_tokens=48))
@@ -210,15 +188,15 @@ def test_explanations_and_streams(models, routing, tmp_path, engines):
 
     # explain_above: every image whose final p is above it is explained (here: half of them).
     cut = sum(thresholds_splitting([r.prediction for r in plain], 6, 6)) / 2
-    above = write_bundle(tmp_path / "above", classifier_stage(models, routing["low"], routing["high"])
-                         + vlm_stage(models, f"explain_above = {cut!r}\nmax_explain_tokens = 4"))
+    above = write_bundle(tmp_path / "above", classifier_stage(vlm_cascade_models, routing["low"], routing["high"])
+                         + vlm_stage(vlm_cascade_models, f"explain_above = {cut!r}\nmax_explain_tokens = 4"))
     results = engines(above).predict(imgs)
     assert [r.explanation is not None for r in results] == [r.prediction > cut for r in plain]
     assert sum(r.explanation is not None for r in results) == 6
 
 
-def test_warmup_describe_close(models, routing, tmp_path, engines):
-    engine = engines(three_stages(models, routing, tmp_path, vlm_extra="time_budget_ms = 5000"))
+def test_warmup_describe_close(vlm_cascade_models, routing, tmp_path, engines):
+    engine = engines(three_stages(vlm_cascade_models, routing, tmp_path, vlm_extra="time_budget_ms = 5000"))
     engine.warmup()
     stats = engine.vlm_stats()
     assert stats["prompt_tokens"] == stats["cached_tokens"] == stats["generated_tokens"] == 0  # warmup not counted
@@ -230,7 +208,7 @@ def test_warmup_describe_close(models, routing, tmp_path, engines):
     assert vlm["name"] == "vlm" and vlm["kind"] == "vlm" and vlm["model_type"] == "qwen3_vl"
     assert vlm["device"] == "cpu" and vlm["prompt"] == PROMPT and vlm["kv_cache_gb"] == 0.02
     assert vlm["kv_blocks"] == stats["kv_blocks_total"] and vlm["breaker"] == "closed"
-    assert vlm["time_budget_ms"] == 5000 and vlm["model"] == str(models / "vlm")
+    assert vlm["time_budget_ms"] == 5000 and vlm["model"] == str(vlm_cascade_models / "vlm")
     assert engine.stage_states() == {"detectors": "closed", "vlm": "closed"}
 
     # Closing ends a stream in flight and stops the loop thread.
@@ -256,8 +234,8 @@ def test_warmup_describe_close(models, routing, tmp_path, engines):
     assert {r.stage for r in results} == {"classifier", "detectors"} and sum(r.degraded for r in results) == 4
 
 
-def test_without_a_vlm_stage(models, routing):
-    engine = Engine.load(models / "cls", "cpu", "float32")
+def test_without_a_vlm_stage(vlm_cascade_models, routing):
+    engine = Engine.load(vlm_cascade_models / "cls", "cpu", "float32")
     assert engine.vlm_stats() is None
     for call in (lambda: engine.explain_stream(routing["images"][0], print), lambda: engine.cancel(0)):
         with pytest.raises(RuntimeError, match="this bundle has no vlm stage"):
@@ -267,10 +245,10 @@ def test_without_a_vlm_stage(models, routing):
     engine.close()
 
 
-def test_failing_vlm_degrades_opens_and_recovers(models, routing, tmp_path, engines):
+def test_failing_vlm_degrades_opens_and_recovers(vlm_cascade_models, routing, tmp_path, engines):
     imgs = routing["images"]
-    bundle = write_bundle(tmp_path, classifier_stage(models, routing["low"], routing["high"])
-                          + vlm_stage(models, "failure_threshold = 1\ncooldown_s = 5.0"))
+    bundle = write_bundle(tmp_path, classifier_stage(vlm_cascade_models, routing["low"], routing["high"])
+                          + vlm_stage(vlm_cascade_models, "failure_threshold = 1\ncooldown_s = 5.0"))
     engine = engines(bundle, max_batch=16)
     vlm = engine.cascade.vlm
     now = [0.0]
@@ -317,14 +295,15 @@ def test_failing_vlm_degrades_opens_and_recovers(models, routing, tmp_path, engi
     ('yes_token = "Maybe"', 0.02, r"stage 2 \('vlm'\): 'Maybe' encodes to \d+ tokens"),
     ('device = "gpu7"', 0.02, "stage 'vlm': device 'gpu7' is not a valid torch device"),
 ], ids=["kv-over-free-memory", "kv-under-one-sequence", "yes-not-one-token", "bad-device"])
-def test_load_errors(models, tmp_path, extra, kv_cache_gb, message):
-    text = classifier_stage(models, 0.2, 0.8) + vlm_stage(models, extra, kv_cache_gb)
+def test_load_errors(vlm_cascade_models, tmp_path, extra, kv_cache_gb, message):
+    text = classifier_stage(vlm_cascade_models, 0.2, 0.8) + vlm_stage(vlm_cascade_models, extra, kv_cache_gb)
     with pytest.raises(ModelLoadError, match=message):
         Engine.load(write_bundle(tmp_path, text), "cpu", "float32")
 
 
-def test_vlm_model_must_be_qwen3_vl(models, tmp_path):
-    text = classifier_stage(models, 0.2, 0.8) + vlm_stage(models).replace(str(models / "vlm"), str(models / "cls"))
+def test_vlm_model_must_be_qwen3_vl(vlm_cascade_models, tmp_path):
+    text = classifier_stage(vlm_cascade_models, 0.2, 0.8) + vlm_stage(vlm_cascade_models).replace(
+        str(vlm_cascade_models / "vlm"), str(vlm_cascade_models / "cls"))
     message = r"stage 2 \('vlm'\): .*model_type 'dinov3_vit' is not 'qwen3_vl' \(a vlm stage needs"
     with pytest.raises(ModelLoadError, match=message):
         Engine.load(write_bundle(tmp_path, text), "cpu", "float32")
@@ -332,10 +311,10 @@ def test_vlm_model_must_be_qwen3_vl(models, tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu_and_checks_cuda_memory(models, routing, tmp_path, engines):
+def test_cuda_matches_cpu_and_checks_cuda_memory(vlm_cascade_models, routing, tmp_path, engines):
     imgs = routing["images"]
-    cpu = engines(three_stages(models, routing, tmp_path / "cpu")).predict(imgs)
-    engine = Engine.load(three_stages(models, routing, tmp_path / "cuda"), "cuda", "float32", max_batch=4)
+    cpu = engines(three_stages(vlm_cascade_models, routing, tmp_path / "cpu")).predict(imgs)
+    engine = Engine.load(three_stages(vlm_cascade_models, routing, tmp_path / "cuda"), "cuda", "float32", max_batch=4)
     conv_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, to compare with the CPU
     try:
@@ -348,6 +327,7 @@ def test_cuda_matches_cpu_and_checks_cuda_memory(models, routing, tmp_path, engi
     for r, c in zip(results, cpu):
         assert r.stage == c.stage and r.prediction == pytest.approx(c.prediction, abs=1e-3)
     free, _ = torch.cuda.mem_get_info()
-    text = classifier_stage(models, 0.2, 0.8) + vlm_stage(models, kv_cache_gb=2 * free / 2 ** 30)
+    text = (classifier_stage(vlm_cascade_models, 0.2, 0.8)
+            + vlm_stage(vlm_cascade_models, kv_cache_gb=2 * free / 2 ** 30))
     with pytest.raises(ModelLoadError, match=r"stage 2 \('vlm'\): the VLM does not fit on cuda:0: .* GiB is free"):
         Engine.load(write_bundle(tmp_path / "big", text), "cuda", "float32")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from fixtures.vote_formula import vote_formula
 from kernels.vote import vote, vote_reference, vote_triton
 
 INF = float("inf")
@@ -17,26 +18,6 @@ def run(fn, scores, offsets, thresholds, weights, cls_prob, cls_weight, majority
     fn(scores, torch.tensor(offsets, dtype=torch.int32), torch.tensor(thresholds, dtype=torch.float32),
        torch.tensor(weights, dtype=torch.float32), cls_prob, cls_weight, majority, conf, fraction, prob)
     return conf, fraction, prob
-
-
-def formula(logits_per_detector: list[list[float]], thresholds, weights, p: float, cls_weight: float,
-            majority: float) -> tuple[list[float], float, float]:
-    """Plain-Python statement of the docstring's formula for one image (float64)."""
-    voters = [(p, 0.5, cls_weight)]
-    confs = []
-    for logits, t, w in zip(logits_per_detector, thresholds, weights):
-        c = 1 / (1 + math.exp(-max(logits))) if max(logits) > -INF else 0.0
-        confs.append(c)
-        voters.append((c, t, w))
-    yes = [(c, w) for c, t, w in voters if c > t and w > 0]
-    no = [(c, w) for c, t, w in voters if not c > t and w > 0]
-    y, n = sum(w for _, w in yes), sum(w for _, w in no)
-    f = y / (y + n) if y + n > 0 else 0.0
-    if f >= majority:
-        return confs, f, 0.5 + 0.5 * math.exp(sum(w * math.log(c) for c, w in yes) / y)
-    if n == 0:  # nobody with weight voted
-        return confs, f, 0.0
-    return confs, f, 0.5 - 0.5 * math.exp(sum(w * math.log(1 - c) for c, w in no) / n)
 
 
 def check(scores, offsets, thresholds, weights, cls_prob, cls_weight=0.0, majority=2 / 3):
@@ -74,7 +55,7 @@ def test_random_matches_reference_and_formula(lengths, cls_weight):
         conf, fraction, prob = check(scores, offsets, thresholds, weights, cls_prob, cls_weight)
         for r in range(rows):
             per_det = [scores[r, offsets[k]:offsets[k + 1]].tolist() for k in range(len(lengths))]
-            confs, f, p = formula(per_det, thresholds, weights, cls_prob[r].item(), cls_weight, 2 / 3)
+            confs, f, p = vote_formula(per_det, thresholds, weights, cls_prob[r].item(), cls_weight, 2 / 3)
             assert conf[r].tolist() == pytest.approx(confs, abs=1e-6)
             assert fraction[r].item() == pytest.approx(f, abs=1e-6)
             assert prob[r].item() == pytest.approx(p, abs=1e-5)
