@@ -21,6 +21,6 @@ setup(
     ],
     extras_require={
         "gpu": ["cuda-python", "tensorrt", "flash-attn", "flashinfer-python"],
-        "test": ["pytest>=8", "hypothesis>=6", "transformers==5.23.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0"],
     },
 )

@@ -1,6 +1,7 @@
-"""Where test and benchmark code may import from, read from the source (ast, nothing imported). Shared helpers live
-in fixtures/: no test module imports another, neither bench/ nor fixtures/ imports tests/, and fixtures/ imports
-nothing from bench/."""
+"""The layering, read from the source (ast, nothing imported). No import cycle between top-level packages, between
+runtime's subpackages, or between modules; graphs/ and kernels/ import nothing from runtime/. Shared test helpers
+live in fixtures/: no test module imports another, neither bench/ nor fixtures/ imports tests/, and fixtures/
+imports nothing from bench/."""
 from __future__ import annotations
 
 import ast
@@ -12,20 +13,31 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_MODULES = {path.stem for path in (REPO / "tests").glob("*.py")}
 
 
-def imported_modules(source: str, package: str) -> set[str]:
-    """Every module an import statement names, anywhere in the file (function bodies too), relative ones resolved
-    against `package`; `from a import b` names both a and a.b, since b may be a module."""
-    names = set()
-    for node in ast.walk(ast.parse(source)):
+def import_statements(source: str, package: str) -> list[tuple[str, bool, bool]]:
+    """(module, at module level?, under `if TYPE_CHECKING:`?) for every module an import statement names, anywhere
+    in the file (function bodies too), relative ones resolved against `package`; `from a import b` names both a and
+    a.b, since b may be a module."""
+    tree = ast.parse(source)
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test)
+                 for n in ast.walk(node) if n is not node.test}
+    top = {id(n) for n in tree.body}
+    found = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             parts = package.split(".")
             base = ".".join(parts[:len(parts) - node.level + 1]) if node.level else ""
             module = ".".join(p for p in (base, node.module) if p)
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
-    return names
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found += [(name, id(node) in top, id(node) in type_only) for name in names]
+    return found
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    return {module for module, _, _ in import_statements(source, package)}
 
 
 def names_tests(module: str) -> bool:
@@ -64,3 +76,95 @@ def test_fixtures_import_no_benchmark():
 ])
 def test_the_walk_finds_test_imports(source, package, found):
     assert any(names_tests(m) for m in imported_modules(source, package)) == found
+
+
+# --- no cycles between packages, runtime's subpackages, or modules ---
+
+PACKAGES = ("kernels", "graphs", "runtime", "server", "tools", "train", "bench", "fixtures")
+LAYERED = {"runtime.models", "runtime.vlm", "runtime.cascade"}  # runtime's subpackages; its own modules: "runtime"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def graph() -> dict[str, list[tuple[str, bool]]]:
+    modules = {module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    edges = {}
+    for name, path in modules.items():
+        # "a.b.c" may name a module or an attribute of module "a.b": keep the longest that is a module.
+        targets = []
+        package = ".".join(path.relative_to(REPO).parent.parts)
+        for target, at_top, type_only in import_statements(path.read_text(), package):
+            if type_only or target.split(".")[0] not in PACKAGES:
+                continue
+            while target not in modules and "." in target:
+                target = target.rsplit(".", 1)[0]
+            if target in modules and target != name:
+                targets.append((target, at_top))
+        edges[name] = targets
+    return edges
+
+
+def group(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "runtime" and ".".join(parts[:2]) in LAYERED:
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_cycle_between_packages_or_runtime_subpackages():
+    groups: dict[str, set[str]] = {}
+    for source, targets in graph().items():
+        for target, _ in targets:
+            if group(source) != group(target):
+                groups.setdefault(group(source), set()).add(group(target))
+    assert cycles(groups) == []
+
+
+def test_no_cycle_between_modules():
+    edges = {source: {target for target, at_top in targets if at_top} for source, targets in graph().items()}
+    assert cycles(edges) == []
+
+
+def test_graphs_and_kernels_import_nothing_from_runtime():
+    offending = [(source, target) for source, targets in graph().items() if group(source) in ("graphs", "kernels")
+                 for target, _ in targets if target.startswith("runtime")]
+    assert offending == []
