@@ -6,17 +6,20 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import uvloop
 
 from server.app import SERVICE, create_app, start_site
 from server.config import ServerConfig, parse_config
 
+if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
+    from runtime.cascade.engine import Engine
+
 log = logging.getLogger("server")
 
 
-async def serve(config: ServerConfig, engine: Any) -> int:
+async def serve(config: ServerConfig, engine: Engine) -> int:
     app = create_app(engine, config)
     try:
         runner, host, port = await start_site(app, config.host, config.port, config.access_log,

@@ -8,7 +8,7 @@ import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import orjson
@@ -26,6 +26,9 @@ from server.metrics import ServerMetrics
 from server.payload import decode_base64_image, parse_json_object, required_field
 from server.stream import EventStream, Explanation
 
+if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
+    from runtime.cascade.engine import Engine
+
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("server.requests")
 
@@ -37,7 +40,7 @@ RETRY_AFTER_S = "1"
 class Service:
     """Everything one app instance owns: engine, batcher, cache, decode threads, metrics, readiness."""
 
-    def __init__(self, engine: Any, config: ServerConfig) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
         self.metrics = ServerMetrics()
@@ -574,7 +577,7 @@ async def start_site(app: web.Application, host: str, port: int, access_log: boo
     return runner, bound_host, bound_port
 
 
-def create_app(engine: Any, config: ServerConfig) -> web.Application:
+def create_app(engine: Engine, config: ServerConfig) -> web.Application:
     """One app serving one loaded Engine; warmup starts with the app and /readyz turns 200 when it ends."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[observe])
     service = Service(engine, config)

@@ -12,11 +12,14 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from server.metrics import ServerMetrics
+
+if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
+    from runtime.cascade.engine import Engine, ImageResult
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class WorkItem:
 
 @dataclass
 class Computed:
-    result: Any                         # runtime.cascade.engine.ImageResult
+    result: ImageResult
     queue_wait_s: float
     compute_s: float
     batch_size: int
@@ -73,13 +76,13 @@ class _BatchRun:
     expired: list[WorkItem]             # deadline passed, requester still waiting: answer 504
     skipped: list[WorkItem]             # requester already gone
     started_at: float
-    results: list[Any] = field(default_factory=list)
+    results: list[ImageResult] = field(default_factory=list)
     compute_s: float = 0.0
     error: BaseException | None = None
 
 
 class Batcher:
-    def __init__(self, engine: Any, max_batch: int, max_delay_s: float, queue_size: int,
+    def __init__(self, engine: Engine, max_batch: int, max_delay_s: float, queue_size: int,
                  metrics: ServerMetrics) -> None:
         assert max_batch > 0 and queue_size > 0 and max_delay_s >= 0
         self.engine = engine

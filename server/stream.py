@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 from aiohttp import web
+
+if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
+    from runtime.cascade.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class Explanation:
     executor thread. Leaving the block before the last output (client gone, error, timeout) cancels the request
     and waits until the runtime has freed its KV blocks."""
 
-    def __init__(self, engine: Any, image: np.ndarray, idle_s: float) -> None:
+    def __init__(self, engine: Engine, image: np.ndarray, idle_s: float) -> None:
         self.engine = engine
         self.image = image
         self.idle_s = idle_s
