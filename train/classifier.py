@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.preprocess import PreprocessSpec
 from runtime.models.classifier import Classifier, Labels
 from runtime.config import read_json
 from runtime.models.dinov3 import DINOv3Config, DINOv3ViT
+from runtime.models.preprocessor import preprocess_spec
 from tools.eval import Confusion
 from runtime.models.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     patch = model.classifier.backbone.cfg.patch_size
     if size % patch[0] or size % patch[1]:
         ap.error(f"--size {size} must be a multiple of the patch size {patch}")
-    spec = PreprocessSpec.from_preprocessor_config(preprocessor_config(size, size))
+    spec = preprocess_spec(preprocessor_config(size, size))
     data = list_folder(args.data)
     if args.limit:
         data = data.subset(np.sort(np.random.default_rng(args.seed).permutation(len(data))[:args.limit]))

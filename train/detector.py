@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kernels.preprocess import PreprocessSpec
 from runtime.config import read_json
+from runtime.models.preprocessor import read_preprocess
 from tools.eval import Confusion
 from runtime.models.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.time()
     head = HeadArchitecture(hidden=args.hidden, decoder_layers=args.decoder_layers, num_queries=args.queries)
     model = build_detector(args.classifier, head, args.seed)
-    spec = PreprocessSpec.from_preprocessor_config(read_json(args.classifier / "preprocessor_config.json"))
+    spec = read_preprocess(args.classifier)
     if spec.height % 32 or spec.width % 32:
         ap.error(f"the classifier's input {spec.height}x{spec.width} must be a multiple of 32 for DEIMv2")
     data = list_folder(args.data)

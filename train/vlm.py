@@ -40,6 +40,7 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from kernels.vlm_preprocess import VisionPreprocessSpec, vision_input_reference
 from tools.eval import Confusion
+from runtime.models.preprocessor import vision_preprocess_spec
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.tokenizer import ChatTokenizer
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
@@ -173,7 +174,7 @@ class Chats:
 
 
 def vision_spec(arch: Architecture) -> VisionPreprocessSpec:
-    spec = VisionPreprocessSpec.from_preprocessor_config(arch.preprocessor_config())
+    spec = vision_preprocess_spec(arch.preprocessor_config())
     if spec.resized_size(224, 224) != (arch.size, arch.size):
         raise ValueError(f"--size {arch.size} is not reachable by smart resize: it must be a multiple of "
                          f"2 * --patch = {2 * arch.patch_size}")

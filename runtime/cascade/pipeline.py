@@ -27,7 +27,6 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -44,6 +43,7 @@ from runtime.config import read_json
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.dinov3 import DINOv3ViT
 from runtime.errors import ModelLoadError
+from runtime.models.preprocessor import read_preprocess
 from runtime.models.quant import quantize_int8
 from runtime.cascade.vlm_stage import VLMStage
 
@@ -89,16 +89,6 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(image))
-
-
-def read_preprocess(model_dir: Path) -> PreprocessSpec:
-    path = model_dir / "preprocessor_config.json"
-    try:
-        return PreprocessSpec.from_preprocessor_config(read_json(path))
-    except ValueError as e:
-        if isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(f"{path}: {e}") from e
 
 
 def backbone_digest(backbone: torch.nn.Module) -> str:
