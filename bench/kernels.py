@@ -40,7 +40,8 @@ def street_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def preprocess_cases(device: torch.device) -> list[Case]:
-    from kernels.preprocess import PreprocessSpec, preprocess_reference, preprocess_triton
+    from kernels.preprocess import preprocess_reference, preprocess_triton
+    from runtime.models.preprocessor import preprocess_spec
 
     specs = {
         "dinov3 (float resize)": {"image_processor_type": "DINOv3ViTImageProcessorFast",
@@ -50,7 +51,7 @@ def preprocess_cases(device: torch.device) -> list[Case]:
     }
     cases = []
     for label, cfg in specs.items():
-        spec = PreprocessSpec.from_preprocessor_config(cfg)
+        spec = preprocess_spec(cfg)
         for h, w in [(224, 224), (480, 640), (1080, 1920)]:
             image = street_image(h, w).to(device)
             out = torch.empty(3, 224, 224, device=device)

@@ -33,22 +33,6 @@ BILINEAR = 2
 BICUBIC = 3
 _FILTER_SUPPORT = {BILINEAR: 1.0, BICUBIC: 2.0}
 _INTERPOLATE_MODE = {BILINEAR: "bilinear", BICUBIC: "bicubic"}
-_PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 4: "box", 5: "hamming"}
-
-# transformers' class defaults, used when a config omits the key.
-_IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # ViTImageProcessor
-_IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv3ViTImageProcessor
-
-_HANDLED_KEYS = frozenset({
-    "image_processor_type", "feature_extractor_type", "do_resize", "size", "default_to_square", "resample",
-    "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
-    "do_pad", "pad_size",
-})
-# Keys that describe input handling or the output container, never the pixels we produce.
-_INERT_KEYS = frozenset({
-    "processor_class", "do_convert_rgb", "data_format", "input_data_format", "device", "return_tensors",
-    "disable_grouping", "_valid_processor_keys",
-})
 
 # Pillow's 8-bit resampler: coefficients in 32-8-2 = 22-bit fixed point, sums rounded half up.
 _PIL_PRECISION_BITS = 22
@@ -57,31 +41,10 @@ _PIL_PRECISION_BITS = 22
 _PIL_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13
 
 
-def positive_int(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"preprocessor config {key}={value!r} must be a positive integer")
-    return value
-
-
-def three_floats(key: str, value: object) -> tuple[float, float, float]:
-    values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"preprocessor config {key}={value!r} must be a number or a list of 3 numbers (RGB)")
-    return (float(values[0]), float(values[1]), float(values[2]))
-
-
-def _height_width(key: str, value: object) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return positive_int(key, value), value
-    if isinstance(value, dict) and set(value) == {"height", "width"}:
-        return positive_int(f"{key}.height", value["height"]), positive_int(f"{key}.width", value["width"])
-    raise ValueError(f"preprocessor config {key}={value!r} must be an integer or {{'height': H, 'width': W}}")
-
-
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """Everything needed to turn one image into one model input; built from a preprocessor_config.json dict."""
+    """Everything needed to turn one image into one model input (runtime/models/preprocessor.py reads it from a
+    preprocessor_config.json)."""
 
     height: int  # model input size (the crop size when center-cropping)
     width: int
@@ -95,72 +58,6 @@ class PreprocessSpec:
     do_normalize: bool
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-
-    @classmethod
-    def from_preprocessor_config(cls, cfg: dict) -> PreprocessSpec:
-        unknown = sorted(set(cfg) - _HANDLED_KEYS - _INERT_KEYS)
-        if unknown:
-            raise ValueError(f"preprocessor config key(s) {unknown} are not supported")
-        kind = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
-        if not isinstance(kind, str):
-            raise ValueError("preprocessor config has no 'image_processor_type'")
-        if kind.startswith("DINOv3"):
-            resize_in_float, (default_mean, default_std) = True, _IMAGENET_DEFAULT
-        elif kind.startswith("ViT"):
-            resize_in_float, (default_mean, default_std) = False, _IMAGENET_STANDARD
-        else:
-            raise ValueError(f"preprocessor config image_processor_type={kind!r} is not supported "
-                             "(ViT* and DINOv3* image processors are)")
-
-        if not cfg.get("do_resize", True):
-            raise ValueError("preprocessor config do_resize=false is not supported: the static batch buffer needs "
-                             "one input size, so every image is resized")
-        if cfg.get("do_pad"):
-            raise ValueError("preprocessor config do_pad=true is not supported")
-        resample = cfg.get("resample", BILINEAR)
-        if resample not in _FILTER_SUPPORT or isinstance(resample, bool):
-            name = _PIL_RESAMPLE_NAMES.get(resample, "unknown") if isinstance(resample, int) else "unknown"
-            raise ValueError(f"preprocessor config resample={resample!r} ({name}) is not supported; "
-                             "use 2 (bilinear) or 3 (bicubic)")
-
-        if "size" not in cfg or cfg["size"] is None:
-            raise ValueError("preprocessor config has no 'size'")
-        size = cfg["size"]
-        resize_to, shortest_edge = None, None
-        if isinstance(size, dict) and set(size) == {"shortest_edge"}:
-            shortest_edge = positive_int("size.shortest_edge", size["shortest_edge"])
-        elif isinstance(size, int) and not isinstance(size, bool) and cfg.get("default_to_square") is False:
-            shortest_edge = positive_int("size", size)
-        else:
-            resize_to = _height_width("size", size)
-
-        center_crop = bool(cfg.get("do_center_crop"))
-        if center_crop:
-            if cfg.get("crop_size") is None:
-                raise ValueError("preprocessor config do_center_crop=true needs 'crop_size'")
-            height, width = _height_width("crop_size", cfg["crop_size"])
-            # A crop larger than the resized image would need padding; shortest_edge bounds the resized size.
-            limit = (shortest_edge, shortest_edge) if resize_to is None else resize_to
-            if height > limit[0] or width > limit[1]:
-                raise ValueError(f"preprocessor config crop_size={cfg['crop_size']!r} is larger than the resized "
-                                 f"image (size={size!r}); padding is not supported")
-        elif resize_to is None:
-            raise ValueError(f"preprocessor config size={size!r} without do_center_crop gives every image its own "
-                             "output size; the static batch buffer needs a fixed one")
-        else:
-            height, width = resize_to
-
-        rescale_factor = cfg.get("rescale_factor", 1 / 255)
-        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) or rescale_factor <= 0:
-            raise ValueError(f"preprocessor config rescale_factor={rescale_factor!r} must be a positive number")
-        image_mean = three_floats("image_mean", cfg.get("image_mean", default_mean))
-        image_std = three_floats("image_std", cfg.get("image_std", default_std))
-        if min(image_std) <= 0:
-            raise ValueError(f"preprocessor config image_std={cfg.get('image_std')!r} must be positive")
-        return cls(height=height, width=width, resize_to=resize_to, shortest_edge=shortest_edge,
-                   center_crop=center_crop, resample=resample, resize_in_float=resize_in_float,
-                   do_rescale=bool(cfg.get("do_rescale", True)), rescale_factor=float(rescale_factor),
-                   do_normalize=bool(cfg.get("do_normalize", True)), image_mean=image_mean, image_std=image_std)
 
     def resized_size(self, in_h: int, in_w: int) -> tuple[int, int]:
         """(height, width) after the resize step, before any crop (transformers' shortest-edge rule)."""

@@ -20,24 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.preprocess import (BICUBIC, BILINEAR, PreprocessSpec, positive_int, preprocess_reference,
-                                preprocess_triton, three_floats)
-
-# transformers' Qwen2-VL class defaults, used when a config omits the key.
-_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_DEFAULT_MIN_PIXELS = 56 * 56
-_DEFAULT_MAX_PIXELS = 28 * 28 * 1280
-_SUPPORTED_TYPES = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil")
-
-_HANDLED_KEYS = frozenset({
-    "image_processor_type", "do_resize", "size", "min_pixels", "max_pixels", "resample", "do_rescale",
-    "rescale_factor", "do_normalize", "image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size",
-})
-_INERT_KEYS = frozenset({
-    "processor_class", "do_convert_rgb", "data_format", "input_data_format", "device", "return_tensors",
-    "disable_grouping", "_valid_processor_keys", "default_to_square",
-})
+from kernels.preprocess import PreprocessSpec, preprocess_reference, preprocess_triton
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -62,7 +45,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 @dataclass(frozen=True)
 class VisionPreprocessSpec:
-    """Everything needed to turn one image into vision-tower rows; built from a preprocessor_config.json dict."""
+    """Everything needed to turn one image into vision-tower rows (runtime/models/preprocessor.py reads it from a
+    preprocessor_config.json)."""
 
     min_pixels: int
     max_pixels: int
@@ -76,44 +60,6 @@ class VisionPreprocessSpec:
     do_normalize: bool
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-
-    @classmethod
-    def from_preprocessor_config(cls, cfg: dict) -> VisionPreprocessSpec:
-        unknown = sorted(set(cfg) - _HANDLED_KEYS - _INERT_KEYS)
-        if unknown:
-            raise ValueError(f"preprocessor config key(s) {unknown} are not supported")
-        kind = cfg.get("image_processor_type")
-        if kind not in _SUPPORTED_TYPES:
-            raise ValueError(f"preprocessor config image_processor_type={kind!r} is not supported "
-                             f"(supported: {', '.join(_SUPPORTED_TYPES)})")
-        size = cfg.get("size") or {}
-        if not isinstance(size, dict):
-            raise ValueError(f"preprocessor config size={size!r} must be {{'shortest_edge': min_pixels, "
-                             f"'longest_edge': max_pixels}}")
-        # Legacy top-level min_pixels/max_pixels override size, as transformers does.
-        min_pixels = positive_int("min_pixels", cfg.get("min_pixels", size.get("shortest_edge", _DEFAULT_MIN_PIXELS)))
-        max_pixels = positive_int("max_pixels", cfg.get("max_pixels", size.get("longest_edge", _DEFAULT_MAX_PIXELS)))
-        if min_pixels > max_pixels:
-            raise ValueError(f"preprocessor config min_pixels {min_pixels} exceeds max_pixels {max_pixels}")
-        resample = cfg.get("resample", BICUBIC)
-        if resample not in (BILINEAR, BICUBIC) or isinstance(resample, bool):
-            raise ValueError(f"preprocessor config resample={resample!r} is not supported; use 2 (bilinear) or "
-                             "3 (bicubic)")
-        rescale_factor = cfg.get("rescale_factor", 1 / 255)
-        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) or rescale_factor <= 0:
-            raise ValueError(f"preprocessor config rescale_factor={rescale_factor!r} must be a positive number")
-        image_std = three_floats("image_std", cfg.get("image_std", _OPENAI_CLIP_STD))
-        if min(image_std) <= 0:
-            raise ValueError(f"preprocessor config image_std={cfg.get('image_std')!r} must be positive")
-        return cls(min_pixels=min_pixels, max_pixels=max_pixels,
-                   patch_size=positive_int("patch_size", cfg.get("patch_size", 14)),
-                   temporal_patch_size=positive_int("temporal_patch_size", cfg.get("temporal_patch_size", 2)),
-                   merge_size=positive_int("merge_size", cfg.get("merge_size", 2)),
-                   resample=resample, do_resize=bool(cfg.get("do_resize", True)),
-                   do_rescale=bool(cfg.get("do_rescale", True)), rescale_factor=float(rescale_factor),
-                   do_normalize=bool(cfg.get("do_normalize", True)),
-                   image_mean=three_floats("image_mean", cfg.get("image_mean", _OPENAI_CLIP_MEAN)),
-                   image_std=image_std)
 
     @property
     def row_size(self) -> int:

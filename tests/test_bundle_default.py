@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import Deimv2ForObjectDetection, DINOv3ViTModel, Qwen3VLForConditionalGeneration
 
-from kernels.preprocess import PreprocessSpec, preprocess_reference
+from kernels.preprocess import preprocess_reference
 from runtime.models.classifier import load_classifier
 from runtime.config import read_json
 from runtime.image_decode import decode_image
 from runtime.models.deimv2 import Deimv2Detector
+from runtime.models.preprocessor import read_preprocess
 from runtime.cascade.engine import Engine, image_tensor
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from fixtures.vlm_checkpoints import hf_inputs
@@ -95,7 +96,7 @@ def test_samples_come_from_the_generator():
 
 
 def _pixels(model_dir: Path, files: list[Path]) -> torch.Tensor:
-    spec = PreprocessSpec.from_preprocessor_config(read_json(model_dir / "preprocessor_config.json"))
+    spec = read_preprocess(model_dir)
     out = torch.empty(len(files), 3, spec.height, spec.width)
     for i, f in enumerate(files):
         preprocess_reference(image_tensor(decode_image(f.read_bytes())), spec, out[i])

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.preprocess import PreprocessSpec, preprocess_reference
+from kernels.preprocess import preprocess_reference
 from runtime.models.classifier import load_classifier
-from runtime.config import read_json
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.detect_postprocess import center_to_corners
+from runtime.models.preprocessor import read_preprocess
 from runtime.cascade.engine import Engine
 from runtime.errors import ModelLoadError
 from runtime.models.quant import Int8Linear
@@ -39,7 +39,7 @@ def models(tmp_path_factory) -> Path:
 
 
 def preprocessed(image: np.ndarray, model_dir: Path) -> torch.Tensor:
-    spec = PreprocessSpec.from_preprocessor_config(read_json(model_dir / "preprocessor_config.json"))
+    spec = read_preprocess(model_dir)
     x = torch.empty(1, 3, spec.height, spec.width)
     preprocess_reference(torch.from_numpy(image), spec, x[0])
     return x

@@ -8,7 +8,7 @@ import safetensors.torch as st
 import torch
 from transformers import RTDetrImageProcessorPil
 
-from runtime.models.deimv2 import Deimv2Config as OurConfig
+from runtime.models.deimv2_config import Deimv2Config as OurConfig
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.detect_postprocess import post_process_object_detection
 from runtime.errors import ModelLoadError, WeightError

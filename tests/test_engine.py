@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.preprocess import PreprocessSpec, preprocess_reference
+from kernels.preprocess import preprocess_reference
 from runtime.models.classifier import load_classifier
-from runtime.config import read_json
 from runtime.cascade.engine import Engine, cpu_has_bf16, resolve_dtype
 from runtime.errors import ModelLoadError
+from runtime.models.preprocessor import read_preprocess
 from fixtures.checkpoints import make_dinov3, make_vit
 
 
@@ -22,7 +22,7 @@ def random_images(n: int, seed: int = 0) -> list[np.ndarray]:
 def expected(model_dir, images) -> list[float]:
     """Step by step: reference preprocessing of each image alone, then the classifier on it alone."""
     model = load_classifier(model_dir, torch.float32)
-    spec = PreprocessSpec.from_preprocessor_config(read_json(model_dir / "preprocessor_config.json"))
+    spec = read_preprocess(model_dir)
     out = []
     for image in images:
         x = torch.empty(1, 3, spec.height, spec.width)

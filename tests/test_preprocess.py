@@ -8,6 +8,7 @@ from PIL import Image
 from transformers import ViTImageProcessorPil
 
 from kernels.preprocess import PreprocessSpec, preprocess_into, preprocess_reference, preprocess_triton
+from runtime.models.preprocessor import preprocess_spec
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -61,7 +62,7 @@ VIT_CASES = [  # (input h, w, processor kwargs)
 @pytest.mark.parametrize("h,w,kwargs", VIT_CASES)
 def test_vit_reference_matches_transformers_pil_processor(h, w, kwargs):
     processor = ViTImageProcessorPil(**kwargs)
-    spec = PreprocessSpec.from_preprocessor_config(json.loads(processor.to_json_string()))
+    spec = preprocess_spec(json.loads(processor.to_json_string()))
     image = random_image(h, w, seed=h * w)
     expected = processor(images=Image.fromarray(image.numpy()), return_tensors="np")["pixel_values"][0]
     got = run_reference(image, spec)
@@ -84,7 +85,7 @@ def dinov3_pipeline(image: torch.Tensor, size: tuple[int, int], mode: str = "bil
 ])
 def test_dinov3_reference_matches_interpolate_pipeline(h, w, out_h, out_w, mode):
     resample = {"bilinear": 2, "bicubic": 3}[mode]
-    spec = PreprocessSpec.from_preprocessor_config(dinov3_config(size={"height": out_h, "width": out_w},
+    spec = preprocess_spec(dinov3_config(size={"height": out_h, "width": out_w},
                                                                  resample=resample))
     image = random_image(h, w, seed=h + w)
     got = run_reference(image, spec)
@@ -93,7 +94,7 @@ def test_dinov3_reference_matches_interpolate_pipeline(h, w, out_h, out_w, mode)
 
 def test_reference_writes_low_precision_outputs_as_cast_fp32():
     for cfg in (vit_config(), dinov3_config()):
-        spec = PreprocessSpec.from_preprocessor_config(cfg)
+        spec = preprocess_spec(cfg)
         for shape in ((32, 32), (70, 45)):
             image = random_image(*shape, seed=5)
             full = run_reference(image, spec)
@@ -143,7 +144,7 @@ KERNEL_SHAPES = [  # (input h, w, output h, w)
 @pytest.mark.parametrize("family", ["vit", "dinov3"])
 def test_kernel_matches_reference(h, w, out_h, out_w, family):
     make = vit_config if family == "vit" else dinov3_config
-    spec = PreprocessSpec.from_preprocessor_config(make(size={"height": out_h, "width": out_w}))
+    spec = preprocess_spec(make(size={"height": out_h, "width": out_w}))
     check_kernel(random_image(h, w, seed=h * 7 + w), spec)
 
 
@@ -154,7 +155,7 @@ def test_kernel_bicubic_and_center_crop(family):
             make(size={"shortest_edge": 40}, do_center_crop=True, crop_size={"height": 32, "width": 24}),
             make(size={"shortest_edge": 40}, do_center_crop=True, crop_size=32, resample=3)]
     for cfg in cfgs:
-        spec = PreprocessSpec.from_preprocessor_config(cfg)
+        spec = preprocess_spec(cfg)
         for h, w in ((90, 130), (131, 57), (9, 6)):
             check_kernel(random_image(h, w, seed=h + 3 * w), spec)
 
@@ -163,7 +164,7 @@ def test_kernel_bicubic_and_center_crop(family):
 @pytest.mark.parametrize("family", ["vit", "dinov3"])
 def test_kernel_low_precision_output(dtype, family):
     make = vit_config if family == "vit" else dinov3_config
-    spec = PreprocessSpec.from_preprocessor_config(make(size={"height": 24, "width": 40}))
+    spec = preprocess_spec(make(size={"height": 24, "width": 40}))
     image = random_image(50, 37, seed=11)
     got = run_triton(image, spec, dtype)
     assert got.dtype == dtype
@@ -173,7 +174,7 @@ def test_kernel_low_precision_output(dtype, family):
 
 
 def test_kernel_writes_only_its_slot():
-    spec = PreprocessSpec.from_preprocessor_config(vit_config(size={"height": 20, "width": 28}))
+    spec = preprocess_spec(vit_config(size={"height": 20, "width": 28}))
     batch = torch.full((3, 3, 20, 28), 7.0, dtype=torch.bfloat16)
     image = random_image(41, 23, seed=2)
     preprocess_triton(image, spec, batch[1])
@@ -183,7 +184,7 @@ def test_kernel_writes_only_its_slot():
 
 
 def test_preprocess_into_cpu_uses_reference_and_only_its_slot():
-    spec = PreprocessSpec.from_preprocessor_config(dinov3_config(size={"height": 16, "width": 16}))
+    spec = preprocess_spec(dinov3_config(size={"height": 16, "width": 16}))
     batch = torch.full((4, 3, 16, 16), -3.0)
     image = random_image(30, 20, seed=4)
     preprocess_into(batch, 2, image, spec)
@@ -192,7 +193,7 @@ def test_preprocess_into_cpu_uses_reference_and_only_its_slot():
 
 
 def test_shape_errors_name_the_tensor():
-    spec = PreprocessSpec.from_preprocessor_config(vit_config())
+    spec = preprocess_spec(vit_config())
     with pytest.raises(ValueError, match=r"image must be a \(H, W, 3\) uint8 tensor"):
         preprocess_reference(torch.zeros(8, 8, 4, dtype=torch.uint8), spec, torch.empty(3, 32, 32))
     with pytest.raises(ValueError, match=r"out must have shape \(3, 32, 32\)"):
@@ -203,25 +204,25 @@ def test_shape_errors_name_the_tensor():
 
 
 def test_spec_from_vit_configs():
-    spec = PreprocessSpec.from_preprocessor_config(json.loads(ViTImageProcessorPil().to_json_string()))
+    spec = preprocess_spec(json.loads(ViTImageProcessorPil().to_json_string()))
     assert (spec.height, spec.width, spec.resample, spec.resize_in_float) == (224, 224, 2, False)
     assert spec.image_mean == (0.5, 0.5, 0.5) and spec.rescale_factor == pytest.approx(1 / 255)
     # google/vit-base-patch16-224 style: legacy feature extractor, integer size, class defaults for the rest.
-    legacy = PreprocessSpec.from_preprocessor_config({
+    legacy = preprocess_spec({
         "do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 224})
     assert (legacy.height, legacy.width, legacy.do_rescale, legacy.resize_in_float) == (224, 224, True, False)
 
 
 def test_spec_from_dinov3_config():
-    spec = PreprocessSpec.from_preprocessor_config(dinov3_config(size={"height": 224, "width": 224}))
+    spec = preprocess_spec(dinov3_config(size={"height": 224, "width": 224}))
     assert spec.resize_in_float and (spec.height, spec.width) == (224, 224)
     assert spec.image_mean == tuple(IMAGENET_MEAN) and spec.image_std == tuple(IMAGENET_STD)
     assert not spec.center_crop and spec.resize_to == (224, 224)
 
 
 def test_spec_shortest_edge_geometry():
-    spec = PreprocessSpec.from_preprocessor_config(vit_config(size={"shortest_edge": 256}, do_center_crop=True,
+    spec = preprocess_spec(vit_config(size={"shortest_edge": 256}, do_center_crop=True,
                                                               crop_size={"height": 224, "width": 224}))
     assert (spec.height, spec.width) == (224, 224)
     assert spec.resized_size(480, 640) == (256, 341) and spec.crop_offsets(256, 341) == (16, 58)
@@ -247,11 +248,11 @@ def test_spec_shortest_edge_geometry():
 ])
 def test_spec_errors_name_the_key(change, message):
     with pytest.raises(ValueError, match=message):
-        PreprocessSpec.from_preprocessor_config(vit_config(**change))
+        preprocess_spec(vit_config(**change))
 
 
 def test_spec_missing_size_key():
     cfg = vit_config()
     del cfg["size"]
     with pytest.raises(ValueError, match="has no 'size'"):
-        PreprocessSpec.from_preprocessor_config(cfg)
+        preprocess_spec(cfg)

@@ -11,9 +11,10 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from kernels.vlm_preprocess import (VisionPreprocessSpec, patchify_reference, patchify_triton, smart_resize,
-                                    vision_input_reference, vision_input_triton)
+from kernels.vlm_preprocess import (patchify_reference, patchify_triton, smart_resize, vision_input_reference,
+                                    vision_input_triton)
 from runtime.errors import ModelLoadError, WeightError
+from runtime.models.preprocessor import vision_preprocess_spec
 from runtime.vlm.scheduler import ScheduledBatch
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.tokenizer import ChatTokenizer
@@ -48,7 +49,7 @@ PREPROCESS_CASES = [  # (h, w, processor kwargs)
 @pytest.mark.parametrize("h,w,kwargs", PREPROCESS_CASES)
 def test_preprocess_matches_transformers_pil_processor(h, w, kwargs):
     processor = image_processor(kwargs["patch_size"], kwargs["min_pixels"], kwargs["max_pixels"])
-    spec = VisionPreprocessSpec.from_preprocessor_config(json.loads(processor.to_json_string()))
+    spec = vision_preprocess_spec(json.loads(processor.to_json_string()))
     image = random_image(h, w, seed=h * w)
     expected = processor(images=[image], return_tensors="pt")
     rows, grid = vision_input_reference(torch.from_numpy(image), spec)
@@ -72,7 +73,7 @@ def test_smart_resize_matches_transformers():
 @pytest.mark.parametrize("patch,merge,temporal,h,w", [(16, 2, 2, 64, 96), (14, 2, 2, 56, 28), (8, 1, 1, 24, 16),
                                                       (4, 2, 3, 16, 24)])
 def test_patchify_kernel_matches_reference(patch, merge, temporal, h, w):
-    spec = VisionPreprocessSpec.from_preprocessor_config({
+    spec = vision_preprocess_spec({
         "image_processor_type": "Qwen2VLImageProcessor", "patch_size": patch, "merge_size": merge,
         "temporal_patch_size": temporal})
     pixels = torch.randn(3, h, w)
@@ -82,7 +83,7 @@ def test_patchify_kernel_matches_reference(patch, merge, temporal, h, w):
 
 
 def test_triton_pipeline_matches_reference():
-    spec = VisionPreprocessSpec.from_preprocessor_config(json.loads(
+    spec = vision_preprocess_spec(json.loads(
         image_processor(8, 32 * 32, 64 * 64).to_json_string()))
     image = torch.from_numpy(random_image(50, 37, seed=3))
     ref, grid = vision_input_reference(image, spec)
@@ -101,7 +102,7 @@ def test_triton_pipeline_matches_reference():
 ])
 def test_preprocess_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
-        VisionPreprocessSpec.from_preprocessor_config(cfg)
+        vision_preprocess_spec(cfg)
 
 
 # --- model parity -------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from transformers import Deimv2ForObjectDetection, DINOv3ViTModel
 from kernels.preprocess import PreprocessSpec, preprocess_reference
 from runtime.models.classifier import load_classifier
 from runtime.models.deimv2 import Deimv2Detector
+from runtime.models.preprocessor import preprocess_spec
 from runtime.cascade.engine import Engine, image_tensor
 from train.classifier import Architecture, TrainConfig, main as classifier_main, new_model, patch_targets, \
     preprocessor_config, train
@@ -56,7 +57,7 @@ def test_patch_targets_mark_roadwork_patches(tiny_data):
 
 def test_training_memorizes_a_few_images(tiny_data):
     folder = list_folder(tiny_data)
-    spec = PreprocessSpec.from_preprocessor_config(preprocessor_config(64, 64))
+    spec = preprocess_spec(preprocessor_config(64, 64))
     pixels = load_pixels(folder, spec, progress=False)
     model = new_model(Architecture(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                    intermediate_size=64, num_register_tokens=2, image_size=64), seed=0)
@@ -117,7 +118,7 @@ def test_detector_cli_shares_the_classifier_backbone(tiny_data, tiny_classifier,
     # transformers and our runtime agree on the saved checkpoint
     ref = Deimv2ForObjectDetection.from_pretrained(out, torch_dtype=torch.float32).eval()
     ours = Deimv2Detector.from_pretrained(out)
-    spec = PreprocessSpec.from_preprocessor_config(preprocessor_config(64, 64))
+    spec = preprocess_spec(preprocessor_config(64, 64))
     pixels = torch.stack([_preprocessed(decode_file(tiny_data / f), spec) for f in list_folder(tiny_data).files[::4]])
     with torch.no_grad():
         a, b = ref(pixel_values=pixels), ours(pixels)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,13 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.preprocess import PreprocessSpec
 from runtime.models.classifier import Classifier, Labels
 from runtime.config import read_json
 from runtime.models.dinov3 import DINOv3Config, DINOv3ViT
+from runtime.models.preprocessor import preprocess_spec
 from tools.eval import Confusion
 from runtime.models.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
+from train.loop import Loop, run
 from train.optim import adamw, warmup_cosine
 from train.scenes import ROADWORK_CLASSES
 
@@ -174,70 +174,38 @@ def predict(model: TrainingModel, pixels: torch.Tensor, bf16: bool, batch_size: 
 def train(model: TrainingModel, pixels: torch.Tensor, labels: torch.Tensor, patches: torch.Tensor | None,
           cfg: TrainConfig, val: tuple[torch.Tensor, np.ndarray] | None = None) -> list[dict]:
     """Train in place; returns one record per epoch (loss, and val accuracy/MCC when val is given)."""
-    from tqdm import tqdm
-
-    torch.manual_seed(cfg.seed)
-    order_rng = torch.Generator().manual_seed(cfg.seed)
     if cfg.freeze_backbone:
         model.classifier.backbone.requires_grad_(False)
     opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
-    n = len(pixels)
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = n // batch
-    total = max(int(round(cfg.epochs * steps_per_epoch)), 1)
     aux = patches is not None and cfg.aux_weight > 0
-    grid = None
-    if aux:
-        g = model.classifier.backbone.cfg
-        grid = (pixels.shape[2] // g.patch_size[0], pixels.shape[3] // g.patch_size[1])
+    patch_size = model.classifier.backbone.cfg.patch_size
+    grid = (pixels.shape[2] // patch_size[0], pixels.shape[3] // patch_size[1])
     forward = torch.compile(model) if cfg.compile else model
-    model.classifier.backbone.rope(pixels.shape[2] // model.classifier.backbone.cfg.patch_size[0],
-                                   pixels.shape[3] // model.classifier.backbone.cfg.patch_size[1],
-                                   torch.float32, pixels.device)
-    history: list[dict] = []
-    step, seen, running = 0, 0, 0.0
-    bar = tqdm(total=total, desc="train classifier", unit="step", file=sys.stderr)
-    while step < total:
-        perm = torch.randperm(n, generator=order_rng)
-        for start in range(0, steps_per_epoch * batch, batch):
-            if step >= total:
-                break
-            idx = perm[start:start + batch]
-            x = pixels[idx].float()
-            y = labels[idx]
-            t = patches[idx] if aux else None
-            if cfg.hflip:
-                flip = torch.rand(len(idx), generator=order_rng) < 0.5
-                x[flip] = x[flip].flip(3)
-                if aux:
-                    t = t.clone()
-                    t[flip] = t[flip].view(-1, *grid).flip(2).reshape(int(flip.sum()), -1)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
-            model.train()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits, patch_logits = forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    model.classifier.backbone.rope(*grid, torch.float32, pixels.device)
+
+    def losses(idx: torch.Tensor, order: torch.Generator) -> dict[str, torch.Tensor]:
+        x = pixels[idx].float()
+        t = patches[idx] if aux else None
+        if cfg.hflip:
+            flip = torch.rand(len(idx), generator=order) < 0.5
+            x[flip] = x[flip].flip(3)
             if aux:
-                loss = loss + cfg.aux_weight * F.mse_loss(patch_logits.float(), t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            seen += len(idx)
-            running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step - 1, total, cfg):.1e}")
-            if step % steps_per_epoch == 0 or step == total:
-                record = {"step": step, "epoch": round(seen / n, 2), "loss": round(running, 4)}
-                if val is not None:
-                    conf = Confusion.of(val[1], predict(model, val[0], cfg.bf16))
-                    record.update(val_accuracy=round(conf.accuracy, 4), val_mcc=round(conf.mcc, 4))
-                history.append(record)
-                log.info("%s", json.dumps(record))
-    bar.close()
-    model.eval()
+                t = t.clone()
+                t[flip] = t[flip].view(-1, *grid).flip(2).reshape(int(flip.sum()), -1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits, patch_logits = forward(x)
+        loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=cfg.label_smoothing)
+        if aux:
+            loss = loss + cfg.aux_weight * F.mse_loss(patch_logits.float(), t)
+        return {"loss": loss}
+
+    def evaluate() -> dict:
+        conf = Confusion.of(val[1], predict(model, val[0], cfg.bf16))
+        return {"val_accuracy": round(conf.accuracy, 4), "val_mcc": round(conf.mcc, 4)}
+
+    loop = Loop("train classifier", cfg.seed, cfg.batch_size, cfg.epochs)
+    history, _ = run(model, opt, len(pixels), loop, lambda step, total: lr_at(step, total, cfg), losses,
+                     evaluate if val is not None else None)
     return history
 
 
@@ -374,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     patch = model.classifier.backbone.cfg.patch_size
     if size % patch[0] or size % patch[1]:
         ap.error(f"--size {size} must be a multiple of the patch size {patch}")
-    spec = PreprocessSpec.from_preprocessor_config(preprocessor_config(size, size))
+    spec = preprocess_spec(preprocessor_config(size, size))
     data = list_folder(args.data)
     if args.limit:
         data = data.subset(np.sort(np.random.default_rng(args.seed).permutation(len(data))[:args.limit]))

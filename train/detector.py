@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +22,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kernels.preprocess import PreprocessSpec
 from runtime.config import read_json
+from runtime.models.preprocessor import read_preprocess
 from tools.eval import Confusion
 from runtime.models.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
+from train.loop import Loop, run
 from train.optim import adamw, warmup_cosine
 from train.scenes import CLASSES, ROADWORK_CLASSES
 
@@ -180,57 +180,25 @@ def evaluate(model, pixels: torch.Tensor, folder: LabeledFolder) -> dict:
 
 def train(model, pixels: torch.Tensor, labels: list[dict], cfg: TrainConfig,
           val: tuple[torch.Tensor, LabeledFolder] | None = None) -> list[dict]:
-    from tqdm import tqdm
-
-    torch.manual_seed(cfg.seed)
-    order_rng = torch.Generator().manual_seed(cfg.seed)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
-    n = len(pixels)
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = n // batch
-    total = max(int(round(cfg.epochs * steps_per_epoch)), 1)
     backbone = model.model.conv_encoder.backbone
-    history: list[dict] = []
-    step, seen, running = 0, 0, 0.0
-    bar = tqdm(total=total, desc="train detector", unit="step", file=sys.stderr)
-    while step < total:
-        perm = torch.randperm(n, generator=order_rng)
-        for start in range(0, steps_per_epoch * batch, batch):
-            if step >= total:
-                break
-            idx = perm[start:start + batch]
-            x = pixels[idx].float()
-            y = [labels[i] for i in idx.tolist()]
-            if cfg.hflip:
-                flip = (torch.rand(len(idx), generator=order_rng) < 0.5).tolist()
-                for k, f in enumerate(flip):
-                    if f:
-                        x[k] = x[k].flip(2)
-                        y[k] = flip_target(y[k])
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
-            model.train()
-            backbone.eval()  # frozen: no RoPE jitter, features exactly as at inference
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(pixel_values=x, labels=y).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            step += 1
-            seen += len(idx)
-            value = loss.item()
-            running = value if step == 1 else 0.98 * running + 0.02 * value
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step - 1, total, cfg):.1e}")
-            if step % steps_per_epoch == 0 or step == total:
-                record = {"step": step, "epoch": round(seen / n, 2), "loss": round(running, 4)}
-                if val is not None:
-                    record.update(evaluate(model, *val))
-                history.append(record)
-                log.info("%s", json.dumps(record))
-    bar.close()
-    model.eval()
+
+    def losses(idx: torch.Tensor, order: torch.Generator) -> dict[str, torch.Tensor]:
+        x = pixels[idx].float()
+        y = [labels[i] for i in idx.tolist()]
+        if cfg.hflip:
+            flip = (torch.rand(len(idx), generator=order) < 0.5).tolist()
+            for k, f in enumerate(flip):
+                if f:
+                    x[k] = x[k].flip(2)
+                    y[k] = flip_target(y[k])
+        backbone.eval()  # frozen: no RoPE jitter, features exactly as at inference
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            return {"loss": model(pixel_values=x, labels=y).loss}
+
+    loop = Loop("train detector", cfg.seed, cfg.batch_size, cfg.epochs, clip=cfg.clip)
+    history, _ = run(model, opt, len(pixels), loop, lambda step, total: lr_at(step, total, cfg), losses,
+                     (lambda: evaluate(model, *val)) if val is not None else None)
     return history
 
 
@@ -269,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.time()
     head = HeadArchitecture(hidden=args.hidden, decoder_layers=args.decoder_layers, num_queries=args.queries)
     model = build_detector(args.classifier, head, args.seed)
-    spec = PreprocessSpec.from_preprocessor_config(read_json(args.classifier / "preprocessor_config.json"))
+    spec = read_preprocess(args.classifier)
     if spec.height % 32 or spec.width % 32:
         ap.error(f"the classifier's input {spec.height}x{spec.width} must be a multiple of 32 for DEIMv2")
     data = list_folder(args.data)

@@ -40,10 +40,12 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from kernels.vlm_preprocess import VisionPreprocessSpec, vision_input_reference
 from tools.eval import Confusion
+from runtime.models.preprocessor import vision_preprocess_spec
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.tokenizer import ChatTokenizer
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from train.data import LabeledFolder, decode_file, list_folder
+from train.loop import Loop, run
 from train.optim import adamw, warmup_cosine
 from train.vlm_vision_init import architecture_overrides, copy_backbone, freeze_backbone, read_backbone
 from train.vlm_tokenizer import (EXPLAIN_PROMPT, IM_END, IMAGE_PAD, NO, PAD, SCORE_PROMPT, SPECIAL_TOKENS, YES,
@@ -55,7 +57,6 @@ SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)  # Qwen3-VL's (--vision-from takes the DINOv3 backbone's)
 MAX_MODEL_LEN = 4096
 IGNORE = -100  # transformers' ignore_index
-CALIBRATION_STEPS = 10  # --minutes: steps timed before the step count is fixed
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class Chats:
 
 
 def vision_spec(arch: Architecture) -> VisionPreprocessSpec:
-    spec = VisionPreprocessSpec.from_preprocessor_config(arch.preprocessor_config())
+    spec = vision_preprocess_spec(arch.preprocessor_config())
     if spec.resized_size(224, 224) != (arch.size, arch.size):
         raise ValueError(f"--size {arch.size} is not reachable by smart resize: it must be a multiple of "
                          f"2 * --patch = {2 * arch.patch_size}")
@@ -287,76 +288,33 @@ def train(model: Qwen3VLForConditionalGeneration, chats: Chats, images: torch.Te
           explanations: list[list[int]], spec: VisionPreprocessSpec, cfg: TrainConfig,
           val: tuple[torch.Tensor, np.ndarray] | None = None, progress: bool = True) -> tuple[list[dict], int]:
     """Train in place; returns (one record per evaluation, steps taken)."""
-    from tqdm import tqdm
-
-    torch.manual_seed(cfg.seed)
-    order = torch.Generator().manual_seed(cfg.seed)
     visual = model.model.visual
     opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.98), scaled=(visual.patch_embed, visual.blocks),
                 lr_scale=cfg.vision_lr_scale)
-    n = len(images)
-    batch = min(cfg.batch_size, n)
-    num_explain = round(batch * cfg.explain_share)
-    steps_per_epoch = n // batch
-    total = cfg.steps or max(round(cfg.epochs * steps_per_epoch), 1)
-    val_every = cfg.val_every or steps_per_epoch
+    num_explain = round(min(cfg.batch_size, len(images)) * cfg.explain_share)
     vocab = model.config.text_config.vocab_size
-    history: list[dict] = []
-    step, seen = 0, 0
-    running = {"loss": 0.0, "score": 0.0, "text": 0.0}
-    started = None
-    bar = tqdm(total=None if cfg.minutes and not cfg.steps else total, desc="train vlm", unit="step",
-               file=sys.stderr, disable=not progress)
-    while step < total:
-        perm = torch.randperm(n, generator=order)
-        for start in range(0, steps_per_epoch * batch, batch):
-            if step >= total:
-                break
-            index = perm[start:start + batch]
-            picked = images[index]  # a copy: flips stay in this batch
-            if cfg.hflip:
-                flip = torch.rand(len(index), generator=order) < 0.5
-                picked[flip] = picked[flip].flip(2)
-            b = make_batch(chats, picked, labels[index.numpy()], [explanations[i] for i in index.tolist()],
-                           num_explain, spec)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg) * group["lr_scale"]
-            model.train()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(**b.model_inputs()).logits
-            score_loss = model.loss_function(logits=logits, labels=b.score_labels, vocab_size=vocab)
-            text_loss = model.loss_function(logits=logits, labels=b.text_labels, vocab_size=vocab)
-            loss = cfg.score_weight * score_loss + text_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            seen += len(index)
-            for key, value in (("loss", loss), ("score", score_loss), ("text", text_loss)):
-                running[key] = value.item() if step == 1 else 0.98 * running[key] + 0.02 * value.item()
-            bar.update(1)
-            bar.set_postfix(score=f"{running['score']:.3f}", text=f"{running['text']:.3f}",
-                            lr=f"{lr_at(step - 1, total, cfg):.1e}")
-            if step == 1:
-                started = time.time()  # the first step pays one-time costs
-            if cfg.minutes and not cfg.steps and step == 1 + CALIBRATION_STEPS:
-                per_step = (time.time() - started) / CALIBRATION_STEPS
-                total = max(int(cfg.minutes * 60 / per_step), step)
-                bar.total = total
-                log.info("%.2f s/step: %d steps fit in %.1f minutes (--steps %d repeats this run)", per_step, total,
-                         cfg.minutes, total)
-            if step % val_every == 0 or step == total:
-                record = {"step": step, "epoch": round(seen / n, 2), "loss": round(running["loss"], 4),
-                          "score_loss": round(running["score"], 4), "text_loss": round(running["text"], 4)}
-                if val is not None:
-                    conf = Confusion.of(val[1], p_yes(model, chats, val[0], spec, cfg.bf16))
-                    record.update(val_accuracy=round(conf.accuracy, 4), val_mcc=round(conf.mcc, 4))
-                history.append(record)
-                bar.write(json.dumps(record), file=sys.stderr)
-    bar.close()
-    model.eval()
-    return history, step
+
+    def losses(index: torch.Tensor, order: torch.Generator) -> dict[str, torch.Tensor]:
+        picked = images[index]  # a copy: flips stay in this batch
+        if cfg.hflip:
+            flip = torch.rand(len(index), generator=order) < 0.5
+            picked[flip] = picked[flip].flip(2)
+        b = make_batch(chats, picked, labels[index.numpy()], [explanations[i] for i in index.tolist()],
+                       num_explain, spec)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = model(**b.model_inputs()).logits
+        score_loss = model.loss_function(logits=logits, labels=b.score_labels, vocab_size=vocab)
+        text_loss = model.loss_function(logits=logits, labels=b.text_labels, vocab_size=vocab)
+        return {"loss": cfg.score_weight * score_loss + text_loss, "score_loss": score_loss, "text_loss": text_loss}
+
+    def evaluate() -> dict:
+        conf = Confusion.of(val[1], p_yes(model, chats, val[0], spec, cfg.bf16))
+        return {"val_accuracy": round(conf.accuracy, 4), "val_mcc": round(conf.mcc, 4)}
+
+    loop = Loop("train vlm", cfg.seed, cfg.batch_size, cfg.epochs, cfg.steps, cfg.minutes,
+                eval_every=cfg.val_every, progress=progress)
+    return run(model, opt, len(images), loop, lambda step, total: lr_at(step, total, cfg), losses,
+               evaluate if val is not None else None)
 
 
 def build_tokenizer(data: LabeledFolder, vocab_size: int, out: Path) -> ChatTokenizer:

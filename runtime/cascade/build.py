@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,21 +25,12 @@ from runtime.errors import ModelLoadError
 from runtime.models.classifier import Classifier, load_classifier
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.dinov3 import DINOv3ViT
+from runtime.models.preprocessor import read_preprocess
 from runtime.models.quant import quantize_int8
 
 log = logging.getLogger(__name__)
 
 DETECTOR_MODEL_TYPES = ("deimv2",)
-
-
-def read_preprocess(model_dir: Path) -> PreprocessSpec:
-    path = model_dir / "preprocessor_config.json"
-    try:
-        return PreprocessSpec.from_preprocessor_config(read_json(path))
-    except ValueError as e:
-        if isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(f"{path}: {e}") from e
 
 
 def backbone_digest(backbone: torch.nn.Module) -> str:

@@ -10,11 +10,11 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Union
 
+from runtime.config import REQUIRED, ConfigReader
 from runtime.errors import ModelLoadError
 
 BUNDLE_FILE = "cascade.toml"
 QUANTIZE_MODES = ("none", "int8")
-REQUIRED = object()
 
 
 @dataclass(frozen=True)
@@ -90,70 +90,40 @@ def keys_of(spec: type, renamed: dict[str, str] | None = None, extra: tuple[str,
     return tuple(renamed.get(f.name, f.name) for f in fields(spec)) + extra
 
 
-class Table:
+def toml_table(data: dict, where: str, known: tuple[str, ...]) -> ConfigReader:
     """One TOML table being read: unknown keys are rejected up front, then typed lookups."""
-
-    def __init__(self, data: dict, where: str, known: tuple[str, ...]):
-        self.data, self.where = data, where
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ModelLoadError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(known)})")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default=REQUIRED):
-        if key not in self.data:
-            if default is REQUIRED:
-                raise ModelLoadError(f"{self.where}: missing required key '{key}'")
-            return default
-        value = self.data[key]
-        number = kind is float or (isinstance(kind, tuple) and float in kind)
-        if number and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ModelLoadError(f"{self.where}: key '{key}' must be {name}, got {value!r}")
-        return value
-
-    def number(self, key: str, default, low: float, high: float, low_open: bool = False,
-               high_open: bool = False):
-        value = self.get(key, float, default)
-        if value is None:
-            return None
-        ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-        if not ok:
-            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-            raise ModelLoadError(f"{self.where}: key '{key}' must be in {interval}, got {value}")
-        return value
+    return ConfigReader(data, where, known, word="key")
 
 
-def model_dir(root: Path, table: Table) -> Path:
+def model_dir(root: Path, table: ConfigReader) -> Path:
     value = table.get("model", str)
     path = (root / value).resolve()
     if not path.is_dir():
-        raise ModelLoadError(f"{table.where}: model directory '{value}' ({path}) does not exist")
+        table.fail(f"model directory '{value}' ({path}) does not exist")
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{table.where}: model directory '{value}' has no config.json")
+        table.fail(f"model directory '{value}' has no config.json")
     return path
 
 
-def exit_thresholds(table: Table, has_next: bool) -> tuple[float | None, float | None]:
+def exit_thresholds(table: ConfigReader, has_next: bool) -> tuple[float | None, float | None]:
     below = table.number("exit_below", None if not has_next else REQUIRED, 0.0, 1.0)
     above = table.number("exit_above", None if not has_next else REQUIRED, 0.0, 1.0)
     if not has_next and (below is not None or above is not None):
-        raise ModelLoadError(f"{table.where}: exit_below/exit_above route images to a later stage, "
-                             f"but this is the last stage")
+        table.fail("exit_below/exit_above route images to a later stage, "
+                   "but this is the last stage")
     if has_next and below > above:
-        raise ModelLoadError(f"{table.where}: exit_below ({below}) must not exceed exit_above ({above})")
+        table.fail(f"exit_below ({below}) must not exceed exit_above ({above})")
     return below, above
 
 
-def positive_int(table: Table, key: str, default: int) -> int:
+def positive_int(table: ConfigReader, key: str, default: int) -> int:
     value = table.get(key, int, default)
     if value < 1:
-        raise ModelLoadError(f"{table.where}: key '{key}' must be >= 1, got {value}")
+        table.fail(f"key '{key}' must be >= 1, got {value}")
     return value
 
 
-def breaker_keys(table: Table) -> tuple[float | None, int, float]:
+def breaker_keys(table: ConfigReader) -> tuple[float | None, int, float]:
     """time_budget_ms, failure_threshold, cooldown_s: the same keys and meaning on every guarded stage."""
     budget = table.number("time_budget_ms", None, 0.0, float("inf"))
     threshold = positive_int(table, "failure_threshold", 3)
@@ -161,7 +131,7 @@ def breaker_keys(table: Table) -> tuple[float | None, int, float]:
     return budget, threshold, cooldown
 
 
-def parse_classifier_stage(root: Path, table: Table, has_next: bool) -> ClassifierStageSpec:
+def parse_classifier_stage(root: Path, table: ConfigReader, has_next: bool) -> ClassifierStageSpec:
     name = table.get("name", str, "classifier")
     model = model_dir(root, table)
     device = table.get("device", str, None)
@@ -176,26 +146,26 @@ def quantize_mode(mode: str, what: str) -> str | None:
     return None if mode == "none" else mode
 
 
-def quantize_of(table: Table) -> str | None:
-    return quantize_mode(table.get("quantize", str, "none"), f"{table.where}: key 'quantize'")
+def quantize_of(table: ConfigReader) -> str | None:
+    return quantize_mode(table.get("quantize", str, "none"), f"{table.source}: key 'quantize'")
 
 
-def parse_detector(root: Path, table: Table) -> DetectorSpec:
+def parse_detector(root: Path, table: ConfigReader) -> DetectorSpec:
     model = model_dir(root, table)
     name = table.get("name", str, model.name)
     classes = table.get("roadwork_classes", list)
     if not classes or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes):
-        raise ModelLoadError(f"{table.where}: key 'roadwork_classes' must be a non-empty list of class names "
-                             f"or ids, got {classes!r}")
+        table.fail(f"key 'roadwork_classes' must be a non-empty list of class names "
+                   f"or ids, got {classes!r}")
     if len(set(classes)) != len(classes):
-        raise ModelLoadError(f"{table.where}: key 'roadwork_classes' lists a class twice: {classes!r}")
+        table.fail(f"key 'roadwork_classes' lists a class twice: {classes!r}")
     weight = table.number("weight", 1.0, 0.0, float("inf"))
     # Below 1 so that a detector that found nothing has 1 - c > 0 (the "no" side's geometric mean is defined).
     box_threshold = table.number("box_threshold", 0.5, 0.0, 1.0, high_open=True)
     return DetectorSpec(name, model, tuple(classes), weight, box_threshold, quantize_of(table))
 
 
-def parse_detector_stage(root: Path, table: Table, has_next: bool) -> DetectorStageSpec:
+def parse_detector_stage(root: Path, table: ConfigReader, has_next: bool) -> DetectorStageSpec:
     name = table.get("name", str, "detectors")
     device = table.get("device", str, None)
     majority = table.number("majority", 2 / 3, 0.0, 1.0, low_open=True)
@@ -204,28 +174,29 @@ def parse_detector_stage(root: Path, table: Table, has_next: bool) -> DetectorSt
     below, above = exit_thresholds(table, has_next)
     entries = table.get("detector", list)
     if not entries or not all(isinstance(e, dict) for e in entries):
-        raise ModelLoadError(f"{table.where}: needs at least one [[stage.detector]] table")
+        table.fail("needs at least one [[stage.detector]] table")
     detectors = []
     for i, entry in enumerate(entries):
-        detectors.append(parse_detector(root, Table(entry, f"{table.where} detector {i + 1}", keys_of(DetectorSpec))))
+        entry_table = toml_table(entry, f"{table.source} detector {i + 1}", keys_of(DetectorSpec))
+        detectors.append(parse_detector(root, entry_table))
     names = [d.name for d in detectors]
     if len(set(names)) != len(names):
-        raise ModelLoadError(f"{table.where}: detector names must be unique, got {names}")
+        table.fail(f"detector names must be unique, got {names}")
     if classifier_weight + sum(d.weight for d in detectors) <= 0:
-        raise ModelLoadError(f"{table.where}: every voter has weight 0 (classifier_weight and all detector "
-                             f"weights); at least one must be positive")
+        table.fail("every voter has weight 0 (classifier_weight and all detector "
+                   "weights); at least one must be positive")
     return DetectorStageSpec(name, tuple(detectors), device, majority, classifier_weight, budget, threshold, cooldown,
                              below, above)
 
 
-def nonempty_str(table: Table, key: str, default: str) -> str:
+def nonempty_str(table: ConfigReader, key: str, default: str) -> str:
     value = table.get(key, str, default)
     if not value.strip():
-        raise ModelLoadError(f"{table.where}: key '{key}' must not be empty")
+        table.fail(f"key '{key}' must not be empty")
     return value
 
 
-def parse_vlm_stage(root: Path, table: Table, has_next: bool) -> VLMStageSpec:
+def parse_vlm_stage(root: Path, table: ConfigReader, has_next: bool) -> VLMStageSpec:
     assert not has_next, "read_bundle keeps the vlm stage last"
     defaults = VLMStageSpec("", Path())
     name = table.get("name", str, "vlm")
@@ -234,7 +205,7 @@ def parse_vlm_stage(root: Path, table: Table, has_next: bool) -> VLMStageSpec:
     yes_token = nonempty_str(table, "yes_token", defaults.yes_token)
     no_token = nonempty_str(table, "no_token", defaults.no_token)
     if yes_token == no_token:
-        raise ModelLoadError(f"{table.where}: keys 'yes_token' and 'no_token' must differ, both are {yes_token!r}")
+        table.fail(f"keys 'yes_token' and 'no_token' must differ, both are {yes_token!r}")
     explain_prompt = nonempty_str(table, "explain_prompt", defaults.explain_prompt)
     explain_above = table.number("explain_above", defaults.explain_above, 0.0, 1.0)
     max_explain_tokens = positive_int(table, "max_explain_tokens", defaults.max_explain_tokens)
@@ -261,7 +232,7 @@ def check_order(path: Path, raw_stages: list[dict]) -> None:
     kinds = []
     for i, raw in enumerate(raw_stages):
         where = f"{path} stage {i + 1}"
-        kind = Table(raw, where, tuple(raw)).get("kind", str)
+        kind = toml_table(raw, where, tuple(raw)).get("kind", str)
         if kind not in STAGE_KINDS:
             raise ModelLoadError(f"{where}: kind '{kind}' is not supported (supported: {', '.join(STAGE_KINDS)})")
         kinds.append(kind)
@@ -285,7 +256,7 @@ def read_bundle(root: str | Path) -> Bundle:
         raise ModelLoadError(f"{path}: cannot read ({e})") from e
     except tomllib.TOMLDecodeError as e:
         raise ModelLoadError(f"{path}: not valid TOML ({e})") from e
-    raw_stages = Table(data, str(path), ("stage",)).get("stage", list)
+    raw_stages = toml_table(data, str(path), ("stage",)).get("stage", list)
     if not raw_stages or not all(isinstance(s, dict) for s in raw_stages):
         raise ModelLoadError(f"{path}: needs at least one [[stage]] table")
     check_order(path, raw_stages)
@@ -293,7 +264,7 @@ def read_bundle(root: str | Path) -> Bundle:
     for i, raw in enumerate(raw_stages):
         kind = raw["kind"]
         parse, known = STAGE_KINDS[kind]
-        table = Table(raw, f"{path} stage {i + 1} ('{raw.get('name', kind)}')", known)
+        table = toml_table(raw, f"{path} stage {i + 1} ('{raw.get('name', kind)}')", known)
         stages.append(parse(root, table, has_next=i + 1 < len(raw_stages)))
     names = [s.name for s in stages]
     if len(set(names)) != len(names):

@@ -2,16 +2,12 @@
 distribution refinement (FDR) of box edges, and the location quality estimator (LQE) on the output scores."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.models.deimv2_config import Deimv2Config
 from runtime.models.deimv2_encoder import MLP, SelfAttention
-
-if TYPE_CHECKING:
-    from runtime.models.deimv2 import Deimv2Config
 
 
 class RMSNorm(nn.Module):

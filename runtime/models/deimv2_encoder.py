@@ -2,18 +2,15 @@
 lite encoder. Module and parameter names follow transformers' Deimv2 state dict so loading is by exact name."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.models.deimv2_config import ACTIVATION_NAMES, Deimv2Config
 from runtime.models.dinov3 import DINOv3ViT
 
-if TYPE_CHECKING:
-    from runtime.models.deimv2 import Deimv2Config
-
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU}
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
 
 
 def activation(name: str | None) -> nn.Module:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runtime.config import pair, require
+from runtime.config import ConfigReader
 from runtime.models.vit_block import Block, BlockConfig
 from runtime.models.weights import load_into
 
@@ -24,12 +24,13 @@ class DINOv3Config:
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> DINOv3Config:
-        hidden = require(cfg, "hidden_size", int, source)
+        r = ConfigReader(cfg, source)
+        hidden = r.get("hidden_size", int)
         return cls(
             block=BlockConfig(
                 hidden_size=hidden,
-                num_heads=require(cfg, "num_attention_heads", int, source),
-                intermediate_size=require(cfg, "intermediate_size", int, source),
+                num_heads=r.get("num_attention_heads", int),
+                intermediate_size=r.get("intermediate_size", int),
                 hidden_act=cfg.get("hidden_act", "gelu"),
                 layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
                 query_bias=cfg.get("query_bias", True),
@@ -40,9 +41,9 @@ class DINOv3Config:
                 gated_mlp=cfg.get("use_gated_mlp", False),
                 layer_scale=True,
             ),
-            num_layers=require(cfg, "num_hidden_layers", int, source),
-            patch_size=pair(cfg.get("patch_size", 16), "patch_size", source),
-            image_size=pair(cfg.get("image_size", 224), "image_size", source),
+            num_layers=r.get("num_hidden_layers", int),
+            patch_size=r.pair("patch_size", 16),
+            image_size=r.pair("image_size", 224),
             num_channels=cfg.get("num_channels", 3),
             num_register_tokens=cfg.get("num_register_tokens", 0),
             rope_theta=float(cfg.get("rope_theta", 100.0)),

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.config import read_json, require
+from runtime.config import ConfigReader, read_json
 from runtime.errors import ModelLoadError
 from runtime.models.qwen3_vl_text import AttentionMetadata, TextConfig, TextModel
 from runtime.models.qwen3_vl_vision import VisionConfig, VisionTower
@@ -35,8 +35,9 @@ class Qwen3VLConfig:
     def from_dict(cls, cfg: dict) -> Qwen3VLConfig:
         if cfg.get("model_type") != MODEL_TYPE:
             raise ModelLoadError(f"config.json: model_type {cfg.get('model_type')!r} is not {MODEL_TYPE!r}")
-        text = require(cfg, "text_config", dict)
-        vision = require(cfg, "vision_config", dict)
+        r = ConfigReader(cfg, "config.json")
+        text = r.get("text_config", dict)
+        vision = r.get("vision_config", dict)
         out = cls(text=TextConfig.from_dict(text), vision=VisionConfig.from_dict(vision),
                   image_token_id=cfg.get("image_token_id", 151655),
                   vision_start_token_id=cfg.get("vision_start_token_id", 151652),

@@ -15,7 +15,7 @@ from torch import nn
 
 from kernels.kv_store import kv_store
 from kernels.paged_attention import paged_decode, paged_prefill
-from runtime.config import require
+from runtime.config import ConfigReader
 from runtime.models.vit_block import activation, rotate_half
 from runtime.errors import ModelLoadError
 
@@ -40,6 +40,7 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> TextConfig:
+        r = ConfigReader(cfg, SOURCE)
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
@@ -47,13 +48,13 @@ class TextConfig:
         if rope.get("mrope_interleaved") is False:
             raise ModelLoadError(f"{SOURCE}: mrope_interleaved=false (chunked MRoPE) is not supported")
         section = tuple(rope.get("mrope_section", (24, 20, 20)))
-        num_heads = require(cfg, "num_attention_heads", int, SOURCE)
-        hidden = require(cfg, "hidden_size", int, SOURCE)
+        num_heads = r.get("num_attention_heads", int)
+        hidden = r.get("hidden_size", int)
         out = cls(
-            vocab_size=require(cfg, "vocab_size", int, SOURCE),
+            vocab_size=r.get("vocab_size", int),
             hidden_size=hidden,
-            intermediate_size=require(cfg, "intermediate_size", int, SOURCE),
-            num_layers=require(cfg, "num_hidden_layers", int, SOURCE),
+            intermediate_size=r.get("intermediate_size", int),
+            num_layers=r.get("num_hidden_layers", int),
             num_heads=num_heads,
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
             head_dim=cfg.get("head_dim") or hidden // num_heads,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.config import require
+from runtime.config import ConfigReader
 from runtime.models.vit_block import activation, rotate_half
 from runtime.errors import ModelLoadError
 
@@ -37,18 +37,19 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> VisionConfig:
+        r = ConfigReader(cfg, SOURCE)
         rope = cfg.get("rope_parameters") or {}
         cfg_out = cls(
-            depth=require(cfg, "depth", int, SOURCE),
-            hidden_size=require(cfg, "hidden_size", int, SOURCE),
-            intermediate_size=require(cfg, "intermediate_size", int, SOURCE),
-            num_heads=require(cfg, "num_heads", int, SOURCE),
+            depth=r.get("depth", int),
+            hidden_size=r.get("hidden_size", int),
+            intermediate_size=r.get("intermediate_size", int),
+            num_heads=r.get("num_heads", int),
             in_channels=cfg.get("in_channels", 3),
-            patch_size=require(cfg, "patch_size", int, SOURCE),
+            patch_size=r.get("patch_size", int),
             temporal_patch_size=cfg.get("temporal_patch_size", 2),
             spatial_merge_size=cfg.get("spatial_merge_size", 2),
-            out_hidden_size=require(cfg, "out_hidden_size", int, SOURCE),
-            num_position_embeddings=require(cfg, "num_position_embeddings", int, SOURCE),
+            out_hidden_size=r.get("out_hidden_size", int),
+            num_position_embeddings=r.get("num_position_embeddings", int),
             deepstack_visual_indexes=tuple(cfg.get("deepstack_visual_indexes", ())),
             hidden_act=cfg.get("hidden_act", "gelu_pytorch_tanh"),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),

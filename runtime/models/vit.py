@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runtime.config import pair, require
+from runtime.config import ConfigReader
 from runtime.models.vit_block import Block, BlockConfig
 from runtime.errors import ModelLoadError
 from runtime.models.weights import load_into
@@ -47,19 +47,20 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> ViTConfig:
+        r = ConfigReader(cfg, source)
         qkv_bias = cfg.get("qkv_bias", True)
         return cls(
             block=BlockConfig(
-                hidden_size=require(cfg, "hidden_size", int, source),
-                num_heads=require(cfg, "num_attention_heads", int, source),
-                intermediate_size=require(cfg, "intermediate_size", int, source),
+                hidden_size=r.get("hidden_size", int),
+                num_heads=r.get("num_attention_heads", int),
+                intermediate_size=r.get("intermediate_size", int),
                 hidden_act=cfg.get("hidden_act", "gelu"),
                 layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
                 query_bias=qkv_bias, key_bias=qkv_bias, value_bias=qkv_bias,
             ),
-            num_layers=require(cfg, "num_hidden_layers", int, source),
-            patch_size=pair(cfg.get("patch_size", 16), "patch_size", source),
-            image_size=pair(cfg.get("image_size", 224), "image_size", source),
+            num_layers=r.get("num_hidden_layers", int),
+            patch_size=r.pair("patch_size", 16),
+            image_size=r.pair("image_size", 224),
             num_channels=cfg.get("num_channels", 3),
         )
 

@@ -21,6 +21,7 @@ import torch
 from kernels.vlm_preprocess import VisionPreprocessSpec, vision_input
 from runtime.config import read_json
 from runtime.errors import ModelLoadError
+from runtime.models.preprocessor import read_vision_preprocess
 from runtime.vlm.kv_cache import BlockManager, KVCacheSpec
 from runtime.models.qwen3_vl import Qwen3VL, load_qwen3_vl, mrope_positions
 from runtime.vlm.scheduler import Scheduler
@@ -144,13 +145,7 @@ class VLMEngine:
         model_dir = Path(model_dir)
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        try:
-            image_spec = VisionPreprocessSpec.from_preprocessor_config(
-                read_json(model_dir / "preprocessor_config.json"))
-        except ValueError as e:
-            if isinstance(e, ModelLoadError):
-                raise
-            raise ModelLoadError(f"{model_dir / 'preprocessor_config.json'}: {e}") from e
+        image_spec = read_vision_preprocess(model_dir)
         tokenizer = ChatTokenizer.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None
         model = load_qwen3_vl(model_dir, dtype, device)
         return cls(model, image_spec, tokenizer, config or VLMEngineConfig(), device, _stop_ids(model_dir, tokenizer))
