@@ -20,6 +20,7 @@ from runtime.cascade.engine import Engine
 from runtime.errors import ModelLoadError
 from runtime.models.quant import Int8Linear
 from fixtures.checkpoints import write_preprocessor
+from fixtures.triton_mode import COMPILED_ON_CUDA
 from tests.test_deimv2 import make_deimv2
 from tests.test_vote import formula
 
@@ -380,6 +381,7 @@ def test_bench_tiny_runs():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not COMPILED_ON_CUDA, reason="captures the route and vote kernels: needs them compiled")
 def test_cuda_graphs_match_cpu(models, reference, tmp_path):
     ref = reference
     bundle = write_bundle(tmp_path, classifier_stage(models, ref["low"], ref["high"])

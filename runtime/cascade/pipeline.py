@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from graphs.nvtx import nvtx_range
 from graphs.runner import BucketGraphs, GraphRunner, default_buckets
 from kernels.preprocess import PreprocessSpec, preprocess_into
 from kernels.route import route
@@ -46,6 +47,8 @@ from runtime.models.dinov3 import DINOv3ViT
 from runtime.errors import ModelLoadError
 from runtime.models.quant import quantize_int8
 from runtime.cascade.vlm_stage import VLMStage
+from runtime.transfer import to_device
+from runtime.vlm.sequence import image_digest
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +161,7 @@ class ClassifierStage:
     def load(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """Preprocess into the static batch; returns the images on the device for stages that preprocess again.
         Slots past len(images) keep stale pixels: rows never interact, so padding needs no clearing."""
-        on_device = [image_tensor(image).to(self.device, non_blocking=True) for image in images]
+        on_device = [to_device(image_tensor(image), self.device) for image in images]
         for slot, image in enumerate(on_device):
             preprocess_into(self.runner.input, slot, image, self.preprocess)
         return on_device
@@ -238,9 +241,10 @@ class DetectorStage:
             d.logits[:c].copy_(out.logits)
             d.boxes[:c].copy_(out.pred_boxes)
             scores.append(out.logits.index_select(2, class_index).float().flatten(1))
-        vote(torch.cat(scores, dim=1), self.offsets, self.thresholds, self.weights,
-             self.stage1_prob.index_select(0, idx), self.spec.classifier_weight, self.spec.majority,
-             self.conf[:c], self.fraction[:c], self.prob[:c])
+        with nvtx_range("vote"):
+            vote(torch.cat(scores, dim=1), self.offsets, self.thresholds, self.weights,
+                 self.stage1_prob.index_select(0, idx), self.spec.classifier_weight, self.spec.majority,
+                 self.conf[:c], self.fraction[:c], self.prob[:c])
         return (self.prob[:c],)
 
     def run(self, routed: list[int], images: list[torch.Tensor], want_boxes: bool) -> list[StageAnswer]:
@@ -253,7 +257,7 @@ class DetectorStage:
             self.stage1_prob.copy_(self.first.prob)
         for spec, pixels in self.own_pixels.items():
             for slot, i in enumerate(routed):
-                preprocess_into(pixels, slot, images[i].to(self.device, non_blocking=True), spec)
+                preprocess_into(pixels, slot, to_device(images[i], self.device), spec)
         self.graphs.replay(self.graphs.bucket_for(c))
         probs, conf = self.prob[:c].tolist(), self.conf[:c].tolist()
         boxes = self.boxes(routed, images) if want_boxes else [None] * c
@@ -408,8 +412,10 @@ class Cascade:
         """One chunk (at most max_batch images) through every stage. `explain`: per image, ask the VLM for an
         explanation; `on_stage` is called once per image per stage it reached, as soon as that stage answered."""
         n = len(images)
-        on_device = self.first.load(images)
-        pending = self.first.run(n)
+        with nvtx_range("preprocess"):
+            on_device = self.first.load(images)
+        with nvtx_range(self.first.name):
+            pending = self.first.run(n)
         probs = self.first.prob[:n].tolist()
         if on_stage is not None:
             going = set(pending)
@@ -420,7 +426,8 @@ class Cascade:
         for stage in self.later:
             if not pending:
                 break
-            got = self.call(stage, pending, on_device, want_boxes)
+            with nvtx_range(stage.name):
+                got = self.call(stage, pending, images if isinstance(stage, VLMStage) else on_device, want_boxes)
             if got is None:
                 degraded.update(pending)
                 break
@@ -472,13 +479,16 @@ class Cascade:
     def call(stage: DetectorStage | VLMStage, pending: list[int], images: list[torch.Tensor],
              want_boxes: bool) -> list[StageAnswer] | None:
         """Run a later stage on the `pending` rows of the chunk (`images`: the chunk's images on the first stage's
-        device) under its breaker and time budget; None when its answers cannot be used."""
+        device; for the VLM, the decoded host arrays, which it hashes and copies to its own device) under its
+        breaker and time budget; None when its answers cannot be used."""
         if not stage.breaker.allow():
             return None
         start = time.perf_counter()
         try:
-            if isinstance(stage, VLMStage):  # it moves the images to its own device as it preprocesses them
-                answers = [StageAnswer(a.p, tokens=a.tokens) for a in stage.score([images[i] for i in pending])]
+            if isinstance(stage, VLMStage):
+                host = [image_tensor(images[i]) for i in pending]
+                answers = [StageAnswer(a.p, tokens=a.tokens)
+                           for a in stage.score(host, [image_digest(image) for image in host])]
             else:
                 answers = stage.run(pending, images, want_boxes)
         except Exception:
