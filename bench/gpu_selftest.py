@@ -52,7 +52,6 @@ class Context:
     device: torch.device
     cpu_mode: bool
     tmp: Path
-    out: Path
 
     @property
     def dtype(self) -> torch.dtype:
@@ -405,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[StepResult] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(device, args.cpu, Path(tmp), args.out)
+        ctx = Context(device, args.cpu, Path(tmp))
         for name, fn in STEPS:
             if args.only and name not in args.only:
                 continue
