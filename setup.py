@@ -20,7 +20,9 @@ setup(
         "prometheus-client>=0.20",
     ],
     extras_require={
-        "gpu": ["cuda-python", "tensorrt", "flash-attn", "flashinfer-python"],
+        # flashinfer-cubin: its prebuilt kernels, so decode attention needs no nvcc at startup (versions must match;
+        # the startup probe falls back to the Triton kernel if they do not work). flash-attn: varlen prefill.
+        "gpu": ["flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0"],
     },
 )
