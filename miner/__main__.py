@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from miner.bt import VERSION, Axon, Config, Subtensor, Wallet, btlogging, keep_logging
+from miner.bt import VERSION, Axon, Subtensor, Wallet, btlogging, keep_logging
 
 log = logging.getLogger("miner")
 
@@ -61,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse(argv: Sequence[str] | None) -> Config:
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Plain argparse: bittensor 10's Config ignores the command line unless BT_NO_PARSE_CLI_ARGS=false. Its own
+    options keep their dotted names (read them with opt(config, "wallet.name"))."""
     parser = build_parser()
-    args = list(sys.argv[1:] if argv is None else argv)
-    parser.parse_args(args)  # --help and usage errors, which bittensor's Config does not answer
-    config = Config(parser, args=args)
+    config = parser.parse_args(argv)
     if (config.server_url is None) == (config.model is None):
         parser.error("give exactly one of --server-url or --model")
     if config.concurrency < 1:
@@ -75,10 +75,16 @@ def parse(argv: Sequence[str] | None) -> Config:
     return config
 
 
+def opt(config: argparse.Namespace, name: str):
+    return getattr(config, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse(argv)
     with keep_logging():
-        btlogging(config=config)
+        btlogging(debug=opt(config, "logging.debug"), trace=opt(config, "logging.trace"),
+                  info=opt(config, "logging.info"), record_log=opt(config, "logging.record_log"),
+                  logging_dir=opt(config, "logging.logging_dir"))
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("miner").setLevel(config.log_level.upper())
 
@@ -90,16 +96,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         policy = AccessPolicy(config.force_validator_permit, config.min_stake, frozenset(config.allow),
                               frozenset(config.deny))
-        wallet = Wallet(config=config)
+        wallet = Wallet(name=opt(config, "wallet.name"), hotkey=opt(config, "wallet.hotkey"),
+                        path=opt(config, "wallet.path"))
         wallet.hotkey  # unlocks or fails now, not at the first request  # noqa: B018
         wallet.coldkeypub  # noqa: B018
     except Exception as e:
-        log.error("cannot load the wallet %s/%s under %s: %s", config.wallet.name, config.wallet.hotkey,
-                  config.wallet.path, e)
+        log.error("cannot load the wallet %s/%s under %s: %s", opt(config, "wallet.name"),
+                  opt(config, "wallet.hotkey"), opt(config, "wallet.path"), e)
         return 1
+    endpoint = opt(config, "subtensor.chain_endpoint")  # has a default (finney's): only an explicit one wins
+    explicit = endpoint != build_parser().get_default("subtensor.chain_endpoint")
+    network = endpoint if explicit else opt(config, "subtensor.network")
 
     def new_subtensor():
-        return Subtensor(config=config)
+        return Subtensor(network=network)
 
     if config.static_metagraph is not None:
         try:
@@ -115,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             subtensor = new_subtensor()
         except Exception as e:
-            log.error("cannot connect to subtensor %s to serve the axon: %s", config.subtensor.network, e)
+            log.error("cannot connect to subtensor %s to serve the axon: %s", network, e)
             return 1
 
     if config.server_url is not None:
@@ -129,8 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         backend.warmup()
 
-    axon = AxonSettings(port=config.axon.port, bind_host=config.bind_host, external_ip=config.axon.external_ip,
-                        external_port=config.axon.external_port, max_workers=config.axon.max_workers)
+    axon = AxonSettings(port=opt(config, "axon.port"), bind_host=config.bind_host,
+                        external_ip=opt(config, "axon.external_ip"), external_port=opt(config, "axon.external_port"),
+                        max_workers=opt(config, "axon.max_workers"))
     miner = Miner(wallet, backend, MetagraphSync(source, config.sync_interval_s), policy, axon, config.concurrency)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 OUTCOMES = ("answered", "blacklisted", "failed", "timed_out")
+FAILURE_REASONS = ("bad_image", "server_unreachable", "server_error", "bad_answer", "timeout", "inference_failed",
+                   "internal_error")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 9.0, 12.0)
 
 
@@ -27,6 +29,8 @@ class MinerMetrics:
                                        registry=self.registry)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
+        for reason in FAILURE_REASONS:
+            self.failures.labels(reason)
 
     def track(self, waiting: Callable[[], float], running: Callable[[], float], sync_age: Callable[[], float],
               neurons: Callable[[], float]) -> None:

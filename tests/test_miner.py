@@ -218,7 +218,7 @@ class Upstream:
         asyncio.set_event_loop(self.loop)
         app = web.Application()
         app.router.add_post("/v1/predict", self.predict)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, LOOPBACK, 0)
         self.loop.run_until_complete(site.start())
