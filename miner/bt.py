@@ -2,11 +2,13 @@
 capitalised names), 10.x only bt.Axon/bt.Dendrite/bt.Wallet, 11.x has no Axon at all.
 
 bittensor's logging machine lowers every logger that exists when it is configured (importing it configures it) to
-CRITICAL and strips their handlers; `keep_logging` puts everyone else's loggers back as they were."""
+CRITICAL and strips their handlers; `keep_logging` puts everyone else's loggers back as they were. Everything here
+exists under both names in 9.x, so the shim picks the 10.x name first."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 
 
@@ -29,7 +31,17 @@ def keep_logging() -> Iterator[None]:
                 lg.setLevel(level)  # setLevel, not .level: it also clears the loggers' isEnabledFor caches
 
 
-with keep_logging():
+@contextlib.contextmanager
+def _no_argv() -> Iterator[None]:
+    """bittensor 9 parses sys.argv while importing (and answers --help with its own usage, then exits)."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+with keep_logging(), _no_argv():
     import bittensor as bittensor  # noqa: PLC0414 (re-exported)
 
 VERSION: str = bittensor.__version__
