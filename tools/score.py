@@ -343,8 +343,8 @@ def score(engine: Any, inputs: Sequence[str], out: Path, detail: bool = False, e
     summary = Summary(inputs=len(items) + len(problems))
     try:
         todo = [i for i in items if i.id not in writer.done]
-        summary.skipped = len(items) - len(todo)
         fresh_problems = [error_row(text, problem) for text, problem in problems if text not in writer.done]
+        summary.skipped = len(items) - len(todo) + len(problems) - len(fresh_problems)
         if fresh_problems:
             writer.write(fresh_problems)
             summary.errors += len(fresh_problems)
