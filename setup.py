@@ -18,9 +18,13 @@ setup(
         "uvloop>=0.19",
         "orjson>=3.9",
         "prometheus-client>=0.20",
+        "tqdm>=4.60",  # progress bars of tools.score and tools.eval
     ],
     extras_require={
         "gpu": ["cuda-python", "tensorrt", "flash-attn", "flashinfer-python"],
-        "test": ["pytest>=8", "hypothesis>=6", "transformers==5.23.0"],
+        "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
+        # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
+        "test": ["pytest>=8", "hypothesis>=6", "transformers==5.23.0", "tritonclient[http]>=2.40", "pycocotools>=2.0.7",
+                 "pyarrow>=14"],
     },
 )

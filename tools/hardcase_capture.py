@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 RULES = ("requested", "degraded", "vlm", "disagree", "band")
 DEFAULT_RATES = {"requested": 1.0, "degraded": 0.2, "vlm": 0.5, "disagree": 1.0, "band": 0.5}
 WINDOWS = (("minute", 60.0), ("hour", 3600.0), ("day", 86400.0))
-DROP_REASONS = ("rate_minute", "rate_hour", "rate_day", "queue_full", "disk_full", "duplicate", "write_error")
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class CaptureConfig:
     per_day: int = 10000
     max_disk_mb: float = 2048.0          # data/ + index.jsonl; beyond it nothing more is written
     queue_size: int = 256                # images waiting for the writer
-    compact_every_s: float = 5.0         # labels.json catches up with the index at most this late while idle
+    compact_every_s: float = 5.0         # labels.json is rewritten at most this often, and this late
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.band <= 0.5:
@@ -169,7 +168,16 @@ class HardCaseCapture:
         log.info("capturing hard cases into %s (%d already there)", self.root, len(self.store.samples))
 
     def offer(self, data: bytes, result: Any, requested: bool = False, source: str = "server") -> str | None:
-        """Consider one answered image; returns the rule that captured it (queued for writing), else None."""
+        """Consider one answered image; returns the rule that captured it (queued for writing), else None. Never
+        raises: a capture bug must not fail the request that offered the image."""
+        try:
+            return self._offer(data, result, requested, source)
+        except Exception:
+            log.exception("hard-case capture failed on an offered image")
+            with self.lock:
+                return self._drop("capture_error")
+
+    def _offer(self, data: bytes, result: Any, requested: bool, source: str) -> str | None:
         rules = matched_rules(result, requested, self.config.band, self.vlm_stage)
         if not rules:
             return None
@@ -214,8 +222,8 @@ class HardCaseCapture:
                 if digest is None:
                     digest = self.model_digest()  # hashing the model files: here, never on the request path
                 self._write(store, offer, digest)
-            idle = self.queue.empty()
-            if store.dirty and (idle or time.monotonic() - last_compact >= self.config.compact_every_s):
+            # Each compaction rewrites labels.json whole: at most one per compact_every_s, however busy.
+            if store.dirty and time.monotonic() - last_compact >= self.config.compact_every_s:
                 self._compact(store)
                 last_compact = time.monotonic()
         if store.dirty:
