@@ -288,7 +288,7 @@ def test_server_captures_by_rule_with_boxes_and_metrics(bundle_engine, tmp_path)
     expect.setdefault(image_id(images[0]), ["requested"])  # the batch asked for it
     assert any("vlm" in r for r in expect.values()) and any("disagree" in r for r in expect.values())
     samples = {s.id: s for s in read_index(tmp_path / "hc")}
-    assert {k: v for k, v in expect.items()} == {k: s.rules for k, s in samples.items()}
+    assert expect == {k: s.rules for k, s in samples.items()}
     assert all(s.model_digest.startswith("sha256:") and s.source == "server" for s in samples.values())
     for s in samples.values():
         if s.stage in ("detectors", "vlm"):

@@ -7,13 +7,14 @@ import base64
 import contextlib
 import struct
 import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
-import urllib.request
-import urllib.error
 
 from runtime.cascade.engine import Engine
 from server.app import SERVICE, create_app, start_site
@@ -57,7 +58,6 @@ def server_thread(model_dir: Path, **settings):
 
 
 def wait_ready(client, give_up_s: float = 60.0) -> None:
-    import time
     deadline = time.monotonic() + give_up_s
     while not client.is_server_ready():
         assert time.monotonic() < deadline, "server never became ready"
