@@ -18,6 +18,7 @@ setup(
         "uvloop>=0.19",
         "orjson>=3.9",
         "prometheus-client>=0.20",
+        "tqdm>=4.60",  # progress bars of tools.score and tools.eval
     ],
     extras_require={
         # The subnet-72 miner (python -m miner): bittensor 9.x (the subnet's pin) or 10.x; 11.x has no Axon.
@@ -25,6 +26,9 @@ setup(
         # flashinfer-cubin: its prebuilt kernels, so decode attention needs no nvcc at startup (versions must match;
         # the startup probe falls back to the Triton kernel if they do not work). flash-attn: varlen prefill.
         "gpu": ["flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0"],
+        "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
+        # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0", "tritonclient[http]>=2.40",
+                 "pycocotools>=2.0.7", "pyarrow>=14"],
     },
 )

@@ -106,3 +106,13 @@ def test_serve_vs_miner():
     assert all(r["ok"] > 0 and r["errors"] == 0 for r in levels), levels
     assert [(r["server"], r["concurrency"]) for r in summary["ratios"]] == [(s, c) for s in servers[1:] for c in (1, 2)]
     assert all(summary["checks"][s]["first_request_ms"] > 0 for s in servers[1:])
+
+
+def test_score_bench(tmp_path):
+    from bench import score as score_bench
+
+    make_vit(tmp_path / "vit", seed=1)
+    result = score_bench.main(["--tiny", "--model", str(tmp_path / "vit"), "--dtype", "float32",
+                               "--json", str(tmp_path / "r.json")])
+    assert result["images"] == 16 and result["offline_images_per_s"] > 0 and result["score_images_per_s"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["machine"]["cpu"]
