@@ -126,22 +126,13 @@ class StageClock:
     def __init__(self, engine):
         cascade = engine.cascade
         self.seconds: dict[str, float] = defaultdict(float)
-        self.images: dict[str, int] = defaultdict(int)
+        self.images: dict[str, int] = {stage.name: 0 for stage in cascade.stages}  # also stages no image reached
         first = cascade.first
-        for name in [first.name] + [stage.name for stage in cascade.later]:
-            self.images[name] = 0   # every stage is reported, also one no image reached
-        load, run, call = first.load, first.run, cascade.call
+        load, call = first.load, cascade.call
 
         def timed_load(images):
             start = time.perf_counter()
             out = load(images)
-            self.seconds[first.name] += time.perf_counter() - start
-            self.images[first.name] += len(images)
-            return out
-
-        def timed_run(n):
-            start = time.perf_counter()
-            out = run(n)
             self.seconds[first.name] += time.perf_counter() - start
             return out
 
@@ -152,7 +143,7 @@ class StageClock:
             self.images[stage.name] += len(pending)
             return out
 
-        first.load, first.run, cascade.call = timed_load, timed_run, timed_call
+        first.load, cascade.call = timed_load, timed_call
 
     def ms_per_image(self, stage: str) -> float:
         """Milliseconds per image that reached `stage`."""

@@ -98,8 +98,8 @@ class Cascade:
 
     @staticmethod
     def call(stage: Stage, pending: list[int], images: ChunkImages, want_boxes: bool) -> list[StageAnswer] | None:
-        """Run a stage on the `pending` rows of the chunk under its breaker and time budget; None when its answers cannot be used. A stage without a
-        breaker (the first) raises instead."""
+        """Run a stage on the `pending` rows of the chunk under its breaker and time budget; None when its answers
+        cannot be used. A stage without a breaker (the first) raises instead."""
         if stage.breaker is None:
             return stage.run(pending, images, want_boxes)
         if not stage.breaker.allow():
