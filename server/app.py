@@ -8,7 +8,7 @@ import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import orjson
@@ -24,6 +24,9 @@ from server.errors import ApiError, error_response, from_http_exception, json_re
 from server.metrics import ServerMetrics
 from server.payload import decode_base64_image, parse_json_object, required_field
 from server.stream import EventStream, Explanation
+
+if TYPE_CHECKING:
+    from server.redis_cache import RedisCache
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("server.requests")
@@ -47,6 +50,7 @@ class Service:
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
                            engine.stage_states, engine.vlm_stats)
         self.has_vlm = engine.vlm_stats() is not None
+        self.shared = shared_cache(engine, config, self.metrics)
         self.ready = False
         self.warmup_task: asyncio.Task | None = None
 
@@ -80,6 +84,8 @@ class Service:
             self.warmup_task.cancel()
         await self.batcher.close()
         self.decode_pool.shutdown(wait=True)
+        if self.shared is not None:
+            await self.shared.close()
 
     # --- the prediction pipeline -----------------------------------------------------------------------
 
@@ -114,6 +120,15 @@ class Service:
             self.metrics.cache_hits.inc()
         return hit
 
+    async def cached_shared(self, key: bytes, explain: bool) -> Any | None:
+        """The Redis cache's answer (kept in-process too), or None; never raises, never waits beyond its deadline."""
+        if self.shared is None:
+            return None
+        hit = await self.shared.get(key, explain)
+        if hit is not None:
+            self.cache.put(key, hit)
+        return hit
+
     def check_explain(self, explain: bool) -> None:
         if explain and not self.has_vlm:
             raise ApiError(400, "explain_unavailable", "explain=1 needs a vlm stage, and this server's bundle has "
@@ -131,7 +146,7 @@ class Service:
                 answers[i] = blob
                 continue
             keys[i] = await self.offload(len(blob), image_key, blob)
-            hit = self.cached(keys[i], explain)
+            hit = self.cached(keys[i], explain) or await self.cached_shared(keys[i], explain)
             if hit is not None:
                 answers[i] = _answer(hit, True, detail, explain, total_s=time.monotonic() - start)
             else:
@@ -220,6 +235,23 @@ class Service:
     def remember(self, key: bytes, result: Any) -> None:
         if not result.degraded:  # a degraded answer may improve once the failing stage recovers
             self.cache.put(key, result)
+            if self.shared is not None:
+                self.shared.put(key, result)
+
+
+def shared_cache(engine: Any, config: ServerConfig, metrics: ServerMetrics) -> RedisCache | None:
+    """The Redis cache when --redis-url is set; its keys name the bundle's content and dtype (the answer's model)."""
+    if config.redis_url is None:
+        return None
+    # Imported only when asked for: redis is an optional dependency, and runtime.cascade loads torch.
+    try:
+        from server.redis_cache import RedisCache, RedisSettings
+    except ImportError as e:
+        raise RuntimeError(f"--redis-url needs the redis package ({e}): pip install 'roadwork-cascade[redis]'") from e
+    from runtime.bundle_digest import bundle_digest
+    model_id = f"{bundle_digest(engine.bundle)[:32]}-{str(engine.dtype).removeprefix('torch.')}"
+    settings = RedisSettings(config.redis_url, config.redis_ttl_s, config.redis_timeout_ms / 1000)
+    return RedisCache(settings, model_id, metrics.registry)
 
 
 def computed_or_error(item: WorkItem) -> Computed | ApiError:
@@ -366,7 +398,7 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
     data, _ = await service.offload(len(body), _extract_single, body, content_type)
     deadline = _deadline(service, start)
     key = await service.offload(len(data), image_key, data)
-    hit = service.cached(key, explain)
+    hit = service.cached(key, explain) or await service.cached_shared(key, explain)
     stages: asyncio.Queue[dict | None] = asyncio.Queue()
     submitted = None if hit is not None else await service.submit_one(
         data, deadline, lambda stage, p, decided: stages.put_nowait({"stage": stage, "p": p, "decided": decided}))
