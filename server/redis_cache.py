@@ -156,8 +156,9 @@ class RedisCache:
         pause = min(self.settings.max_backoff_s, self.settings.backoff_s * 2 ** (self.failures - 1))
         self.retry_at = self.clock() + pause
         self.metrics.up.set(0)
-        if self.failures == 1 or reason == "other":
-            log.warning("redis %s failed (%s: %s); answering without it for %.2f s", op, reason, error, pause)
+        if self.failures == 1 or reason == "other":  # once per outage, not once per call
+            log.warning("redis %s failed (%s%s); answering without it for %.2f s", op, reason,
+                        f": {error}" if str(error) else "", pause)
 
     async def close(self) -> None:
         """Let background writes finish (each is bounded by the call deadline), then drop the connections."""

@@ -14,10 +14,14 @@ from deploy.stack import redis_ping
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
+SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
 
 
 def port_free(port: int) -> bool:
+    """Nothing listens on it (connections of an earlier listener may linger in TIME_WAIT: servers bind with
+    SO_REUSEADDR, and so does this check)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

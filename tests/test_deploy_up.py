@@ -1,0 +1,45 @@
+"""`python -m deploy up` as a user runs it: starts everything, prints the URLs, serves, and Ctrl-C stops it all."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deploy.stack import StackSpec, missing_programs
+from tests.deploy_helpers import REPO, SAMPLES, free_ports, port_free, post_image
+
+pytestmark = pytest.mark.slow
+
+
+def test_up_serves_through_nginx_and_ctrl_c_stops_everything(tmp_path):
+    if missing_programs(StackSpec(run_dir=tmp_path)):
+        pytest.skip("nginx, redis-server or prometheus not installed (.ci/deploy.sh installs them)")
+    public, replica, redis, prometheus = free_ports(4)
+    argv = [sys.executable, "-m", "deploy", "up", "--replicas", "1", "--port", str(public), "--replica-port",
+            str(replica), "--redis-port", str(redis), "--prometheus-port", str(prometheus),
+            "--run-dir", str(tmp_path / "run"), "--server-arg=--max-batch", "--server-arg=2"]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    up = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while not any("Ctrl-C stops everything" in line for line in lines):
+            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
+            lines.append(up.stdout.readline())
+        printed = "".join(lines)
+        for url in (f"http://127.0.0.1:{public}/v1/predict", f"http://127.0.0.1:{replica}",
+                    f"redis://127.0.0.1:{redis}/0", f"http://127.0.0.1:{prometheus}"):
+            assert url in printed, printed
+        status, answer = post_image(f"http://127.0.0.1:{public}/v1/predict", SAMPLES[0].read_bytes())
+        assert status == 200 and 0 <= answer["prediction"] <= 1
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert all(port_free(port) for port in (public, replica, redis, prometheus))
