@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import http.client
 import io
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,3 +122,13 @@ class ClosedLoop:
                 connection = None
         if connection is not None:
             connection.close()
+
+
+def post_image(url: str, body: bytes, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int, dict]:
+    """One JPEG POSTed to `url`: the status and the JSON answer (an error's too)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/jpeg"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")

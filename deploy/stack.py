@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -240,3 +241,24 @@ def redis_ping(host: str, port: int) -> bool:
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens on it (connections of an earlier listener may linger in TIME_WAIT: servers bind with
+    SO_REUSEADDR, and so does this check)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` consecutive free loopback ports (replica i listens on base + i), for tests and benchmarks."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        if all(port_free(base + i) for i in range(count)):
+            return list(range(base, base + count))
+    raise StackError(f"no {count} consecutive free ports found")

@@ -1,9 +1,7 @@
-"""Shared by the deploy tests: free loopback ports, a real redis-server, Prometheus and metrics queries."""
+"""Shared by the deploy tests: a real redis-server, Prometheus and metrics queries."""
 from __future__ import annotations
 
 import json
-import random
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -15,27 +13,6 @@ from deploy.stack import redis_ping
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
-
-
-def port_free(port: int) -> bool:
-    """Nothing listens on it (connections of an earlier listener may linger in TIME_WAIT: servers bind with
-    SO_REUSEADDR, and so does this check)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` consecutive free loopback ports (replica i listens on base + i)."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        if all(port_free(base + i) for i in range(count)):
-            return list(range(base, base + count))
-    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 def start_redis(port: int, directory: Path, timeout_s: float = 10.0) -> subprocess.Popen:
@@ -90,12 +67,3 @@ def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
             continue
         total += float(number)
     return total
-
-
-def post_image(url: str, body: bytes, timeout_s: float = 15.0) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/jpeg"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")

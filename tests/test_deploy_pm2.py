@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from deploy.stack import http_ok
-from tests.deploy_helpers import DEPLOY, REPO, free_ports
+from deploy.stack import free_ports, http_ok
+from tests.deploy_helpers import DEPLOY, REPO
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("pm2") is None, reason="pm2 not installed (.ci/deploy.sh installs it)")]

@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 
-from deploy.load import ClosedLoop, VariedImages
-from deploy.stack import Stack, StackSpec, missing_programs
-from tests.deploy_helpers import DEPLOY, SAMPLES, free_ports, metric, post_image, prometheus_query
+from deploy.load import ClosedLoop, VariedImages, post_image
+from deploy.stack import Stack, StackSpec, free_ports, missing_programs
+from tests.deploy_helpers import DEPLOY, SAMPLES, metric, prometheus_query
 
 REPLICAS = 3
 pytestmark = [pytest.mark.slow]

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from deploy.stack import StackSpec, missing_programs
-from tests.deploy_helpers import REPO, SAMPLES, free_ports, port_free, post_image
+from deploy.load import post_image
+from deploy.stack import StackSpec, free_ports, missing_programs, port_free
+from tests.deploy_helpers import REPO, SAMPLES
 
 pytestmark = pytest.mark.slow
 

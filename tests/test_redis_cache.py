@@ -13,7 +13,8 @@ from runtime.bundle import load_bundle, with_quantize
 from runtime.bundle_digest import bundle_digest
 from runtime.cascade import Box, ImageResult
 from server.config import parse_config
-from tests.deploy_helpers import REPO, free_ports, start_redis, stop_process
+from deploy.stack import free_ports
+from tests.deploy_helpers import REPO, start_redis, stop_process
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed "
                                 "(.ci/deploy.sh installs it)")
