@@ -44,7 +44,7 @@ class StackSpec:
     burst: int = 400
     fail_timeout_s: int = 5
     ready_timeout_s: float = 120.0
-    torch_threads: int | None = None           # per replica; None: the machine's cores shared out
+    torch_threads: int | None = None           # per replica; None: $OMP_NUM_THREADS, else the cores shared out
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -167,7 +167,8 @@ class Stack:
                 "--port", str(spec.replica_port + i), *spec.server_args]
         if spec.redis:
             argv += ["--redis-url", self.redis_url]
-        threads = spec.torch_threads or max(1, (os.cpu_count() or 1) // spec.replicas)
+        threads = spec.torch_threads or os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) //
+                                                                                 spec.replicas)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), **spec.env}
         return Child(f"replica-{i + 1}", argv, self.run_dir / f"replica-{i + 1}.log", env)
 
