@@ -6,11 +6,14 @@ import json
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 import yaml
 
+from deploy.load import post_image
 from deploy.render import Layout, compose_files, local_user, render
+from deploy.stack import free_ports, http_ok
 from tests.deploy_helpers import DEPLOY, REPO
 
 
@@ -128,3 +131,30 @@ def test_grafana_dashboard_uses_the_provisioned_datasource():
             assert re.search(r"roadwork_|up\{", target["expr"]), target["expr"]
     provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "roadwork.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+@needs("nginx")
+def test_nginx_limits_each_address_and_answers_its_refusals_in_json(tmp_path):
+    """The real nginx with no replica up (rate 1/s, burst 2): requests within the burst find no replica (503), the
+    ones past it are refused (429); both as the server's JSON errors."""
+    public, dead = free_ports(2)
+    layout = Layout(replicas=(f"127.0.0.1:{dead}",), listen=f"127.0.0.1:{public}", run_dir=str(tmp_path),
+                    error_log=str(tmp_path / "error.log"), access_log=str(tmp_path / "access.log"),
+                    rate_per_s=1, burst=2, user=local_user())
+    paths = render(layout, tmp_path)
+    nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(paths["nginx"]), "-e",
+                              str(tmp_path / "error.log"), "-g", "daemon off;"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not http_ok(f"http://127.0.0.1:{public}/nginx-healthz"):
+            assert nginx.poll() is None and time.monotonic() < deadline, (tmp_path / "error.log").read_text()
+            time.sleep(0.05)
+        answers = [post_image(f"http://127.0.0.1:{public}/v1/predict", b"jpeg") for _ in range(6)]
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+    codes = [(status, body["error"]["code"]) for status, body in answers]
+    assert codes[0] == (503, "no_replica")
+    assert codes[-1] == (429, "rate_limited")
+    assert set(codes) == {(503, "no_replica"), (429, "rate_limited")}
