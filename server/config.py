@@ -148,7 +148,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                     parser.error(f"environment variable {env}: {e}")
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
-        kind = {"model": Path, "dtype": str, "quantize": str, "max_batch": int, "redis_url": str}.get(f.name, type(default))
+        kind = {"model": Path, "dtype": str, "quantize": str, "max_batch": int,
+                "redis_url": str}.get(f.name, type(default))
         choices = {"dtype": ["float32", "bfloat16", "float16"], "quantize": list(QUANTIZE_MODES),
                    "log_level": ["debug", "info", "warning", "error"]}.get(f.name)
         if env in environ:

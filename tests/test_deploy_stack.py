@@ -161,7 +161,8 @@ def test_redis_killed_mid_load_loses_nothing_counts_errors_and_hits_resume(stack
 
 def test_every_dashboard_panel_query_returns_data(stack, images):
     """Each PromQL of the Grafana dashboard, run against this Prometheus after it scraped live replicas under load
-    (with $__rate_interval as 2m: the window spans the earlier tests' Redis outage), returns at least one series with a number."""
+    (with $__rate_interval as 2m: the window spans the earlier tests' Redis outage), returns at least one series
+    with a number."""
     loop = load(stack, images, workers=4)
     try:
         wait_answered(loop, 40)
