@@ -1,6 +1,8 @@
-"""`python -m deploy up` as a user runs it: starts everything, prints the URLs, serves, and Ctrl-C stops it all."""
+"""`python -m deploy up` as a user runs it: starts everything, prints the URLs, serves, and Ctrl-C stops it all;
+`python -m bench.stack` at a tiny size."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,3 +46,18 @@ def test_up_serves_through_nginx_and_ctrl_c_stops_everything(tmp_path):
             up.kill()
             up.wait()
     assert all(port_free(port) for port in (public, replica, redis, prometheus))
+
+
+def test_bench_stack_runs_at_a_tiny_size(tmp_path):
+    if missing_programs(StackSpec(run_dir=tmp_path, prometheus_port=0)):
+        pytest.skip("nginx or redis-server not installed (.ci/deploy.sh installs them)")
+    out = tmp_path / "stack.json"
+    done = subprocess.run([sys.executable, "-m", "bench.stack", "--replicas", "1", "--seconds", "2", "--warmup-s", "1",
+                           "--clients", "2", "--cache-images", "2", "--json", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    [row] = result["throughput"]
+    assert row["replicas"] == 1 and row["ok"] > 0 and row["failed"] == 0
+    assert sum(kind["n"] for kind in result["cache"].values()) == 3 * 2
+    assert result["cpu"]["torch_cpu_capability"]
