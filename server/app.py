@@ -30,6 +30,7 @@ from server.stream import EventStream, Explanation
 
 if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
     from runtime.cascade.engine import Engine
+    from server.redis_cache import RedisCache
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("server.requests")
@@ -54,6 +55,7 @@ class Service:
                            engine.stage_states, engine.vlm_stats)
         self.has_vlm = engine.vlm_stats() is not None
         self.hardcases = hard_case_capture(engine, config, self.metrics)  # None without --hardcases
+        self.shared = shared_cache(engine, config, self.metrics)
         self.ready = False
         self.warmup_task: asyncio.Task | None = None
 
@@ -91,6 +93,8 @@ class Service:
         self.decode_pool.shutdown(wait=True)
         if self.hardcases is not None:  # after the batcher: every answer has been offered
             await asyncio.to_thread(self.hardcases.close)
+        if self.shared is not None:
+            await self.shared.close()
 
     # --- the prediction pipeline -----------------------------------------------------------------------
 
@@ -125,6 +129,15 @@ class Service:
             self.metrics.cache_hits.inc()
         return hit
 
+    async def cached_shared(self, key: bytes, explain: bool) -> Any | None:
+        """The Redis cache's answer (kept in-process too), or None; never raises, never waits beyond its deadline."""
+        if self.shared is None:
+            return None
+        hit = await self.shared.get(key, explain)
+        if hit is not None:
+            self.cache.put(key, hit)
+        return hit
+
     def check_explain(self, explain: bool) -> None:
         if explain and not self.has_vlm:
             raise ApiError(400, "explain_unavailable", "explain=1 needs a vlm stage, and this server's bundle has "
@@ -144,7 +157,7 @@ class Service:
                 answers[i] = blob
                 continue
             keys[i] = await self.offload(len(blob), image_key, blob)
-            hit = self.cached(keys[i], explain)
+            hit = self.cached(keys[i], explain) or await self.cached_shared(keys[i], explain)
             if hit is not None:
                 results[i] = hit
                 answers[i] = _answer(hit, True, detail, explain, total_s=time.monotonic() - start)
@@ -238,6 +251,23 @@ class Service:
     def remember(self, key: bytes, result: Any) -> None:
         if not result.degraded:  # a degraded answer may improve once the failing stage recovers
             self.cache.put(key, result)
+            if self.shared is not None:
+                self.shared.put(key, result)
+
+
+def shared_cache(engine: Any, config: ServerConfig, metrics: ServerMetrics) -> RedisCache | None:
+    """The Redis cache when --redis-url is set; its keys name the bundle's content and dtype (the answer's model)."""
+    if config.redis_url is None:
+        return None
+    # Imported only when asked for: redis is an optional dependency, and runtime.cascade loads torch.
+    try:
+        from server.redis_cache import RedisCache, RedisSettings
+    except ImportError as e:
+        raise RuntimeError(f"--redis-url needs the redis package ({e}): pip install 'roadwork-cascade[redis]'") from e
+    from runtime.cascade.bundle_digest import bundle_digest
+    model_id = f"{bundle_digest(engine.bundle)[:32]}-{str(engine.dtype).removeprefix('torch.')}"
+    settings = RedisSettings(config.redis_url, config.redis_ttl_s, config.redis_timeout_ms / 1000)
+    return RedisCache(settings, model_id, metrics.registry)
 
 
 def computed_or_error(item: WorkItem) -> Computed | ApiError:
@@ -385,7 +415,7 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
     data, _ = await service.offload(len(body), _extract_single, body, content_type)
     deadline = _deadline(service, start)
     key = await service.offload(len(data), image_key, data)
-    hit = service.cached(key, explain)
+    hit = service.cached(key, explain) or await service.cached_shared(key, explain)
     stages: asyncio.Queue[dict | None] = asyncio.Queue()
     submitted = None if hit is not None else await service.submit_one(
         data, deadline, lambda stage, p, decided: stages.put_nowait({"stage": stage, "p": p, "decided": decided}))

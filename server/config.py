@@ -37,6 +37,9 @@ class ServerConfig:
     cache_mb: float = 64.0
     cache_ttl_s: float = 3600.0
     shutdown_timeout_s: float = 30.0      # how long SIGTERM waits for in-flight requests
+    redis_url: str | None = None          # the shared result cache (server/redis_cache.py); None: in-process only
+    redis_ttl_s: float = 3600.0
+    redis_timeout_ms: float = 5.0         # deadline of every Redis call; slower counts as a failure
     access_log: bool = False
     log_level: str = "info"
     hardcases: Path | None = None         # capture hard cases into this directory (off when None)
@@ -44,7 +47,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
-                    "decode_threads")
+                    "decode_threads", "redis_ttl_s", "redis_timeout_ms")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -59,6 +62,8 @@ class ServerConfig:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.redis_url is not None and not re.match(r"(redis|rediss|unix)://", self.redis_url):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.hardcases_rules is not None and self.hardcases is None:
@@ -103,6 +108,11 @@ _HELP = {
     "cache_mb": "result cache size bound in MiB (default 64)",
     "cache_ttl_s": "seconds a cached result stays valid (default 3600)",
     "shutdown_timeout_s": "seconds SIGTERM waits for in-flight requests (default 30)",
+    "redis_url": "shared result cache behind the in-process one, e.g. redis://127.0.0.1:6379/0; answers are "
+                 "keyed by the bundle's content digest, so every replica of one bundle shares them (default: none)",
+    "redis_ttl_s": "seconds a shared (Redis) result stays valid (default 3600)",
+    "redis_timeout_ms": "deadline of every Redis call in ms; a slower call is a miss, counted as an error "
+                        "(default 5)",
     "access_log": "log one aiohttp access line per request",
     "log_level": "debug, info, warning or error (default info); debug adds one structured line per request",
     "hardcases": "capture hard cases (near the threshold, stages disagreeing, degraded, VLM-decided, ?capture=1) "
@@ -146,7 +156,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         kind = {"model": Path, "dtype": str, "quantize": str, "max_batch": int, "hardcases": Path,
-                "hardcases_rules": Path}.get(f.name, type(default))
+                "hardcases_rules": Path, "redis_url": str}.get(f.name, type(default))
         choices = {"dtype": ["float32", "bfloat16", "float16"], "quantize": list(QUANTIZE_MODES),
                    "log_level": ["debug", "info", "warning", "error"]}.get(f.name)
         if env in environ:

@@ -14,7 +14,6 @@ Rules, in the order their sampling draws are tried (the first success captures):
   band       the final P is within `band` of 0.5 (the subnet's threshold)"""
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import random
@@ -24,9 +23,13 @@ import tomllib
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from runtime.cascade.bundle_digest import bundle_digest
 from server.hardcase_store import HardCaseStore
+
+if TYPE_CHECKING:
+    from runtime.cascade.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -274,34 +277,9 @@ class HardCaseCapture:
             return {"matched": dict(self.matched), "captured": dict(self.captured), "dropped": dict(self.dropped)}
 
 
-def bundle_digest(roots: list[Path]) -> str:
-    """sha256 over every file (relative path and bytes) under the bundle's directories, in sorted order."""
-    h = hashlib.sha256()
-    seen: set[Path] = set()
-    for root in roots:
-        root = Path(root).resolve()
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            if path in seen:
-                continue
-            seen.add(path)
-            h.update(str(path.relative_to(root if root.is_dir() else root.parent)).encode() + b"\0")
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def engine_digest(engine: Any) -> str:
-    """The digest of the files an Engine was loaded from: the bundle directory and every stage's model directory."""
-    bundle = engine.bundle
-    roots = [Path(bundle.root)]
-    for stage in bundle.stages:
-        roots += [Path(d.model) for d in getattr(stage, "detectors", ())]
-        if getattr(stage, "model", None) is not None:
-            roots.append(Path(stage.model))
-    outside = [r for r in roots[1:] if not r.resolve().is_relative_to(Path(bundle.root).resolve())]
-    return bundle_digest([roots[0], *outside])
+def engine_digest(engine: Engine) -> str:
+    """The content digest of the bundle an Engine was loaded from (the shared cache keys answers by it too)."""
+    return "sha256:" + bundle_digest(engine.bundle)
 
 
 def vlm_stage_name(engine: Any) -> str | None:
