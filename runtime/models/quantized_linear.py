@@ -10,16 +10,21 @@ Both keep their tensors as non-persistent buffers, so the float loader (weights.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from kernels.int4_gemm import int4_gemm, pack_int4_k
+from runtime.config import read_json
 from runtime.errors import WeightError
-from runtime.models.quantized_weights import (FP8_MAX, Fp8Weight, Int4Weight, QuantFormat, quantized_tensor_keys,
-                                              read_quantized_linear)
+from runtime.models.quantized_weights import (FP8, FP8_MAX, Fp8Weight, Int4Weight, QuantFormat, quantized_tensor_keys,
+                                              read_quant_format, read_quantized_linear)
+from runtime.models.weights import checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +140,39 @@ def load_quantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], f
         raise WeightError(f"{source}: quantization_config ({fmt.method}) quantizes no Linear layer of the model")
     log.info("%s: %s weights: %s", source, fmt.method, ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     return out
+
+
+def loaded_weight_bytes(model_dir: Path, dtype: torch.dtype, tied: bool, device: torch.device) -> int:
+    """Bytes the loaded weights will take on `device`, from config.json and the safetensors headers (no tensor is
+    read): float tensors in `dtype`; quantized layers as the CUDA layers hold them (Int4Linear: the packed values
+    plus scales and zeros in `dtype`; Fp8Linear: a byte per weight plus float32 scales per row and input block), or
+    dequantized to `dtype` where they are dequantized at load."""
+    fmt = read_quant_format(read_json(model_dir / "config.json"))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    packed = device.type == "cuda" and (fmt is None or fmt.method != FP8 or fp8_gemm_supported(device))
+    total = 0
+    for path in checkpoint_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if tied and name == "lm_head.weight":  # a tied head is the embedding, not a copy
+                        continue
+                    part = f.get_slice(name)
+                    n = math.prod(part.get_shape())
+                    suffix = name.rpartition(".")[2]
+                    float_tensor = suffix == "weight" and part.get_dtype() != "F8_E4M3"
+                    if fmt is None or suffix not in fmt.tensor_names or float_tensor:
+                        total += n * itemsize
+                    elif suffix in ("qweight", "weight_packed"):
+                        total += n * 4 if packed else n * 8 * itemsize
+                    elif suffix == "weight":  # fp8
+                        total += n if packed else n * itemsize
+                    elif suffix == "weight_scale_inv" and packed:
+                        total += n * fmt.block[0] * 4
+                    elif suffix in ("scales", "qzeros") and packed:
+                        total += n * itemsize * (8 if suffix == "qzeros" else 1)
+                    elif suffix == "weight_scale" and packed:
+                        total += 2 * n * itemsize  # scales and the constant zero point
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise WeightError(f"{path}: cannot read safetensors file: {e}") from e
+    return total
