@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Single-process inference server: is there roadwork in this street image?",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "bench*", "train*", "tools*", "fixtures*"]),
+    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "bench*", "train*", "tools*", "fixtures*", "miner*"]),
     include_package_data=True,
     install_requires=[
         # Exact pin: on CPU machines this resolves to the 2.13.0+cpu wheel instead of a multi-GB CUDA build.
@@ -18,9 +18,17 @@ setup(
         "uvloop>=0.19",
         "orjson>=3.9",
         "prometheus-client>=0.20",
+        "tqdm>=4.60",  # progress bars of tools.score and tools.eval
     ],
     extras_require={
-        "gpu": ["cuda-python", "tensorrt", "flash-attn", "flashinfer-python"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0"],
+        # The subnet-72 miner (python -m miner): bittensor 9.x (the subnet's pin) or 10.x; 11.x has no Axon.
+        "miner": ["bittensor>=9.9,<11"],
+        # flashinfer-cubin: its prebuilt kernels, so decode attention needs no nvcc at startup (versions must match;
+        # the startup probe falls back to the Triton kernel if they do not work). flash-attn: varlen prefill.
+        "gpu": ["flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13"],
+        "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
+        # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0", "tritonclient[http]>=2.40",
+                 "pycocotools>=2.0.7", "pyarrow>=14"],
     },
 )

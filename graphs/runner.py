@@ -3,16 +3,30 @@
 `BucketGraphs` runs a segment function fn(bucket) that reads and writes static max-batch buffers. On CUDA each
 bucket is captured once as a CUDA graph (largest first, in one memory pool that several segments may share) and
 replayed; on CPU the same function runs eagerly, so shapes stay few and per-shape caches stay warm.
-`GraphRunner` is the common case: one static input batch, fn(input[:bucket]) -> outputs."""
+`GraphRunner` is the common case: one static input batch, fn(input[:bucket]) -> outputs.
+
+Every capture on a device uses that device's one capture stream (capture_stream): torch.cuda.graph without
+`stream=` falls back to a single process-wide stream created on whichever device was current at the first capture,
+so with the VLM's graphs captured first on cuda:1, a later capture on cuda:0 would record nothing (or fail in
+cudaMalloc). An empty capture raises instead of leaving a graph whose replay returns stale outputs."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import warnings
 from typing import Callable
 
 import torch
 
+from graphs.nvtx import nvtx_range
+
 log = logging.getLogger(__name__)
+
+EMPTY_GRAPH_WARNING = "The CUDA Graph is empty"  # what torch's CUDAGraph::capture_end warns with
+
+_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
+_capture_streams_lock = threading.Lock()
 
 GraphFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 SegmentFn = Callable[[int], tuple[torch.Tensor, ...]]
@@ -25,6 +39,39 @@ def default_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(sorted(buckets))
 
 
+def cuda_device(device: torch.device | str) -> torch.device:
+    """A CUDA device with its index: "cuda" means the current device, and streams and pools are per index."""
+    device = torch.device(device)
+    assert device.type == "cuda", device
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def capture_stream(device: torch.device | str) -> torch.cuda.Stream:
+    """The side stream every graph capture on `device` runs on (one per device, shared by the segments of the
+    device's memory pool)."""
+    device = cuda_device(device)
+    with _capture_streams_lock:
+        stream = _capture_streams.get(device)
+        if stream is None:
+            stream = _capture_streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
+def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], tuple[torch.Tensor, ...]], device: torch.device,
+            pool: tuple | None, what: str) -> tuple[torch.Tensor, ...]:
+    """fn() captured into `graph` on `device`'s capture stream; raises if the capture recorded no work."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.cuda.graph(graph, pool=pool, stream=capture_stream(device)):
+            outputs = fn()
+    for w in caught:
+        if EMPTY_GRAPH_WARNING in str(w.message):
+            raise RuntimeError(f"CUDA graph capture of {what} on {device} recorded no work: the kernels ran on "
+                               f"another device or stream, so replaying it would leave stale outputs")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return outputs
+
+
 class BucketGraphs:
     def __init__(self, fn: SegmentFn, buckets: tuple[int, ...], device: torch.device | str,
                  use_cuda_graphs: bool | None = None):
@@ -32,10 +79,11 @@ class BucketGraphs:
         self.fn = fn
         self.buckets = buckets
         self.max_batch = buckets[-1]
-        self.device = torch.device(device)
+        self.device = cuda_device(device) if torch.device(device).type == "cuda" else torch.device(device)
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.range_names = {b: f"bucket {b}" for b in buckets}  # NVTX, made once: replays stay allocation-free
 
     def bucket_for(self, n: int) -> int:
         assert 1 <= n <= self.max_batch, f"batch of {n} does not fit buckets {self.buckets}"
@@ -52,14 +100,15 @@ class BucketGraphs:
     @torch.inference_mode()
     def warmup(self, pool: tuple | None = None) -> None:
         """Run every bucket once; on CUDA also capture one graph per bucket, largest first, in `pool` (a
-        torch.cuda.graph_pool_handle() shared with other segments of the same device, or a new one)."""
-        for b in reversed(self.buckets):
-            self.fn(b)
-        if not self.use_cuda_graphs:
-            return
+        torch.cuda.graph_pool_handle() shared with other segments of the same device, or a new one). All of it
+        with this segment's device current, so kernels launch where their tensors are."""
         with self.on_device():
+            for b in reversed(self.buckets):
+                self.fn(b)
+            if not self.use_cuda_graphs:
+                return
             pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream(self.device)
+            stream = capture_stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # let lazy init (cuBLAS workspaces, autotuning) happen outside capture
@@ -67,8 +116,7 @@ class BucketGraphs:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             for b in reversed(self.buckets):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[b] = self.fn(b)
+                self.outputs[b] = capture(graph, lambda: self.fn(b), self.device, pool, f"bucket {b}")
                 self.graphs[b] = graph
             torch.cuda.synchronize(self.device)
         log.info("captured CUDA graphs for buckets %s on %s", self.buckets, self.device)
@@ -77,9 +125,9 @@ class BucketGraphs:
     def replay(self, b: int) -> tuple[torch.Tensor, ...]:
         """Run bucket b. On CUDA the returned tensors are static buffers: read them before the next replay."""
         assert b in self.buckets, (b, self.buckets)
-        if b not in self.graphs:
-            return self.fn(b)
-        with self.on_device():
+        with self.on_device(), nvtx_range(self.range_names[b]):
+            if b not in self.graphs:
+                return self.fn(b)
             self.graphs[b].replay()
         return self.outputs[b]
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch_device
+
 
 def _check(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            slot_mapping: torch.Tensor) -> None:
@@ -55,8 +57,9 @@ def kv_store_triton(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tenso
     if key.shape[0] == 0:
         return
     row = key.shape[1] * key.shape[2]
-    kv_store_kernel[(key.shape[0],)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
-                                     ROW=row, BLOCK=triton.next_power_of_2(row))
+    with launch_device(k_cache.device):
+        kv_store_kernel[(key.shape[0],)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
+                                         ROW=row, BLOCK=triton.next_power_of_2(row))
 
 
 def kv_store(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

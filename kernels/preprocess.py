@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from PIL import Image
 
+from kernels.launch import launch_device
+
 BILINEAR = 2
 BICUBIC = 3
 _FILTER_SUPPORT = {BILINEAR: 1.0, BICUBIC: 2.0}
@@ -191,15 +193,31 @@ def _fixed_point(weights: np.ndarray) -> np.ndarray:
     return np.where(weights < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32)
 
 
+@dataclass(frozen=True)
+class AxisTaps:
+    """One axis of a resize on the device: output i reads inputs first[i] .. first[i] + taps - 1 (zero weights past
+    its window), all within the input span [lo, hi)."""
+
+    first: torch.Tensor  # (out,) int32
+    weight: torch.Tensor  # (out, taps) float32, or int32 in Pillow's fixed point
+    lo: int
+    hi: int
+
+    @property
+    def taps(self) -> int:
+        return self.weight.shape[1]
+
+
 @functools.lru_cache(maxsize=64)
 def _device_taps(in_size: int, resized: int, offset: int, out_size: int, resample: int, fixed: bool,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device) -> AxisTaps:
     """Taps for the `out_size` outputs starting at `offset` of a resize in_size -> resized, on `device`."""
     first, weights = _taps(in_size, resized, resample)
     first, weights = first[offset:offset + out_size], weights[offset:offset + out_size]
     weights = _fixed_point(weights) if fixed else weights.astype(np.float32)
-    return (torch.from_numpy(first.astype(np.int32)).to(device),
-            torch.from_numpy(np.ascontiguousarray(weights)).to(device))
+    lo, hi = int(first[0]), min(int(first[-1]) + weights.shape[1], in_size)  # first[] never decreases
+    return AxisTaps(torch.from_numpy(first.astype(np.int32)).to(device),
+                    torch.from_numpy(np.ascontiguousarray(weights)).to(device), lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,88 +225,75 @@ def _device_taps(in_size: int, resized: int, offset: int, out_size: int, resampl
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def preprocess_kernel(
-    img_ptr, out_ptr,  # (H, W, 3) uint8 contiguous; (3, out_h, out_w) contiguous slot
-    y_first_ptr, y_weight_ptr, x_first_ptr, x_weight_ptr,  # int32 (out,), weights (out, taps) float32 or int32
-    in_h, in_w, out_h, out_w, y_taps, x_taps,
-    scale0, scale1, scale2, shift0, shift1, shift2,  # out = value_0_255 * scale + shift, per channel
-    ROUND_UINT8: tl.constexpr,  # Pillow fixed point: each pass rounded and clamped to uint8
-    VERTICAL_FIRST: tl.constexpr,  # which pass Pillow runs first (matters only with ROUND_UINT8)
+# Image sizes, tap counts and offsets change from image to image: specialising them on divisibility by 16 would
+# compile a new variant on the request path for every new size class.
+@triton.jit(do_not_specialize=["src_h", "src_w", "dst_h", "dst_w", "taps", "first_off", "cross_off"])
+def resample_kernel(
+    src_ptr, dst_ptr,  # src: (src_h, src_w, 3) uint8 or float32; dst: (dst_h, dst_w, 3) or, FINAL, (3, dst_h, dst_w)
+    first_ptr, weight_ptr,  # int32 (dst rows or cols,), weights (same, taps) float32 or int32 fixed point
+    src_h, src_w, dst_h, dst_w, taps,
+    first_off,  # src index of first[] = 0 along the resampled axis (src may start inside the image)
+    cross_off,  # src index of dst index 0 along the other axis
+    scale0, scale1, scale2, shift0, shift1, shift2,  # FINAL: out = value_0_255 * scale + shift, per channel
+    VERTICAL: tl.constexpr,  # resample rows (else columns)
+    ROUND_UINT8: tl.constexpr,  # Pillow fixed point: the sum rounded and clamped to uint8
+    FINAL: tl.constexpr,  # second pass: normalize and store planar; else store the HWC intermediate
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Tiles are (channel, out row, out col, inner tap); the 3 channels are padded to a power of two.
+    # Tiles are (channel, dst row, dst col, tap); the 3 channels are padded to a power of two.
     oy = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     ox = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    row_ok = oy < out_h
-    col_ok = ox < out_w
-    y_first = tl.load(y_first_ptr + oy, mask=row_ok, other=0)
-    x_first = tl.load(x_first_ptr + ox, mask=col_ok, other=0)
+    row_ok = oy < dst_h
+    col_ok = ox < dst_w
     ch = tl.arange(0, 4)[:, None, None, None]
-    ch_ok = ch < 3
     k = tl.arange(0, BLOCK_K)[None, None, None, :]
-    row_stride = in_w * 3
-
-    # The second pass's taps are the outer loop and the first pass's the inner one, so each inner sum is exactly
-    # one pixel of the intermediate image Pillow rounds to uint8 between its two passes.
-    if VERTICAL_FIRST:
-        outer_taps, inner_taps = x_taps, y_taps
+    if VERTICAL:
+        first = (tl.load(first_ptr + oy, mask=row_ok, other=0) - first_off)[None, :, None, None]
+        col = tl.minimum(ox + cross_off, src_w - 1)[None, None, :, None]
     else:
-        outer_taps, inner_taps = y_taps, x_taps
+        first = (tl.load(first_ptr + ox, mask=col_ok, other=0) - first_off)[None, None, :, None]
+        row = tl.minimum(oy + cross_off, src_h - 1)[None, :, None, None]
     if ROUND_UINT8:
         acc = tl.zeros((4, BLOCK_H, BLOCK_W), dtype=tl.int32)
     else:
         acc = tl.zeros((4, BLOCK_H, BLOCK_W), dtype=tl.float32)
-    for a in range(outer_taps):
+    for k0 in range(0, taps, BLOCK_K):
         # Taps past a window weigh 0 (masked loads give 0); clamping keeps their pixel loads inside the image.
-        if VERTICAL_FIRST:
-            w_outer = tl.load(x_weight_ptr + ox * x_taps + a, mask=col_ok, other=0)[None, None, :]
-            col = tl.minimum(x_first + a, in_w - 1)
-            outer_offs = col[None, None, :, None] * 3 + ch
+        tap = k0 + k
+        if VERTICAL:
+            w_ok = row_ok[None, :, None, None] & (tap < taps)
+            w = tl.load(weight_ptr + oy[None, :, None, None] * taps + tap, mask=w_ok, other=0)
+            row = tl.minimum(first + tap, src_h - 1)
         else:
-            w_outer = tl.load(y_weight_ptr + oy * y_taps + a, mask=row_ok, other=0)[None, :, None]
-            row = tl.minimum(y_first + a, in_h - 1)
-            outer_offs = (row * row_stride)[None, :, None, None] + ch
+            w_ok = col_ok[None, None, :, None] & (tap < taps)
+            w = tl.load(weight_ptr + ox[None, None, :, None] * taps + tap, mask=w_ok, other=0)
+            col = tl.minimum(first + tap, src_w - 1)
+        pix = tl.load(src_ptr + (row * src_w + col) * 3 + ch, mask=ch < 3, other=0)
         if ROUND_UINT8:
-            part = tl.zeros((4, BLOCK_H, BLOCK_W), dtype=tl.int32)
+            acc += tl.sum(w * pix.to(tl.int32), axis=3)
         else:
-            part = tl.zeros((4, BLOCK_H, BLOCK_W), dtype=tl.float32)
-        for b0 in range(0, inner_taps, BLOCK_K):
-            b = b0 + k
-            if VERTICAL_FIRST:
-                w_ok = row_ok[None, :, None, None] & (b < y_taps)
-                w_inner = tl.load(y_weight_ptr + oy[None, :, None, None] * y_taps + b, mask=w_ok, other=0)
-                row = tl.minimum(y_first[None, :, None, None] + b, in_h - 1)
-                offs = outer_offs + row * row_stride
-            else:
-                w_ok = col_ok[None, None, :, None] & (b < x_taps)
-                w_inner = tl.load(x_weight_ptr + ox[None, None, :, None] * x_taps + b, mask=w_ok, other=0)
-                col = tl.minimum(x_first[None, None, :, None] + b, in_w - 1)
-                offs = outer_offs + col * 3
-            pix = tl.load(img_ptr + offs, mask=ch_ok, other=0)
-            if ROUND_UINT8:
-                part += tl.sum(w_inner * pix.to(tl.int32), axis=3)
-            else:
-                part += tl.sum(w_inner * pix.to(tl.float32), axis=3)
-        if ROUND_UINT8:  # Pillow's clip8: add half, shift out the fraction, clamp to a byte
-            part = tl.minimum(tl.maximum((part + (1 << 21)) >> 22, 0), 255)
-        acc += w_outer * part
-
-    if ROUND_UINT8:
-        value = tl.minimum(tl.maximum((acc + (1 << 21)) >> 22, 0), 255).to(tl.float32)
+            acc += tl.sum(w * pix.to(tl.float32), axis=3)
+    if ROUND_UINT8:  # Pillow's clip8: add half, shift out the fraction, clamp to a byte
+        value = tl.minimum(tl.maximum((acc + (1 << 21)) >> 22, 0), 255)
     else:
         value = acc
     c = tl.arange(0, 4)[:, None, None]
-    scale = tl.where(c == 0, scale0, tl.where(c == 1, scale1, scale2))
-    shift = tl.where(c == 0, shift0, tl.where(c == 1, shift1, shift2))
-    result = value * scale + shift
-    out_offs = c * (out_h * out_w) + oy[None, :, None] * out_w + ox[None, None, :]
     mask = (c < 3) & row_ok[None, :, None] & col_ok[None, None, :]
-    tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=mask)
+    if FINAL:
+        scale = tl.where(c == 0, scale0, tl.where(c == 1, scale1, scale2))
+        shift = tl.where(c == 0, shift0, tl.where(c == 1, shift1, shift2))
+        result = value.to(tl.float32) * scale + shift
+        out_offs = c * (dst_h * dst_w) + oy[None, :, None] * dst_w + ox[None, None, :]
+        tl.store(dst_ptr + out_offs, result.to(dst_ptr.dtype.element_ty), mask=mask)
+    else:
+        out_offs = (oy[None, :, None] * dst_w + ox[None, None, :]) * 3 + c
+        tl.store(dst_ptr + out_offs, value.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 def preprocess_triton(image: torch.Tensor, spec: PreprocessSpec, out: torch.Tensor) -> None:
-    """Same contract as preprocess_reference, computed by the Triton kernel (image and out on one device)."""
+    """Same contract as preprocess_reference, computed by the Triton kernel in two separable passes (image and out
+    on one device): the first resamples one axis into an intermediate image (uint8, rounded as Pillow rounds
+    between its passes, or float32), the second resamples the other axis, normalizes and stores."""
     _check_args(image, spec, out)
     assert image.device == out.device, (image.device, out.device)
     assert out.is_contiguous(), "out must be a contiguous (3, h, w) slot"
@@ -298,20 +303,30 @@ def preprocess_triton(image: torch.Tensor, spec: PreprocessSpec, out: torch.Tens
     resized_h, resized_w = spec.resized_size(in_h, in_w)
     top, left = spec.crop_offsets(resized_h, resized_w)
     fixed = not spec.resize_in_float
-    y_first, y_weight = _device_taps(in_h, resized_h, top, spec.height, spec.resample, fixed, out.device)
-    x_first, x_weight = _device_taps(in_w, resized_w, left, spec.width, spec.resample, fixed, out.device)
+    ys = _device_taps(in_h, resized_h, top, spec.height, spec.resample, fixed, out.device)
+    xs = _device_taps(in_w, resized_w, left, spec.width, spec.resample, fixed, out.device)
     vertical_first = (fixed and _PIL_ORDERS_PASSES and in_h - resized_h > 0
                       and in_h - resized_h > 2 * (in_w - resized_w))
     scale, shift = spec.affine()
     # GPU: tiles sized for registers. Interpreter (CPU tensors, tests): few big tiles, since it pays per op.
-    block_h, block_w, block_k = (8, 32, 4) if image.is_cuda else (32, 32, 16)
-    grid = (triton.cdiv(spec.height, block_h), triton.cdiv(spec.width, block_w))
-    preprocess_kernel[grid](
-        image, out, y_first, y_weight, x_first, x_weight,
-        in_h, in_w, spec.height, spec.width, y_weight.shape[1], x_weight.shape[1],
-        *scale, *shift,
-        ROUND_UINT8=fixed, VERTICAL_FIRST=vertical_first, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_K=block_k,
-    )
+    block_h, block_w, block_k = (8, 32, 8) if image.is_cuda else (32, 32, 16)
+    mid_dtype = torch.uint8 if fixed else torch.float32
+    # The first pass covers only the input rows (cols) the second pass reads: a center crop skips the rest.
+    # (src, dst, taps, resample rows?, first_off, cross_off) of each pass
+    if vertical_first:
+        mid = torch.empty(spec.height, xs.hi - xs.lo, 3, dtype=mid_dtype, device=out.device)
+        passes = ((image, mid, ys, True, 0, xs.lo), (mid, out, xs, False, xs.lo, 0))
+    else:
+        mid = torch.empty(ys.hi - ys.lo, spec.width, 3, dtype=mid_dtype, device=out.device)
+        passes = ((image, mid, xs, False, 0, ys.lo), (mid, out, ys, True, ys.lo, 0))
+    with launch_device(out.device):
+        for final, (src, dst, axis, vertical, first_off, cross_off) in zip((False, True), passes):
+            dst_h, dst_w = (spec.height, spec.width) if final else mid.shape[:2]
+            grid = (triton.cdiv(dst_h, block_h), triton.cdiv(dst_w, block_w))
+            resample_kernel[grid](
+                src, dst, axis.first, axis.weight, src.shape[0], src.shape[1], dst_h, dst_w, axis.taps,
+                first_off, cross_off, *scale, *shift,
+                VERTICAL=vertical, ROUND_UINT8=fixed, FINAL=final, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_K=block_k)
 
 
 # ----------------------------------------------------------------------------------------------------------------

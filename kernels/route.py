@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch_device
+
 
 def _check(prob: torch.Tensor, rows: torch.Tensor, exits: torch.Tensor, index: torch.Tensor,
            count: torch.Tensor) -> None:
@@ -68,8 +70,9 @@ def route_triton(prob: torch.Tensor, rows: torch.Tensor, exit_below: float, exit
     _check(prob, rows, exits, index, count)
     assert prob.is_contiguous() and index.is_contiguous() and exits.is_contiguous()
     batch = prob.shape[0]
-    route_kernel[(1,)](prob, rows, exits, index, count, batch, float(exit_below), float(exit_above),
-                       BLOCK=triton.next_power_of_2(max(batch, 2)))
+    with launch_device(prob.device):
+        route_kernel[(1,)](prob, rows, exits, index, count, batch, float(exit_below), float(exit_above),
+                           BLOCK=triton.next_power_of_2(max(batch, 2)))
 
 
 def route(prob: torch.Tensor, rows: torch.Tensor, exit_below: float, exit_above: float,

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch_device
 from kernels.preprocess import PreprocessSpec, preprocess_reference, preprocess_triton
 
 
@@ -129,7 +130,8 @@ def vision_input_reference(image: torch.Tensor, spec: VisionPreprocessSpec, dtyp
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Per-image sizes: specialising them would compile new variants on the request path.
+@triton.jit(do_not_specialize=["height", "width", "blocks_w"])
 def patchify_kernel(
     pixels_ptr, out_ptr,  # (3, H, W) contiguous; (grid_h * grid_w, 3 * T * P * P) contiguous
     height, width, blocks_w,  # image size in pixels; merge blocks per grid row
@@ -165,7 +167,9 @@ def patchify_triton(pixels: torch.Tensor, spec: VisionPreprocessSpec, out: torch
     assert pixels.is_contiguous() and pixels.device == out.device
     assert pixels.numel() < 2**31, "int32 pixel offsets"
     block = triton.next_power_of_2(3 * p * p)
-    patchify_kernel[(num_patches,)](pixels, out, h, w, w // (p * m), P=p, M=m, T=spec.temporal_patch_size, BLOCK=block)
+    with launch_device(out.device):
+        patchify_kernel[(num_patches,)](pixels, out, h, w, w // (p * m), P=p, M=m, T=spec.temporal_patch_size,
+                                        BLOCK=block)
 
 
 def vision_input_triton(image: torch.Tensor, spec: VisionPreprocessSpec, dtype: torch.dtype, device: torch.device

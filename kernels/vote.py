@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch_device
+
 ABOVE_HALF = 0.5 + 2.0 ** -24  # the fp32 neighbours of 0.5
 BELOW_HALF = 0.5 - 2.0 ** -25
 TINY = 1e-30  # denominator floor: an empty side has a zero log-sum, and 0 / TINY = 0 (no NaN)
@@ -122,10 +124,11 @@ def vote_triton(scores: torch.Tensor, offsets: torch.Tensor, thresholds: torch.T
         return
     # GPU: a register-sized tile. Interpreter (CPU tensors, tests): one big tile, since it pays per op.
     block = 256 if scores.is_cuda else 1024
-    vote_kernel[(rows,)](scores, scores.stride(0), offsets, thresholds, weights, cls_prob, conf, fraction, prob,
-                         thresholds.shape[0], float(cls_weight), float(majority),
-                         CLS_THRESHOLD=CLASSIFIER_THRESHOLD, TINY_=TINY, ABOVE=ABOVE_HALF, BELOW=BELOW_HALF,
-                         BLOCK=block)
+    with launch_device(scores.device):
+        vote_kernel[(rows,)](scores, scores.stride(0), offsets, thresholds, weights, cls_prob, conf, fraction, prob,
+                             thresholds.shape[0], float(cls_weight), float(majority),
+                             CLS_THRESHOLD=CLASSIFIER_THRESHOLD, TINY_=TINY, ABOVE=ABOVE_HALF, BELOW=BELOW_HALF,
+                             BLOCK=block)
 
 
 def vote(scores: torch.Tensor, offsets: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tensor,

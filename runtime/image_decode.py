@@ -15,6 +15,8 @@ import struct
 import numpy as np
 from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
+from graphs.nvtx import nvtx_range
+
 logger = logging.getLogger(__name__)
 
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -119,6 +121,11 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     Raises ImageDecodeError with code "image_too_large" when width*height > max_pixels (checked from the
     header, before decoding), and "undecodable_image" for everything else.
     """
+    with nvtx_range("decode"):
+        return _decode_image(data, max_pixels)
+
+
+def _decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     assert max_pixels > 0, max_pixels
     if len(data) == 0:
         raise ImageDecodeError("undecodable_image", "empty image data (0 bytes)")

@@ -22,6 +22,8 @@ from server.batcher import (BatcherClosed, Batcher, Computed, DeadlineExceeded, 
 from server.cache import ResultCache, image_key
 from server.config import ServerConfig
 from server.errors import ApiError, error_response, from_http_exception, json_response
+from server.hardcases import hard_case_capture
+from server.kserve import add_kserve_routes
 from server.metrics import ServerMetrics
 from server.payload import decode_base64_image, parse_json_object, required_field
 from server.stream import EventStream, Explanation
@@ -51,12 +53,15 @@ class Service:
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
                            engine.stage_states, engine.vlm_stats)
         self.has_vlm = engine.vlm_stats() is not None
+        self.hardcases = hard_case_capture(engine, config, self.metrics)  # None without --hardcases
         self.ready = False
         self.warmup_task: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.hardcases is not None:
+            self.hardcases.start()
         self.batcher.start()
         self.warmup_task = asyncio.get_running_loop().create_task(self._warmup(), name="warmup")
 
@@ -84,6 +89,8 @@ class Service:
             self.warmup_task.cancel()
         await self.batcher.close()
         self.decode_pool.shutdown(wait=True)
+        if self.hardcases is not None:  # after the batcher: every answer has been offered
+            await asyncio.to_thread(self.hardcases.close)
 
     # --- the prediction pipeline -----------------------------------------------------------------------
 
@@ -124,10 +131,12 @@ class Service:
                                                        "none (see GET /v1/models)")
 
     async def predict(self, blobs: list[bytes | ApiError], start: float, deadline: float, detail: bool,
-                      explain: bool = False) -> list[dict | ApiError]:
-        """One answer or one error per image, in order. Raises ApiError only for whole-request failures."""
+                      explain: bool = False, capture: bool = False) -> list[dict | ApiError]:
+        """One answer or one error per image, in order. Raises ApiError only for whole-request failures.
+        `capture`: offer every answered image to the hard-case capture (?capture=1)."""
         self.check_explain(explain)
         answers: list[dict | ApiError | None] = [None] * len(blobs)
+        results: dict[int, Any] = {}  # ImageResult per answered image, for the hard-case capture
         keys: dict[int, bytes] = {}
         misses: list[int] = []
         for i, blob in enumerate(blobs):
@@ -137,6 +146,7 @@ class Service:
             keys[i] = await self.offload(len(blob), image_key, blob)
             hit = self.cached(keys[i], explain)
             if hit is not None:
+                results[i] = hit
                 answers[i] = _answer(hit, True, detail, explain, total_s=time.monotonic() - start)
             else:
                 misses.append(i)
@@ -160,9 +170,12 @@ class Service:
                 self.batcher.release(len(misses) - len(items))  # room of images that will not be queued
 
         if items:
-            await self._await_items(to_run, items, keys, answers, start, deadline, detail, explain)
+            await self._await_items(to_run, items, keys, answers, results, start, deadline, detail, explain)
         for answer in answers:
             self.count_image(answer)
+        if self.hardcases is not None:
+            for i, result in results.items():
+                self.hardcases.offer(blobs[i], result, capture)
         return answers
 
     def count_image(self, answer: dict | ApiError) -> None:
@@ -198,8 +211,8 @@ class Service:
         return items[0], image, decode_s
 
     async def _await_items(self, to_run: list[tuple[int, Any, float]], items: list[WorkItem],
-                           keys: dict[int, bytes], answers: list, start: float, deadline: float,
-                           detail: bool, explain: bool) -> None:
+                           keys: dict[int, bytes], answers: list, results: dict[int, Any], start: float,
+                           deadline: float, detail: bool, explain: bool) -> None:
         try:
             _, pending = await asyncio.wait([item.future for item in items],
                                             timeout=max(0.0, deadline - time.monotonic()))
@@ -218,6 +231,7 @@ class Service:
                 answers[i] = outcome
                 continue
             self.remember(keys[i], outcome.result)
+            results[i] = outcome.result
             answers[i] = _answer(outcome.result, False, detail, explain, total_s=time.monotonic() - start,
                                  decode_s=decode_s, queue_s=outcome.queue_wait_s, compute_s=outcome.compute_s)
 
@@ -351,7 +365,8 @@ async def predict(request: web.Request) -> web.Response:
     detail, explain = _wants_detail(request), _flag(request, "explain")
     body = await request.read()
     data, _ = await service.offload(len(body), _extract_single, body, content_type)
-    [answer] = await service.predict([data], start, _deadline(service, start), detail, explain)
+    [answer] = await service.predict([data], start, _deadline(service, start), detail, explain,
+                                     _flag(request, "capture"))
     if isinstance(answer, ApiError):
         raise answer
     return json_response(answer)
@@ -478,7 +493,8 @@ async def predict_batch(request: web.Request) -> web.Response:
     detail, explain = _wants_detail(request), _flag(request, "explain")
     body = await request.read()
     blobs = await service.offload(len(body), _extract_batch, body, service.config.max_batch_images)
-    answers = await service.predict(blobs, start, _deadline(service, start), detail, explain)
+    answers = await service.predict(blobs, start, _deadline(service, start), detail, explain,
+                                    _flag(request, "capture"))
     return json_response({"results": [a.body() if isinstance(a, ApiError) else a for a in answers]})
 
 
@@ -590,6 +606,7 @@ def create_app(engine: Engine, config: ServerConfig) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics_endpoint)
+    add_kserve_routes(app, service)
 
     async def on_startup(_: web.Application) -> None:
         await service.start()

@@ -39,6 +39,8 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0      # how long SIGTERM waits for in-flight requests
     access_log: bool = False
     log_level: str = "info"
+    hardcases: Path | None = None         # capture hard cases into this directory (off when None)
+    hardcases_rules: Path | None = None   # TOML with the capture rates and caps (server/hardcase_capture.py)
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
@@ -59,6 +61,8 @@ class ServerConfig:
             raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.hardcases_rules is not None and self.hardcases is None:
+            raise ValueError("hardcases_rules needs hardcases (the directory to capture into)")
 
     @property
     def batch_size(self) -> int:
@@ -101,6 +105,9 @@ _HELP = {
     "shutdown_timeout_s": "seconds SIGTERM waits for in-flight requests (default 30)",
     "access_log": "log one aiohttp access line per request",
     "log_level": "debug, info, warning or error (default info); debug adds one structured line per request",
+    "hardcases": "capture hard cases (near the threshold, stages disagreeing, degraded, VLM-decided, ?capture=1) "
+                 "into this directory as a FiftyOne dataset (default: off)",
+    "hardcases_rules": "TOML file with the capture rates per rule and the caps (default: built-in rates and caps)",
 }
 
 
@@ -138,7 +145,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                     parser.error(f"environment variable {env}: {e}")
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
-        kind = {"model": Path, "dtype": str, "quantize": str, "max_batch": int}.get(f.name, type(default))
+        kind = {"model": Path, "dtype": str, "quantize": str, "max_batch": int, "hardcases": Path,
+                "hardcases_rules": Path}.get(f.name, type(default))
         choices = {"dtype": ["float32", "bfloat16", "float16"], "quantize": list(QUANTIZE_MODES),
                    "log_level": ["debug", "info", "warning", "error"]}.get(f.name)
         if env in environ:

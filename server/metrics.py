@@ -95,6 +95,14 @@ class ServerMetrics:
                                ["outcome"], registry=r)
         self.vlm = VLMCollector()
         r.register(self.vlm)
+        self.hardcases_matched = Counter("roadwork_hardcases_matched", "Answered images matching a hard-case "
+                                         "capture rule (--hardcases), by rule; one image can match several",
+                                         ["rule"], registry=r)
+        self.hardcases_captured = Counter("roadwork_hardcases_captured", "Hard cases written to disk, by the rule "
+                                          "whose sampling draw captured them", ["rule"], registry=r)
+        self.hardcases_dropped = Counter("roadwork_hardcases_dropped", "Hard cases sampled for capture but not "
+                                         "written, by reason (rate caps, queue_full, disk_full, duplicate, "
+                                         "write_error)", ["reason"], registry=r)
 
     def track(self, queue_depth: Callable[[], int], cache_entries: Callable[[], int],
               cache_bytes: Callable[[], int], stage_states: Callable[[], dict[str, str]],

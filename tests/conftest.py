@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tests run Triton kernels under the CPU interpreter; this must be set before any module applies @triton.jit.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without CUDA, tests run Triton kernels under the CPU interpreter. With CUDA they compile (fixtures/triton_mode.py):
+# CUDA graphs cannot capture interpreted kernels. Either way this must happen before any module applies @triton.jit.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

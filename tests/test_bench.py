@@ -108,6 +108,16 @@ def test_serve_vs_miner():
     assert all(summary["checks"][s]["first_request_ms"] > 0 for s in servers[1:])
 
 
+def test_score_bench(tmp_path):
+    from bench import score as score_bench
+
+    make_vit(tmp_path / "vit", seed=1)
+    result = score_bench.main(["--tiny", "--model", str(tmp_path / "vit"), "--dtype", "float32",
+                               "--json", str(tmp_path / "r.json")])
+    assert result["images"] == 16 and result["offline_images_per_s"] > 0 and result["score_images_per_s"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["machine"]["cpu"]
+
+
 def test_vlm_memory_table():
     from bench.vlm_memory import QWEN3_VL, memory_rows, model_config, weight_bytes
     rows = {(r["model"], r["weights"], r["kv"]): r for r in memory_rows()}

@@ -23,6 +23,7 @@ from fixtures.checkpoints import write_preprocessor
 from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
 from fixtures.images import tinted_images
 from fixtures.vote_formula import vote_formula
+from fixtures.triton_mode import COMPILED_ON_CUDA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -323,6 +324,7 @@ def test_bench_tiny_runs():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not COMPILED_ON_CUDA, reason="captures the route and vote kernels: needs them compiled")
 def test_cuda_graphs_match_cpu(models, reference, tmp_path):
     ref = reference
     bundle = write_bundle(tmp_path, classifier_stage(models, ref["low"], ref["high"])

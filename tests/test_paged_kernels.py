@@ -1,4 +1,4 @@
-"""KV-store and paged-attention kernels (Triton under the interpreter) against their torch references, and the
+"""KV-store and paged-attention kernels (Triton compiled on CUDA, else under the interpreter) against their torch references, and the
 references against dense attention written out by hand."""
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fixtures.paged_attention import dense_attention, paged_layout
+from fixtures.triton_mode import KERNEL_DEVICE
 from kernels.kv_store import kv_store, kv_store_reference, kv_store_triton
 from kernels.paged_attention import (paged_decode, paged_decode_reference, paged_decode_triton, paged_prefill,
                                      paged_prefill_reference)
@@ -32,7 +33,10 @@ def test_kv_store_kernel_matches_reference(tokens, kv_heads, head_dim, block_siz
     slots[::3] = -1  # padding rows are skipped
     caches = [torch.full((num_blocks, block_size, kv_heads, head_dim), 7.0) for _ in range(4)]
     kv_store_reference(key, value, caches[0], caches[1], slots)
-    kv_store_triton(key, value, caches[2], caches[3], slots.to(torch.int32))
+    fused_there = fused.to(KERNEL_DEVICE)  # the same strided views on the kernel's device
+    caches_there = [c.to(KERNEL_DEVICE) for c in caches[2:]]
+    kv_store_triton(fused_there[:, 1], fused_there[:, 2], *caches_there, slots.to(KERNEL_DEVICE, torch.int32))
+    caches[2], caches[3] = (c.cpu() for c in caches_there)
     torch.testing.assert_close(caches[2], caches[0], rtol=0, atol=0)
     torch.testing.assert_close(caches[3], caches[1], rtol=0, atol=0)
     flat_k = caches[0].view(-1, kv_heads, head_dim)
@@ -70,7 +74,7 @@ def test_paged_decode_kernel_and_reference_match_dense(context_lens, heads, kv_h
     lens = torch.tensor(context_lens, dtype=torch.int32)
     scale = head_dim ** -0.5
     ref = paged_decode_reference(q, k_cache, v_cache, tables, lens, scale)
-    got = paged_decode_triton(q, k_cache, v_cache, tables, lens, scale)
+    got = paged_decode_triton(*(t.to(KERNEL_DEVICE) for t in (q, k_cache, v_cache, tables, lens)), scale).cpu()
     for s, c in enumerate(context_lens):
         if c == 0:
             assert (ref[s] == 0).all() and (got[s] == 0).all()
@@ -84,10 +88,13 @@ def test_paged_decode_kernel_and_reference_match_dense(context_lens, heads, kv_h
 def test_paged_decode_kernel_with_strided_query():
     # q as a view of a wider projection output (token stride > heads * head_dim)
     k_cache, v_cache, tables = paged_layout([10, 4], 8, 4, 2, 16)
-    q = torch.randn(2, 6, 16)[:, :4]
+    wide = torch.randn(2, 6, 16)
+    q = wide[:, :4]
     lens = torch.tensor([10, 4], dtype=torch.int32)
-    torch.testing.assert_close(paged_decode_triton(q, k_cache, v_cache, tables, lens, 0.25),
-                               paged_decode_reference(q, k_cache, v_cache, tables, lens, 0.25), rtol=0, atol=2e-6)
+    got = paged_decode_triton(wide.to(KERNEL_DEVICE)[:, :4],
+                              *(t.to(KERNEL_DEVICE) for t in (k_cache, v_cache, tables, lens)), 0.25).cpu()
+    torch.testing.assert_close(got, paged_decode_reference(q, k_cache, v_cache, tables, lens, 0.25), rtol=0,
+                               atol=2e-6)
 
 
 # --- prefill ------------------------------------------------------------------------------------------------------

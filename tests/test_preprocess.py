@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import ViTImageProcessorPil
 
+from fixtures.triton_mode import KERNEL_DEVICE
 from kernels.preprocess import PreprocessSpec, preprocess_into, preprocess_reference, preprocess_triton
 from runtime.models.preprocessor import preprocess_spec
 
@@ -40,9 +41,10 @@ def run_reference(image: torch.Tensor, spec: PreprocessSpec, dtype=torch.float32
 
 
 def run_triton(image: torch.Tensor, spec: PreprocessSpec, dtype=torch.float32) -> torch.Tensor:
-    out = torch.empty(3, spec.height, spec.width, dtype=dtype)
-    preprocess_triton(image, spec, out)
-    return out
+    """The kernel compiled on CUDA when there is a GPU, else under the interpreter; the result on the CPU."""
+    out = torch.empty(3, spec.height, spec.width, dtype=dtype, device=KERNEL_DEVICE)
+    preprocess_triton(image.to(KERNEL_DEVICE), spec, out)
+    return out.cpu()
 
 
 # --- reference vs transformers ----------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def test_reference_writes_low_precision_outputs_as_cast_fp32():
                 assert torch.equal(run_reference(image, spec, dtype), full.to(dtype))
 
 
-# --- Triton kernel (interpreter) vs reference -------------------------------------------------------------------
+# --- Triton kernel (compiled on CUDA, else the interpreter) vs reference -------------------------------------------------------------------
 
 
 def float64_oracle(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
@@ -175,9 +177,10 @@ def test_kernel_low_precision_output(dtype, family):
 
 def test_kernel_writes_only_its_slot():
     spec = preprocess_spec(vit_config(size={"height": 20, "width": 28}))
-    batch = torch.full((3, 3, 20, 28), 7.0, dtype=torch.bfloat16)
+    batch = torch.full((3, 3, 20, 28), 7.0, dtype=torch.bfloat16, device=KERNEL_DEVICE)
     image = random_image(41, 23, seed=2)
-    preprocess_triton(image, spec, batch[1])
+    preprocess_triton(image.to(KERNEL_DEVICE), spec, batch[1])
+    batch = batch.cpu()
     assert (batch[0] == 7.0).all() and (batch[2] == 7.0).all()
     torch.testing.assert_close(batch[1].float(), run_reference(image, spec, torch.bfloat16).float(),
                                atol=1e-5, rtol=2**-7)

@@ -13,6 +13,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from kernels.vlm_preprocess import (patchify_reference, patchify_triton, smart_resize, vision_input_reference,
                                     vision_input_triton)
+from fixtures.triton_mode import KERNEL_DEVICE
 from runtime.errors import ModelLoadError, WeightError
 from runtime.models.preprocessor import vision_preprocess_spec
 from runtime.vlm.scheduler import ScheduledBatch
@@ -77,9 +78,9 @@ def test_patchify_kernel_matches_reference(patch, merge, temporal, h, w):
         "image_processor_type": "Qwen2VLImageProcessor", "patch_size": patch, "merge_size": merge,
         "temporal_patch_size": temporal})
     pixels = torch.randn(3, h, w)
-    out = torch.empty((h // patch) * (w // patch), spec.row_size)
-    patchify_triton(pixels, spec, out)
-    torch.testing.assert_close(out, patchify_reference(pixels, spec), rtol=0, atol=0)
+    out = torch.empty((h // patch) * (w // patch), spec.row_size, device=KERNEL_DEVICE)
+    patchify_triton(pixels.to(KERNEL_DEVICE), spec, out)
+    torch.testing.assert_close(out.cpu(), patchify_reference(pixels, spec), rtol=0, atol=0)
 
 
 def test_triton_pipeline_matches_reference():
@@ -87,10 +88,10 @@ def test_triton_pipeline_matches_reference():
         image_processor(8, 32 * 32, 64 * 64).to_json_string()))
     image = torch.from_numpy(random_image(50, 37, seed=3))
     ref, grid = vision_input_reference(image, spec)
-    got, got_grid = vision_input_triton(image, spec, torch.float32, torch.device("cpu"))
+    got, got_grid = vision_input_triton(image, spec, torch.float32, KERNEL_DEVICE)
     assert got_grid == grid
     # The resize kernel fuses rescale and normalize into one multiply-add: float rounding only.
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("cfg,match", [

@@ -1,20 +1,23 @@
-"""Routing kernel (under TRITON_INTERPRET=1) against its torch reference, and the reference against the rule."""
+"""Routing kernel (compiled on CUDA, else under TRITON_INTERPRET=1) against its torch reference, and the reference against the rule."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from fixtures.triton_mode import KERNEL_DEVICE
 from kernels.route import route, route_reference, route_triton
 
 
 def run(fn, prob: torch.Tensor, rows: int, below: float, above: float, index_len: int | None = None):
+    """fn's outputs on the CPU; the Triton kernel runs on KERNEL_DEVICE."""
+    dev = KERNEL_DEVICE if fn is route_triton else torch.device("cpu")
     batch = prob.shape[0]
-    exits = torch.full((batch,), 7, dtype=torch.int8)
-    index = torch.full((index_len or batch,), 99, dtype=torch.int32)
-    count = torch.full((1,), 99, dtype=torch.int32)
-    fn(prob, torch.tensor([rows], dtype=torch.int32), below, above, exits, index, count)
-    return exits, index, count
+    exits = torch.full((batch,), 7, dtype=torch.int8, device=dev)
+    index = torch.full((index_len or batch,), 99, dtype=torch.int32, device=dev)
+    count = torch.full((1,), 99, dtype=torch.int32, device=dev)
+    fn(prob.to(dev), torch.tensor([rows], dtype=torch.int32, device=dev), below, above, exits, index, count)
+    return exits.cpu(), index.cpu(), count.cpu()
 
 
 def expected(prob: list[float], rows: int, below: float, above: float):

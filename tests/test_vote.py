@@ -1,4 +1,4 @@
-"""Voting kernel (under TRITON_INTERPRET=1) against its torch reference, and both against the written formula."""
+"""Voting kernel (compiled on CUDA, else under TRITON_INTERPRET=1) against its torch reference, and both against the written formula."""
 from __future__ import annotations
 
 import math
@@ -7,17 +7,21 @@ import pytest
 import torch
 
 from fixtures.vote_formula import vote_formula
+from fixtures.triton_mode import KERNEL_DEVICE
 from kernels.vote import vote, vote_reference, vote_triton
 
 INF = float("inf")
 
 
 def run(fn, scores, offsets, thresholds, weights, cls_prob, cls_weight, majority):
+    """fn's outputs on the CPU; the Triton kernel runs on KERNEL_DEVICE."""
+    dev = KERNEL_DEVICE if fn is vote_triton else torch.device("cpu")
     m, k = scores.shape[0], len(thresholds)
-    conf, fraction, prob = torch.full((m, k), -5.0), torch.full((m,), -5.0), torch.full((m,), -5.0)
-    fn(scores, torch.tensor(offsets, dtype=torch.int32), torch.tensor(thresholds, dtype=torch.float32),
-       torch.tensor(weights, dtype=torch.float32), cls_prob, cls_weight, majority, conf, fraction, prob)
-    return conf, fraction, prob
+    conf, fraction, prob = (torch.full(shape, -5.0, device=dev) for shape in ((m, k), (m,), (m,)))
+    fn(scores.to(dev), torch.tensor(offsets, dtype=torch.int32, device=dev),
+       torch.tensor(thresholds, dtype=torch.float32, device=dev), torch.tensor(weights, dtype=torch.float32, device=dev),
+       cls_prob.to(dev), cls_weight, majority, conf, fraction, prob)
+    return conf.cpu(), fraction.cpu(), prob.cpu()
 
 
 def check(scores, offsets, thresholds, weights, cls_prob, cls_weight=0.0, majority=2 / 3):

@@ -11,8 +11,9 @@ from kernels.preprocess import PreprocessSpec, preprocess_into
 from kernels.route import route
 from runtime.cascade.bundle import ClassifierStageSpec
 from runtime.cascade.results import StageAnswer
-from runtime.cascade.stage import GraphPools, warm_segment
+from runtime.cascade.stage import ChunkImages, GraphPools, warm_segment
 from runtime.models.classifier import Classifier
+from runtime.transfer import to_device
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -57,19 +58,21 @@ class ClassifierStage:
                   self.index, self.count)
         return (self.prob[:b],)
 
-    def load(self, images: list[np.ndarray]) -> list[torch.Tensor]:
-        """Preprocess into the static batch; returns the images on the device for stages that preprocess again.
-        Slots past len(images) keep stale pixels: rows never interact, so padding needs no clearing."""
-        on_device = [image_tensor(image).to(self.device, non_blocking=True) for image in images]
+    def load(self, images: list[np.ndarray]) -> ChunkImages:
+        """Preprocess into the static batch; returns the images, on the host and on the device, for the stages
+        that preprocess again. Slots past len(images) keep stale pixels: rows never interact, so padding needs
+        no clearing."""
+        host = [image_tensor(image) for image in images]
+        on_device = [to_device(image, self.device) for image in host]
         for slot, image in enumerate(on_device):
             preprocess_into(self.runner.input, slot, image, self.preprocess)
-        return on_device
+        return ChunkImages(host, on_device)
 
-    def run(self, pending: list[int], images: list[torch.Tensor], want_boxes: bool) -> list[StageAnswer]:
+    def run(self, pending: list[int], images: ChunkImages, want_boxes: bool) -> list[StageAnswer]:
         """Segment 1 on the first n slots (every image of the chunk, loaded by `load`). Which rows go on is the
         route kernel's decision, read with the probabilities: the index list stays on the device for segment 2."""
         n = len(pending)
-        assert pending == list(range(n)) and n == len(images), "the first stage answers every image of the chunk"
+        assert pending == list(range(n)) and n == len(images.host), "the first stage answers every image of the chunk"
         self.runner.run(n)
         going: set[int] = set()
         if self.routes:

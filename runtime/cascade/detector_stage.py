@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from graphs.nvtx import nvtx_range
 from graphs.runner import BucketGraphs, default_buckets
 from kernels.preprocess import PreprocessSpec, preprocess_into
 from kernels.vote import vote
@@ -14,9 +15,10 @@ from runtime.cascade.breaker import Breaker
 from runtime.cascade.bundle import DetectorSpec, DetectorStageSpec
 from runtime.cascade.classifier_stage import ClassifierStage
 from runtime.cascade.results import Box, StageAnswer
-from runtime.cascade.stage import GraphPools, warm_segment
+from runtime.cascade.stage import ChunkImages, GraphPools, warm_segment
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.detect_postprocess import to_image_xyxy
+from runtime.transfer import to_device
 
 
 @dataclass
@@ -83,12 +85,13 @@ class DetectorStage:
             d.logits[:c].copy_(out.logits)
             d.boxes[:c].copy_(out.pred_boxes)
             scores.append(out.logits.index_select(2, class_index).float().flatten(1))
-        vote(torch.cat(scores, dim=1), self.offsets, self.thresholds, self.weights,
-             self.stage1_prob.index_select(0, idx), self.spec.classifier_weight, self.spec.majority,
-             self.conf[:c], self.fraction[:c], self.prob[:c])
+        with nvtx_range("vote"):
+            vote(torch.cat(scores, dim=1), self.offsets, self.thresholds, self.weights,
+                 self.stage1_prob.index_select(0, idx), self.spec.classifier_weight, self.spec.majority,
+                 self.conf[:c], self.fraction[:c], self.prob[:c])
         return (self.prob[:c],)
 
-    def run(self, pending: list[int], images: list[torch.Tensor], want_boxes: bool) -> list[StageAnswer]:
+    def run(self, pending: list[int], images: ChunkImages, want_boxes: bool) -> list[StageAnswer]:
         if self.fault_hook is not None:
             self.fault_hook()
         c = len(pending)
@@ -97,10 +100,10 @@ class DetectorStage:
             self.stage1_prob.copy_(self.first.prob)
         for spec, pixels in self.own_pixels.items():
             for slot, i in enumerate(pending):
-                preprocess_into(pixels, slot, images[i].to(self.device, non_blocking=True), spec)
+                preprocess_into(pixels, slot, to_device(images.device[i], self.device), spec)
         self.graphs.replay(self.graphs.bucket_for(c))
         probs, conf = self.prob[:c].tolist(), self.conf[:c].tolist()
-        boxes = self.boxes(pending, images) if want_boxes else [None] * c
+        boxes = self.boxes(pending, images.host) if want_boxes else [None] * c
         return [StageAnswer(p, self.goes_on(p), {d.spec.name: s for d, s in zip(self.detectors, row)}, b)
                 for p, row, b in zip(probs, conf, boxes)]
 

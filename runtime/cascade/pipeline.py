@@ -23,11 +23,11 @@ import logging
 import time
 
 import numpy as np
-import torch
 
+from graphs.nvtx import nvtx_range
 from runtime.cascade.classifier_stage import ClassifierStage, image_tensor
 from runtime.cascade.results import ImageResult, OnStage, StageAnswer, add_tokens, fold_answers
-from runtime.cascade.stage import GraphPools, Stage
+from runtime.cascade.stage import ChunkImages, GraphPools, Stage
 from runtime.cascade.vlm_stage import VLMStage
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,16 @@ class Cascade:
             on_stage: OnStage | None = None) -> list[ImageResult]:
         """One chunk (at most max_batch images) through every stage. `explain`: per image, ask the VLM for an
         explanation; `on_stage` is called once per image per stage it reached, as soon as that stage answered."""
-        on_device = self.first.load(images)
+        with nvtx_range("preprocess"):
+            chunk = self.first.load(images)
         pending = list(range(len(images)))
         answers: list[list[tuple[str, StageAnswer]]] = [[] for _ in images]
         degraded: set[int] = set()
         for stage in self.stages:
             if not pending:
                 break
-            got = self.call(stage, pending, on_device, want_boxes)
+            with nvtx_range(stage.name):
+                got = self.call(stage, pending, chunk, want_boxes)
             if got is None:
                 degraded.update(pending)
                 break
@@ -95,10 +97,8 @@ class Cascade:
             results[i].tokens = add_tokens(results[i].tokens, answer.tokens)
 
     @staticmethod
-    def call(stage: Stage, pending: list[int], images: list[torch.Tensor],
-             want_boxes: bool) -> list[StageAnswer] | None:
-        """Run a stage on the `pending` rows of the chunk (`images`: the chunk's images on the first stage's
-        device) under its breaker and time budget; None when its answers cannot be used. A stage without a
+    def call(stage: Stage, pending: list[int], images: ChunkImages, want_boxes: bool) -> list[StageAnswer] | None:
+        """Run a stage on the `pending` rows of the chunk under its breaker and time budget; None when its answers cannot be used. A stage without a
         breaker (the first) raises instead."""
         if stage.breaker is None:
             return stage.run(pending, images, want_boxes)

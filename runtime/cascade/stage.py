@@ -4,6 +4,7 @@ Adding a stage kind: a spec dataclass and its parser entry (bundle.py), a class 
 in build.py's LATER_STAGES."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -11,6 +12,13 @@ import torch
 from graphs.runner import BucketGraphs
 from runtime.cascade.breaker import Breaker
 from runtime.cascade.results import StageAnswer
+
+@dataclass
+class ChunkImages:
+    """The images of one chunk, as every stage may want them."""
+    host: list[torch.Tensor]  # (H, W, 3) uint8 views of the decoded arrays (zero-copy, CPU)
+    device: list[torch.Tensor]  # the same on the first stage's device
+
 
 GraphPools = dict[torch.device, tuple]  # one CUDA graph memory pool per device, shared by its captured segments
 
@@ -28,9 +36,8 @@ class Stage(Protocol):
     breaker: Breaker | None  # None: the stage cannot be skipped (the first stage: nothing earlier answered)
     time_budget_s: float | None  # a call slower than this counts as a failure; None: no budget
 
-    def run(self, pending: list[int], images: list[torch.Tensor], want_boxes: bool) -> list[StageAnswer]:
-        """Answers for the `pending` rows of the chunk, in order (each with its goes_on decision); `images` are
-        the chunk's images on the first stage's device."""
+    def run(self, pending: list[int], images: ChunkImages, want_boxes: bool) -> list[StageAnswer]:
+        """Answers for the `pending` rows of the chunk, in order (each with its goes_on decision)."""
         ...
 
     def warmup(self, pools: GraphPools) -> None:

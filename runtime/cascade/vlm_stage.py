@@ -4,7 +4,12 @@ explanations (runtime/vlm/engine.py does the model work).
 One "vlm loop" thread owns the VLMEngine and alone calls add_request / step / cancel; every other thread posts a
 command to its queue and waits on a future. So the cascade's scoring calls (the worker thread) and the server's
 explanation streams interleave in the engine's continuous batches. Before anything is allocated, the weights and
-the KV pool are checked against the device's free memory, so a bundle that does not fit fails at startup."""
+the KV pool are checked against the device's free memory, so a bundle that does not fit fails at startup.
+
+On CUDA the loop runs on its own stream, so the vision worker's kernels and host reads never queue behind the
+VLM's (or the other way round); an image tensor another thread hands over on CUDA is waited for with an event
+and recorded on the loop's stream. Images are hashed (the prefix-cache key) on the caller's thread, from the host
+copy the cascade holds anyway."""
 from __future__ import annotations
 
 import contextlib
@@ -21,12 +26,14 @@ import torch
 from runtime.cascade.breaker import Breaker
 from runtime.cascade.bundle import VLMStageSpec
 from runtime.cascade.results import StageAnswer, TokenCounts
-from runtime.cascade.stage import GraphPools
+from runtime.cascade.stage import ChunkImages, GraphPools
 from runtime.config import read_json
 from runtime.errors import ModelLoadError
 from runtime.vlm.kv_cache import KVCacheSpec
 from runtime.models.qwen3_vl import MODEL_TYPE, Qwen3VLConfig
-from runtime.vlm.sequence import SamplingParams
+from graphs.runner import default_buckets
+from runtime.vlm.attention import FLASHINFER_WORKSPACE_BYTES, choose_decode_backend, flashinfer_module
+from runtime.vlm.sequence import SamplingParams, image_digest
 from runtime.vlm.engine import RequestOutput, VLMEngine, VLMEngineConfig
 from runtime.models.quantized_linear import loaded_weight_bytes
 
@@ -99,18 +106,39 @@ def engine_config(spec: VLMStageSpec, where: str, device: torch.device, dtype: t
                              f"and values); raise it")
     pool = kv.num_blocks(config.kv_cache_bytes, config.max_model_len) * kv.bytes_per_block
     weights = loaded_weight_bytes(spec.model, dtype, cfg.tie_word_embeddings, device)
+    extra = runtime_bytes(cfg, config, device, dtype)
     free = free_bytes(device)
     if free is None:
         log.warning("%s: free memory on %s is unknown; not checking that the VLM fits", where, device)
-    elif weights + pool > free:
+    elif weights + pool + extra > free:
         raise ModelLoadError(
             f"{where}: the VLM does not fit on {device}: weights {weights / GIB:.3g} GiB ({dtype}) + KV cache "
-            f"{pool / GIB:.3g} GiB (key 'kv_cache_gb' = {spec.kv_cache_gb}) = {(weights + pool) / GIB:.3g} GiB, but "
-            f"only {free / GIB:.3g} GiB is free; lower kv_cache_gb (one {config.max_model_len}-token sequence needs "
-            f"{one_seq / GIB:.3g} GiB), or put the stage on another device (key 'device')")
-    log.info("%s: weights %.3g GiB + KV cache %.3g GiB on %s (%s GiB free)", where, weights / GIB, pool / GIB,
-             device, "unknown" if free is None else f"{free / GIB:.3g}")
+            f"{pool / GIB:.3g} GiB (key 'kv_cache_gb' = {spec.kv_cache_gb})"
+            + (f" + decode workspace and graph outputs {extra / GIB:.3g} GiB" if extra else "")
+            + f" = {(weights + pool + extra) / GIB:.3g} GiB, but only {free / GIB:.3g} GiB is free; lower "
+            f"kv_cache_gb (one {config.max_model_len}-token sequence needs {one_seq / GIB:.3g} GiB), or put the stage "
+            f"on another device (key 'device')")
+    log.info("%s: weights %.3g GiB + KV cache %.3g GiB + decode workspace and graph outputs %.3g GiB on %s (%s GiB "
+             "free)", where, weights / GIB, pool / GIB, extra / GIB, device,
+             "unknown" if free is None else f"{free / GIB:.3g}")
     return config
+
+
+def runtime_bytes(cfg: Qwen3VLConfig, config: VLMEngineConfig, device: torch.device, dtype: torch.dtype) -> int:
+    """Device memory the engine holds besides weights and KV cache: flashinfer's float workspace when it will be
+    chosen, and on CUDA the decode graphs' logits (each bucket keeps its float32 (bucket, vocab) output; the
+    largest bucket's model-dtype logits are the biggest temporary in their shared pool). Other graph temporaries
+    are per-token activations, small next to these, and not counted."""
+    if device.type != "cuda":
+        return 0
+    text = cfg.text
+    total = 0
+    if choose_decode_backend(device, dtype, text.head_dim, flashinfer_module() is not None,
+                             text.num_heads // text.num_kv_heads) == "flashinfer":
+        total += FLASHINFER_WORKSPACE_BYTES
+    buckets = default_buckets(config.max_num_seqs)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return total + text.vocab_size * (4 * sum(buckets) + itemsize * buckets[-1])
 
 
 class VLMStage:
@@ -135,6 +163,10 @@ class VLMStage:
         self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
         self.abort: tuple[str, str] | None = None  # (finish_reason, why) while in-flight requests are being ended
         self.final_stats: dict | None = None
+        # The loop's own stream; it first waits for the loading and graph capture queued on this thread's stream.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(device))
         self.thread = threading.Thread(target=self._loop, name=f"vlm loop ({spec.name})", daemon=True)
         self.thread.start()
 
@@ -142,18 +174,28 @@ class VLMStage:
     # Any thread
     # ------------------------------------------------------------------------------------------------------------
 
-    def run(self, pending: list[int], images: list[torch.Tensor], want_boxes: bool) -> list[StageAnswer]:
-        """The VLM decides every image it gets. It moves the images to its own device as it preprocesses them."""
-        return [StageAnswer(a.p, tokens=a.tokens) for a in self.score([images[i] for i in pending])]
+    def run(self, pending: list[int], images: ChunkImages, want_boxes: bool) -> list[StageAnswer]:
+        """The VLM decides every image it gets. It takes the host images (hashed here once, on the worker thread)
+        and copies them to its own device as it preprocesses them."""
+        host = [images.host[i] for i in pending]
+        return [StageAnswer(a.p, tokens=a.tokens) for a in self.score(host, [image_digest(x) for x in host])]
 
-    def score(self, images: list[torch.Tensor]) -> list[VLMAnswer]:
-        """P(roadwork) of each (H, W, 3) uint8 image, with its token counts; blocks until all are scored."""
-        return self._call(lambda: self._submit(self.spec.prompt, images, None)).result()
+    def score(self, images: list[torch.Tensor], digests: list[int] | None = None) -> list[VLMAnswer]:
+        """P(roadwork) of each (H, W, 3) uint8 image, with its token counts; blocks until all are scored.
+        digests: their image_digest, if the caller has them (else they are computed here, on this thread)."""
+        digests = digests or [image_digest(image) for image in images]
+        ready = handover(images)
+        return self._call(lambda: self._submit(self.spec.prompt, self._adopt(images, ready), None,
+                                               digests)).result()
 
-    def explain(self, images: list[torch.Tensor], sampling: SamplingParams | None = None) -> list[VLMAnswer]:
+    def explain(self, images: list[torch.Tensor], sampling: SamplingParams | None = None,
+                digests: list[int] | None = None) -> list[VLMAnswer]:
         """The explain prompt's greedy answer for each image (up to max_explain_tokens); blocks until done."""
         sampling = sampling or self.explain_sampling
-        return self._call(lambda: self._submit(self.spec.explain_prompt, images, sampling)).result()
+        digests = digests or [image_digest(image) for image in images]
+        ready = handover(images)
+        return self._call(lambda: self._submit(self.spec.explain_prompt, self._adopt(images, ready), sampling,
+                                               digests)).result()
 
     def explain_stream(self, image: torch.Tensor, on_output: Callable[[VLMOutput], None]) -> int:
         """Start explaining one image; returns its request id. `on_output` runs on the vlm loop thread; if it
@@ -172,9 +214,11 @@ class VLMStage:
                 if not out.finished:
                     self.to_cancel.append(out.request_id)
 
+        digest, ready = image_digest(image), handover([image])
+
         def add() -> int:
-            request_id = self.engine.add_request(self.spec.explain_prompt, [image], sampling=self.explain_sampling,
-                                                 on_output=forward)
+            request_id = self.engine.add_request(self.spec.explain_prompt, self._adopt([image], ready),
+                                                 sampling=self.explain_sampling, on_output=forward, digests=[digest])
             self.streams.add(request_id)
             return request_id
 
@@ -219,7 +263,9 @@ class VLMStage:
                 "explain_prompt": s.explain_prompt, "explain_above": s.explain_above,
                 "max_explain_tokens": s.max_explain_tokens, "kv_cache_gb": s.kv_cache_gb, "kv_cache_dtype": s.kv_cache_dtype, "kv_blocks": self.kv_blocks,
                 "block_size": self.engine.config.block_size, "max_num_seqs": s.max_num_seqs,
-                "time_budget_ms": s.time_budget_ms, "breaker": self.breaker.state}
+                "time_budget_ms": s.time_budget_ms, "breaker": self.breaker.state,
+                "decode_attention": self.engine.runner.attention_backend,
+                "decode_attention_note": self.engine.runner.attention_note}
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the loop thread and return its result (or raise its exception)."""
@@ -237,9 +283,17 @@ class VLMStage:
     # The loop thread
     # ------------------------------------------------------------------------------------------------------------
 
+    def _adopt(self, images: list[torch.Tensor], ready: list[torch.cuda.Event | None]) -> list[torch.Tensor]:
+        """On the loop thread: make its stream wait for CUDA images another thread's stream produced, and tell the
+        caching allocator they are in use on it."""
+        for image, event in zip(images, ready):
+            if event is not None and self.stream is not None:
+                self.stream.wait_event(event)
+                image.record_stream(self.stream)
+        return images
+
     def _loop(self) -> None:
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with on_device:
+        with loop_scope(self.device, self.stream):
             try:
                 while self._serve_commands(block=not self.engine.has_unfinished()):
                     if self.engine.has_unfinished():
@@ -299,7 +353,8 @@ class VLMStage:
                 if command is not None and command.future.set_running_or_notify_cancel():
                     command.future.set_exception(StageClosed(f"vlm stage '{self.name}' is closed"))
 
-    def _submit(self, prompt: str, images: list[torch.Tensor], sampling: SamplingParams | None) -> Future:
+    def _submit(self, prompt: str, images: list[torch.Tensor], sampling: SamplingParams | None,
+                digests: list[int]) -> Future:
         """Queue one request per image (sampling None: scoring); the future resolves when all have finished."""
         done: Future = Future()
         if not images:
@@ -321,9 +376,9 @@ class VLMStage:
                 done.set_result([VLMAnswer(finals[i].p_yes, "".join(texts[i]), tokens_of(finals[i])) for i in ids])
 
         try:
-            for image in images:
+            for image, digest in zip(images, digests):
                 ids.append(self.engine.add_request(prompt, [image], sampling=sampling, score=sampling is None,
-                                                   on_output=collect))
+                                                   on_output=collect, digests=[digest]))
         except Exception as e:
             done.set_exception(e)  # first: the cancellations below must not resolve it otherwise
             for request_id in ids:
@@ -345,6 +400,28 @@ class VLMStage:
         return {"kv_blocks_total": s["num_blocks"], "kv_blocks_free": s["free_blocks"],
                 "kv_blocks_used": s["num_blocks"] - s["free_blocks"], **self.counters,
                 "running": s["running"], "waiting": s["waiting"], "preemptions": s["preemptions"]}
+
+
+def handover(images: list[torch.Tensor]) -> list[torch.cuda.Event | None]:
+    """On the calling thread: an event after the work its stream has queued for each CUDA image (None for host
+    images), for the loop thread to wait on."""
+    ready: list[torch.cuda.Event | None] = []
+    for image in images:
+        event = None
+        if isinstance(image, torch.Tensor) and image.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(image.device))
+        ready.append(event)
+    return ready
+
+
+def loop_scope(device: torch.device, stream: torch.cuda.Stream | None) -> contextlib.ExitStack:
+    """What the loop thread runs under: its device current and its own stream (nothing on the CPU)."""
+    scope = contextlib.ExitStack()
+    if device.type == "cuda":
+        scope.enter_context(torch.cuda.device(device))
+        scope.enter_context(torch.cuda.stream(stream))
+    return scope
 
 
 def tokens_of(out: RequestOutput) -> TokenCounts:

@@ -2,7 +2,9 @@
 host-side block tables and context lengths, then every layer calls the planned backend.
 
   flashinfer: flashinfer's BatchDecodeWithPagedKVCacheWrapper (plan() on the host, run() per layer); CUDA with
-              fp16/bf16 and a head_dim flashinfer ships kernels for, when flashinfer imports
+              fp16/bf16, a head_dim and GQA group size flashinfer ships kernels for, when flashinfer imports and
+              a one-row plan + run at startup works (flashinfer_unusable: its kernels JIT-compile on first use,
+              which needs nvcc or the prebuilt flashinfer-cubin / flashinfer-jit-cache packages)
   triton:     kernels.paged_attention.paged_decode_triton (the rest of CUDA)
   reference:  kernels.paged_attention.paged_decode_reference (CPU)
 
@@ -19,12 +21,15 @@ from typing import Protocol
 
 import torch
 
+from kernels.launch import launch_device
 from kernels.paged_attention import paged_decode_reference, paged_decode_triton
 
 log = logging.getLogger(__name__)
 
 FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
+FLASHINFER_GROUP_SIZES = (1, 2, 3, 4, 8)  # query heads per kv head its decode kernels are dispatched for
+FLASHINFER_PROBE_TOLERANCE = 5e-2  # bf16/fp16 attention of a random row vs the float32 reference
 FLASHINFER_WORKSPACE_BYTES = 128 << 20  # the float workspace size flashinfer's documentation recommends
 BACKENDS = ("flashinfer", "triton", "reference")
 
@@ -61,12 +66,41 @@ def flashinfer_module() -> ModuleType | None:
     return flashinfer
 
 
-def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: int, have_flashinfer: bool) -> str:
+def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: int, have_flashinfer: bool,
+                          group: int = 1) -> str:
     if device.type != "cuda":
         return "reference"
-    if have_flashinfer and dtype in FLASHINFER_DTYPES and head_dim in FLASHINFER_HEAD_DIMS:
+    if (have_flashinfer and dtype in FLASHINFER_DTYPES and head_dim in FLASHINFER_HEAD_DIMS
+            and group in FLASHINFER_GROUP_SIZES):
         return "flashinfer"
     return "triton"
+
+
+def flashinfer_unusable(spec: DecodeAttentionSpec, workspace: torch.Tensor) -> str | None:
+    """Why flashinfer cannot serve this decode attention on the workspace's device, or None. Plans and runs one
+    row of two pages (the first use compiles or loads its kernel) and compares it with the reference."""
+    group = spec.num_heads // spec.num_kv_heads
+    if group not in FLASHINFER_GROUP_SIZES:
+        return f"GQA group size {group} is not one of flashinfer's {FLASHINFER_GROUP_SIZES}"
+    device = workspace.device
+    try:
+        g = torch.Generator().manual_seed(0)
+        pages = torch.randn(2, 2, spec.block_size, spec.num_kv_heads, spec.head_dim, generator=g)
+        q = torch.randn(1, spec.num_heads, spec.head_dim, generator=g)
+        tables = torch.tensor([[0, 1]], dtype=torch.int32)
+        lens = torch.tensor([spec.block_size + 1], dtype=torch.int32)
+        want = paged_decode_reference(q, pages[0], pages[1], tables, lens, spec.scale)
+        with launch_device(device):
+            attention = FlashInferDecodeAttention(spec, workspace)
+            attention.plan(tables, lens)
+            k, v = (p.to(device, spec.dtype) for p in pages)
+            got = attention(q.to(device, spec.dtype), k, v, tables.to(device), lens.to(device), spec.scale)
+            error = (got.float().cpu() - want).abs().max().item()
+    except Exception as e:  # flashinfer raises its own types for a missing nvcc, cubin or architecture
+        return f"its one-row probe failed: {type(e).__name__}: {e}"
+    if not error <= FLASHINFER_PROBE_TOLERANCE:
+        return f"its one-row probe differs from the reference by {error:.3g}"
+    return None
 
 
 @dataclass(frozen=True)

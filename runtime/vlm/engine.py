@@ -173,8 +173,12 @@ class VLMEngine:
         return self.tokenizer.encode_chat(prompt, add_generation_prompt=True)
 
     def add_request(self, prompt: Prompt, images: list[Image] = (), *, sampling: SamplingParams | None = None,
-                    score: bool = False, on_output: Callable[[RequestOutput], None] | None = None) -> int:
-        """Queue a request; returns its id. score=True: one prefill, then P(yes) (no tokens are generated)."""
+                    score: bool = False, on_output: Callable[[RequestOutput], None] | None = None,
+                    digests: list[int] | None = None) -> int:
+        """Queue a request; returns its id. score=True: one prefill, then P(yes) (no tokens are generated).
+        digests: image_digest of each image, computed by the caller from its host copy (hashing a CUDA tensor
+        here would copy the full image back to the host on the VLM loop)."""
+        assert digests is None or len(digests) == len(images), (len(images), digests)
         sampling = sampling or SamplingParams()
         image_token = self.model.cfg.image_token_id
         ids = self.prompt_ids(prompt, len(images))
@@ -187,6 +191,7 @@ class VLMEngine:
         keys: list[int] = []
         placed: list[ImageInput] = []
         image_iter = iter(images)
+        digest_iter = iter(digests) if digests is not None else None
         for token in ids:
             if token != image_token:
                 tokens.append(token)
@@ -195,7 +200,7 @@ class VLMEngine:
             image = next(image_iter)
             rows, grid = vision_input(image, self.image_spec, self.dtype, self.device)
             n = grid[0] * grid[1] * grid[2] // self.image_spec.merge_size ** 2
-            digest = image_digest(image)
+            digest = next(digest_iter) if digest_iter is not None else image_digest(image)
             placed.append(ImageInput(rows, grid, digest, start=len(tokens), num_tokens=n))
             tokens.extend([image_token] * n)
             keys.extend([image_key(digest)] * n)
@@ -242,13 +247,13 @@ class VLMEngine:
             self.num_cached_prefill_tokens += seq.num_cached_tokens
         logits = self.runner.run(batch)
         next_tokens = self._sample(logits, batch.seqs)
+        p_yes = self._score(logits, batch.seqs)
         outputs = []
         for row, seq in enumerate(batch.seqs):
             self.block_manager.commit(seq, len(seq))
             new: list[int] = []
             if seq.score_token_ids is not None:
-                pair = logits[row, list(seq.score_token_ids)]
-                seq.p_yes = torch.softmax(pair, dim=0)[0].item()
+                seq.p_yes = p_yes[row]
                 self.scheduler.finish(seq, "scored")
             elif seq.sampling.max_new_tokens == 0:
                 self.scheduler.finish(seq, "length")
@@ -263,6 +268,16 @@ class VLMEngine:
                     self.scheduler.finish(seq, "length")
             outputs.append(self._emit(seq, new))
         return outputs
+
+    @staticmethod
+    def _score(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, float]:
+        """P(yes) over {yes, no} by row, for the scoring rows: one device-to-host read for all of them."""
+        rows = [row for row, seq in enumerate(seqs) if seq.score_token_ids is not None]
+        if not rows:
+            return {}
+        pairs = torch.tensor([seqs[row].score_token_ids for row in rows], dtype=torch.int64)  # (n, 2): yes, no
+        picked = logits[torch.tensor(rows)[:, None].to(logits.device), pairs.to(logits.device)]
+        return dict(zip(rows, torch.softmax(picked, dim=1)[:, 0].tolist()))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         greedy = logits.argmax(dim=-1)

@@ -15,10 +15,11 @@ from collections import OrderedDict
 
 import torch
 
+from graphs.nvtx import nvtx_range
 from runtime.vlm.decode_graphs import DecodeGraphs, decode_inputs
 from graphs.runner import default_buckets
 from runtime.vlm.attention import (FLASHINFER_WORKSPACE_BYTES, DecodeAttention, DecodeAttentionSpec, choose_decode_backend,
-                               flashinfer_module, make_decode_attention)
+                               flashinfer_module, flashinfer_unusable, make_decode_attention)
 from runtime.models.qwen3_vl import Qwen3VL
 from runtime.models.qwen3_vl_text import AttentionMetadata
 from runtime.vlm.scheduler import ScheduledBatch
@@ -76,13 +77,21 @@ class ModelRunner:
         text = model.cfg.text
         self.attention_spec = DecodeAttentionSpec(text.num_heads, text.num_kv_heads, text.head_dim, block_size,
                                                   kv_cache.dtype, text.head_dim ** -0.5)
+        self.attention_note = ""  # why "auto" did not pick flashinfer after all (logged, and in /v1/models)
         if attention_backend == "auto":
             attention_backend = choose_decode_backend(self.device, kv_cache.dtype, text.head_dim,
-                                                      flashinfer_module() is not None)
-        self.attention_backend = attention_backend
+                                                      flashinfer_module() is not None,
+                                                      text.num_heads // text.num_kv_heads)
         # flashinfer's wrappers share one float workspace (zeroed before first use, as flashinfer asks).
         self.workspace = (torch.zeros(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
                           if attention_backend == "flashinfer" else None)
+        if self.workspace is not None:
+            why = flashinfer_unusable(self.attention_spec, self.workspace)
+            if why is not None:
+                self.attention_note = f"flashinfer unusable: {why}; using the Triton kernel"
+                log.warning("VLM decode attention: %s", self.attention_note)
+                attention_backend, self.workspace = "triton", None
+        self.attention_backend = attention_backend
         self.decode_attention = self.new_decode_attention()
         self.decode_graphs: DecodeGraphs | None = None
         if decode_graphs:
@@ -134,7 +143,12 @@ class ModelRunner:
         """(sequences, vocab) float32 logits at each sequence's last token, prefill sequences first; with
         all_positions, (tokens, vocab) at every token computed (the uncached prompt tokens, then decodes)."""
         if self.decode_graphs is not None and not batch.prefill and len(batch.decode) <= self.decode_graphs.max_batch:
-            return self.decode_graphs.run(batch.decode)  # a decode step computes only last tokens
+            with nvtx_range("vlm decode"):
+                return self.decode_graphs.run(batch.decode)  # a decode step computes only last tokens
+        with nvtx_range("vlm prefill" if batch.prefill else "vlm decode"):
+            return self._run_eager(batch, all_positions)
+
+    def _run_eager(self, batch: ScheduledBatch, all_positions: bool) -> torch.Tensor:
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[int] = []
