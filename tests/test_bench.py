@@ -116,3 +116,16 @@ def test_score_bench(tmp_path):
                                "--json", str(tmp_path / "r.json")])
     assert result["images"] == 16 and result["offline_images_per_s"] > 0 and result["score_images_per_s"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["machine"]["cpu"]
+
+
+def test_vlm_memory_table():
+    from bench.vlm_memory import QWEN3_VL, memory_rows, model_config, weight_bytes
+    rows = {(r["model"], r["weights"], r["kv"]): r for r in memory_rows()}
+    assert len(rows) == 3 * 3 * 2
+    for name in QWEN3_VL:
+        b = weight_bytes(model_config(name))
+        assert b["int4"] < b["fp8"] < b["bf16"]
+        assert rows[name, "bf16", "int8"]["concurrent_224px_requests"] > 1.9 * rows[name, "bf16", "bf16"][
+            "concurrent_224px_requests"]
+    # Qwen3-VL-8B is about 8.8 B parameters: ~16 GiB in bf16
+    assert 15 < rows["8B", "bf16", "bf16"]["weights_GiB"] < 17.5

@@ -71,6 +71,7 @@ class VLMStageSpec:
     time_budget_ms: float | None = None  # as for the detectors stage, per scoring call
     failure_threshold: int = 3
     cooldown_s: float = 30.0
+    kv_cache_dtype: str = "auto"  # "auto": the run dtype; "int8": int8 keys/values with per-block-per-head scales
 
 
 StageSpec = Union[ClassifierStageSpec, DetectorStageSpec, VLMStageSpec]
@@ -214,8 +215,9 @@ def parse_vlm_stage(root: Path, table: ConfigReader, has_next: bool) -> VLMStage
                                high_open=True)
     max_num_seqs = positive_int(table, "max_num_seqs", defaults.max_num_seqs)
     budget, threshold, cooldown = breaker_keys(table)
+    kv_cache_dtype = table.choice("kv_cache_dtype", defaults.kv_cache_dtype, ("auto", "int8"))
     return VLMStageSpec(name, model, prompt, yes_token, no_token, explain_prompt, explain_above, max_explain_tokens,
-                        device, kv_cache_gb, max_num_seqs, budget, threshold, cooldown)
+                        device, kv_cache_gb, max_num_seqs, budget, threshold, cooldown, kv_cache_dtype)
 
 
 # kind -> (parser, keys). A new stage kind is one more spec dataclass, parser and entry here.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import queue
 import threading
 from concurrent.futures import Future
@@ -23,21 +22,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 
 from runtime.cascade.breaker import Breaker
 from runtime.cascade.bundle import VLMStageSpec
 from runtime.cascade.results import StageAnswer, TokenCounts
 from runtime.cascade.stage import ChunkImages, GraphPools
 from runtime.config import read_json
-from runtime.errors import ModelLoadError, WeightError
+from runtime.errors import ModelLoadError
 from runtime.vlm.kv_cache import KVCacheSpec
 from runtime.models.qwen3_vl import MODEL_TYPE, Qwen3VLConfig
 from graphs.runner import default_buckets
 from runtime.vlm.attention import FLASHINFER_WORKSPACE_BYTES, choose_decode_backend, flashinfer_module
 from runtime.vlm.sequence import SamplingParams, image_digest
 from runtime.vlm.engine import RequestOutput, VLMEngine, VLMEngineConfig
-from runtime.models.weights import checkpoint_files
+from runtime.models.quantized_linear import loaded_weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +72,6 @@ class Command:
     future: Future
 
 
-def weight_bytes(model_dir: Path, dtype: torch.dtype, tied: bool) -> int:
-    """Bytes the loaded weights take in `dtype`, from the safetensors headers (no tensor is read)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for path in checkpoint_files(model_dir):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if not (tied and name == "lm_head.weight"):  # a tied head is the embedding, not a copy
-                        total += math.prod(f.get_slice(name).get_shape()) * itemsize
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise WeightError(f"{path}: cannot read safetensors file: {e}") from e
-    return total
-
-
 def free_bytes(device: torch.device) -> int | None:
     """Free memory on `device`: CUDA's free bytes, or MemAvailable for the CPU (None where it is not known)."""
     if device.type == "cuda":
@@ -112,15 +95,17 @@ def engine_config(spec: VLMStageSpec, where: str, device: torch.device, dtype: t
     text = cfg.text
     config = VLMEngineConfig(kv_cache_bytes=int(spec.kv_cache_gb * GIB),
                              max_model_len=min(MAX_MODEL_LEN, text.max_position_embeddings),
-                             max_num_seqs=spec.max_num_seqs, yes_token=spec.yes_token, no_token=spec.no_token)
-    kv = KVCacheSpec(text.num_layers, text.num_kv_heads, text.head_dim, config.block_size, dtype)
+                             max_num_seqs=spec.max_num_seqs, yes_token=spec.yes_token, no_token=spec.no_token,
+                             kv_cache_dtype=spec.kv_cache_dtype)
+    kv_dtype = torch.int8 if spec.kv_cache_dtype == "int8" else dtype
+    kv = KVCacheSpec(text.num_layers, text.num_kv_heads, text.head_dim, config.block_size, kv_dtype)
     one_seq = -(-config.max_model_len // config.block_size) * kv.bytes_per_block
     if config.kv_cache_bytes < one_seq:
         raise ModelLoadError(f"{where}: key 'kv_cache_gb' = {spec.kv_cache_gb} is less than one "
-                             f"{config.max_model_len}-token sequence needs ({one_seq / GIB:.4g} GiB of {dtype} keys "
+                             f"{config.max_model_len}-token sequence needs ({one_seq / GIB:.4g} GiB of {kv_dtype} keys "
                              f"and values); raise it")
     pool = kv.num_blocks(config.kv_cache_bytes, config.max_model_len) * kv.bytes_per_block
-    weights = weight_bytes(spec.model, dtype, cfg.tie_word_embeddings)
+    weights = loaded_weight_bytes(spec.model, dtype, cfg.tie_word_embeddings, device)
     extra = runtime_bytes(cfg, config, device, dtype)
     free = free_bytes(device)
     if free is None:
@@ -276,7 +261,7 @@ class VLMStage:
         return {"name": self.name, "kind": "vlm", "model": str(s.model), "model_type": MODEL_TYPE,
                 "device": str(self.device), "prompt": s.prompt, "yes_token": s.yes_token, "no_token": s.no_token,
                 "explain_prompt": s.explain_prompt, "explain_above": s.explain_above,
-                "max_explain_tokens": s.max_explain_tokens, "kv_cache_gb": s.kv_cache_gb, "kv_blocks": self.kv_blocks,
+                "max_explain_tokens": s.max_explain_tokens, "kv_cache_gb": s.kv_cache_gb, "kv_cache_dtype": s.kv_cache_dtype, "kv_blocks": self.kv_blocks,
                 "block_size": self.engine.config.block_size, "max_num_seqs": s.max_num_seqs,
                 "time_budget_ms": s.time_budget_ms, "breaker": self.breaker.state,
                 "decode_attention": self.engine.runner.attention_backend,

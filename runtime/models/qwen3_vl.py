@@ -15,6 +15,8 @@ from runtime.config import ConfigReader, read_json
 from runtime.errors import ModelLoadError
 from runtime.models.qwen3_vl_text import AttentionMetadata, TextConfig, TextModel
 from runtime.models.qwen3_vl_vision import VisionConfig, VisionTower
+from runtime.models.quantized_linear import load_quantized_linears
+from runtime.models.quantized_weights import read_quant_format
 from runtime.models.weights import check_all_used, load_into, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -124,10 +126,15 @@ class Qwen3VL(nn.Module):
 def load_qwen3_vl(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                   ) -> Qwen3VL:
     model_dir = Path(model_dir)
-    cfg = Qwen3VLConfig.from_dict(read_json(model_dir / "config.json"))
+    raw = read_json(model_dir / "config.json")
+    cfg = Qwen3VLConfig.from_dict(raw)
+    quant = read_quant_format(raw)
     with torch.device("meta"):  # no random init: every parameter is assigned from the checkpoint
         model = Qwen3VL(cfg)
-    model.load_weights(read_safetensors(model_dir), dtype, source=str(model_dir))
+    tensors = read_safetensors(model_dir)
+    if quant is not None:  # quantized checkpoints: Linear layers computing from them, or dequantized once here
+        tensors = load_quantized_linears(model, tensors, quant, dtype, torch.device(device), str(model_dir))
+    model.load_weights(tensors, dtype, source=str(model_dir))
     log.info("loaded Qwen3-VL from %s (%d text layers, %d vision blocks, %s)", model_dir, cfg.text.num_layers,
              cfg.vision.depth, dtype)
     return model.to(device).eval()

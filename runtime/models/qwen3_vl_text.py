@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kernels.kv_int8 import Int8Pages, int8_attention
 from kernels.kv_store import kv_store
 from kernels.paged_attention import paged_decode, paged_prefill
 from runtime.config import ConfigReader
@@ -157,6 +158,9 @@ class PagedSelfAttention(nn.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if isinstance(k_cache, Int8Pages):  # kv_cache_dtype = "int8": its own store and attention kernels
+            out = int8_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+            return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
         kv_store(k, v, k_cache, v_cache, meta.slot_mapping)
         p = meta.num_prefill_tokens
         parts = []

@@ -35,6 +35,9 @@ Image = np.ndarray | torch.Tensor  # (H, W, 3) uint8 RGB
 Prompt = str | list[dict] | list[int]
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
 @dataclass(frozen=True)
 class VLMEngineConfig:
     kv_cache_bytes: int = 1 << 30  # memory for the paged KV cache; must hold one max_model_len sequence
@@ -42,6 +45,7 @@ class VLMEngineConfig:
     max_num_seqs: int = 32  # sequences in one step
     max_num_batched_tokens: int = 8192  # tokens in one step (decodes + uncached prefill tokens)
     block_size: int = 16  # tokens per KV block (a power of two)
+    kv_cache_dtype: str = "auto"  # "auto": the run dtype; "int8": int8 values + per-block-per-head scales
     vision_cache_entries: int = 16  # vision-tower outputs kept by image content
     yes_token: str = "Yes"  # the answers score() compares; each must be a single token
     no_token: str = "No"
@@ -116,7 +120,9 @@ class VLMEngine:
         self.device = torch.device(device)
         self.dtype = model.language_model.embed_tokens.weight.dtype
         self.stop_token_ids = stop_token_ids
-        spec = KVCacheSpec(text.num_layers, text.num_kv_heads, text.head_dim, config.block_size, self.dtype)
+        assert config.kv_cache_dtype in KV_CACHE_DTYPES, (config.kv_cache_dtype, KV_CACHE_DTYPES)
+        kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
+        spec = KVCacheSpec(text.num_layers, text.num_kv_heads, text.head_dim, config.block_size, kv_dtype)
         kv_cache = spec.allocate(config.kv_cache_bytes, config.max_model_len, self.device)
         self.block_manager = BlockManager(kv_cache.shape[2], config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.kv_int8 import Int8KVCache, scale_bytes_per_block
 from runtime.vlm.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,13 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the run dtype, or torch.int8 (kernels/kv_int8.py: values plus per-block-per-head scales)
 
     @property
     def bytes_per_block(self) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+        scales = scale_bytes_per_block(self.num_layers, self.num_kv_heads) if self.dtype == torch.int8 else 0
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize + scales
 
     def num_blocks(self, budget_bytes: int, max_model_len: int) -> int:
         """Blocks that fit in `budget_bytes`; raises ValueError when one max_model_len sequence does not fit."""
@@ -49,11 +51,13 @@ class KVCacheSpec:
                 f"{needed * self.bytes_per_block} bytes or lower max_model_len")
         return blocks
 
-    def allocate(self, budget_bytes: int, max_model_len: int, device: torch.device) -> torch.Tensor:
+    def allocate(self, budget_bytes: int, max_model_len: int, device: torch.device) -> torch.Tensor | Int8KVCache:
         """(2, layers, blocks, block_size, kv_heads, head_dim) zeros: [0] keys, [1] values."""
         blocks = self.num_blocks(budget_bytes, max_model_len)
-        log.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s", blocks, self.block_size,
-                 blocks * self.bytes_per_block / 2**20, device)
+        log.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s) on %s", blocks, self.block_size,
+                 blocks * self.bytes_per_block / 2**20, self.dtype, device)
+        if self.dtype == torch.int8:
+            return Int8KVCache.zeros(self.num_layers, blocks, self.block_size, self.num_kv_heads, self.head_dim, device)
         return torch.zeros(2, self.num_layers, blocks, self.block_size, self.num_kv_heads, self.head_dim,
                            dtype=self.dtype, device=device)
 
