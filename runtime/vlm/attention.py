@@ -4,7 +4,8 @@ host-side block tables and context lengths, then every layer calls the planned b
   flashinfer: flashinfer's BatchDecodeWithPagedKVCacheWrapper (plan() on the host, run() per layer); CUDA with
               fp16/bf16 and a head_dim flashinfer ships kernels for, when flashinfer imports
   triton:     kernels.paged_attention.paged_decode_triton (the rest of CUDA)
-  reference:  kernels.paged_attention.paged_decode_reference (CPU)
+  cpu:        runtime.vlm.cpu_attention.CpuDecodeAttention (CPU: planned once per step, equal to the reference)
+  reference:  kernels.paged_attention.paged_decode_reference
 
 Our cache per layer is (num_blocks, block_size, num_kv_heads, head_dim): flashinfer's "NHD" page layout
 (max_num_pages, page_size, num_kv_heads, head_dim) as it is, so pages are handed over without a copy
@@ -20,13 +21,14 @@ from typing import Protocol
 import torch
 
 from kernels.paged_attention import paged_decode_reference, paged_decode_triton
+from runtime.vlm.cpu_attention import CpuDecodeAttention
 
 log = logging.getLogger(__name__)
 
 FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
 FLASHINFER_WORKSPACE_BYTES = 128 << 20  # the float workspace size flashinfer's documentation recommends
-BACKENDS = ("flashinfer", "triton", "reference")
+BACKENDS = ("flashinfer", "triton", "cpu", "reference")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def flashinfer_module() -> ModuleType | None:
 
 def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: int, have_flashinfer: bool) -> str:
     if device.type != "cuda":
-        return "reference"
+        return "cpu"
     if have_flashinfer and dtype in FLASHINFER_DTYPES and head_dim in FLASHINFER_HEAD_DIMS:
         return "flashinfer"
     return "triton"
@@ -177,4 +179,6 @@ def make_decode_attention(backend: str, spec: DecodeAttentionSpec, workspace: to
     if backend == "flashinfer":
         assert workspace is not None, "flashinfer needs a float workspace buffer"
         return FlashInferDecodeAttention(spec, workspace, fixed_batch, max_pages)
+    if backend == "cpu":
+        return CpuDecodeAttention(spec.block_size)
     return KernelDecodeAttention(backend)
