@@ -1,6 +1,6 @@
 """Model FLOPs utilization: each model's achieved FLOP/s against the matmul peak measured in the same run.
 
-    python -m bench.mfu [--preset dinov3-vits16 --preset vit-b16] [--dtypes fp32,bf16,int8] [--batch 32]
+    python -m bench.mfu [--preset dinov3-vits16 --preset vit-b16] [--dtypes fp32,bf16,int8,auto] [--batch 32]
 
 Per preset, the model in every dtype and the matmul peak of every dtype are timed round-robin (median of
 `rounds` calls each), so background load on a shared machine moves model and peak together. The model call is
@@ -9,7 +9,10 @@ runner calls it on CPU. FLOPs come from bench/flops.py (matrix products only).
 
 int8 is the bf16 model with its encoder Linear layers converted by runtime.models.quant.quantize_int8; its
 utilization is taken against the int8 (torch._int_mm) peak although attention and the patch embedding still
-run in bf16, so it understates how busy the integer units are. speedup_vs_bf16 compares with the bf16 row."""
+run in bf16, so it understates how busy the integer units are. speedup_vs_bf16 compares with the bf16 row.
+int8-fbgemm / int8-onednn: the fp32 model on those int8 kernels (runtime/models/quant.py), against their peaks.
+auto: runtime.models.precision.choose on the checkpoint (its choice, measure time and speedup are printed), then
+the chosen model, against the fp32 peak; speedup_vs_fp32 compares with the fp32 row."""
 from __future__ import annotations
 
 import argparse
@@ -22,16 +25,26 @@ from bench.common import PRESETS, make_checkpoint, preset_config, print_table, t
 from bench.flops import vision_flops
 from bench.peak import matmul_fn
 from runtime.models.classifier import load_classifier
+from runtime.models import precision
 from runtime.models.quant import quantize_int8
 
-MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16,
+                "int8-fbgemm": torch.float32, "int8-onednn": torch.float32, "auto": None}
 
 
 def load_model(path: Path, dtype_name: str, device: str = "cpu") -> torch.nn.Module:
     model = load_classifier(path, MODEL_DTYPES[dtype_name], device)
-    if dtype_name == "int8":
-        quantize_int8(model)
+    if dtype_name.startswith("int8"):
+        quantize_int8(model, backend=dtype_name)
     return model
+
+
+def auto_model(path: Path, batch: int, device: str) -> tuple[torch.nn.Module, precision.PrecisionChoice]:
+    from runtime.cascade.pipeline import read_preprocess
+
+    load = precision.load_in(path, torch.device(device))
+    choice = precision.choose(load, read_preprocess(path), batch, None, None)
+    return load(choice.candidate), choice
 
 
 def model_call(model: torch.nn.Module, batch: int, image_size: int, device: str):
@@ -53,12 +66,17 @@ def run(preset: str, dtypes: list[str], batch: int, rounds: int, peak_size: int,
     cfg = preset_config(preset)
     flops = vision_flops(cfg).total
     image_size = cfg["image_size"]
-    peak_dtypes = sorted(set(dtypes) | ({"bf16"} if "int8" in dtypes else set()))
-    calls, peak_flops = {}, {}
+    peak_of = {name: "fp32" if name == "auto" else name for name in dtypes}
+    peak_dtypes = sorted(set(peak_of.values()) | ({"bf16"} if "int8" in dtypes else set()))
+    calls, peak_flops, choice = {}, {}, None
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(preset, Path(tmp))
         for name in dtypes:
-            calls[f"model_{name}"] = model_call(load_model(Path(tmp), name, device), batch, image_size, device)
+            if name == "auto":
+                model, choice = auto_model(Path(tmp), batch, device)
+            else:
+                model = load_model(Path(tmp), name, device)
+            calls[f"model_{name}"] = model_call(model, batch, image_size, device)
     for name in peak_dtypes:
         calls[f"peak_{name}"], peak_flops[name] = matmul_fn(name, peak_size, device)
     seconds = time_interleaved(calls, rounds)
@@ -68,9 +86,13 @@ def run(preset: str, dtypes: list[str], batch: int, rounds: int, peak_size: int,
         t = seconds[f"model_{name}"]
         achieved = flops * batch / t / 1e9
         row = {"preset": preset, "dtype": name, "batch": batch, "img_s": batch / t, "gflop_s": achieved,
-               "peak_gflop_s": peaks[name], "mfu": achieved / peaks[name]}
+               "peak_gflop_s": peaks[peak_of[name]], "mfu": achieved / peaks[peak_of[name]]}
+        if name == "auto":
+            row.update(chosen=choice.candidate.name, auto_measure_s=choice.seconds)
         if "bf16" in dtypes:
             row["speedup_vs_bf16"] = seconds["model_bf16"] / t
+        if "fp32" in dtypes:
+            row["speedup_vs_fp32"] = seconds["model_fp32"] / t
         rows.append(row)
     return rows
 
@@ -79,7 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", action="append", choices=sorted(PRESETS),
                     help="repeatable (default: dinov3-vits16 and vit-b16)")
-    ap.add_argument("--dtypes", default="fp32,bf16,int8", help="comma-separated, from fp32,bf16,int8")
+    ap.add_argument("--dtypes", default="fp32,bf16,int8,int8-fbgemm,int8-onednn,auto",
+                    help=f"comma-separated, from {','.join(MODEL_DTYPES)}")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="timed calls of each model and each peak (median)")
     ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n x n peak products")
@@ -94,7 +117,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for preset in args.preset or ["dinov3-vits16", "vit-b16"]:
         rows += run(preset, dtypes, args.batch, args.rounds, args.peak_size, args.device)
     columns = ["preset", "dtype", "batch", "img_s", "gflop_s", "peak_gflop_s", "mfu"]
-    print_table(rows, columns + (["speedup_vs_bf16"] if "bf16" in dtypes else []))
+    print_table(rows, columns + (["speedup_vs_bf16"] if "bf16" in dtypes else [])
+                + (["speedup_vs_fp32"] if "fp32" in dtypes else []))
+    for row in rows:
+        if row["dtype"] == "auto":
+            print(f"auto on {row['preset']}: {row['chosen']} (measured in {row['auto_measure_s']:.2f} s at startup)")
     for row in rows:
         if row["dtype"] == "bf16" and row["batch"] >= 32:
             verdict = "met" if row["mfu"] >= 0.6 else "not met"

@@ -1,9 +1,10 @@
-"""The machine's limit: measured matrix-multiply throughput for fp32, bf16 and int8, in the same run.
+"""The machine's limit: measured matrix-multiply throughput for every precision `auto` chooses among, in one run.
 
     python -m bench.peak [--size 2048] [--rounds 5]
 
-fp32 and bf16: torch.mm of two n x n matrices; int8: torch._int_mm (int8 x int8 -> int32, the product the
-int8 path in runtime/models/quant.py runs). Each figure is the median over `rounds` calls taken round-robin, so a
+fp32, bf16 and fp16: torch.mm of two n x n matrices; int8: torch._int_mm (int8 x int8 -> int32, the product
+runtime/models/quant.py's "int8" kernel runs); int8-fbgemm / int8-onednn: quantized::linear_dynamic on packed
+weights, float32 in and out (activation quantization and dequantization included), as quant.PackedInt8Linear. Each figure is the median over `rounds` calls taken round-robin, so a
 burst of background load hits all three alike and the ratios stay fair. The peak is what the BLAS reaches on
 a large square product; a model's own (tall, narrow) products can reach less."""
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from bench.common import print_table, time_interleaved, write_json
 
-PEAK_DTYPES = ("fp32", "bf16", "int8")
+PEAK_DTYPES = ("fp32", "bf16", "fp16", "int8", "int8-fbgemm", "int8-onednn")
 
 
 def matmul_fn(dtype_name: str, size: int, device: str = "cpu") -> tuple[Callable[[], object], int]:
@@ -25,8 +26,15 @@ def matmul_fn(dtype_name: str, size: int, device: str = "cpu") -> tuple[Callable
         a = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=g).to(device)
         b = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=g).to(device)
         product = lambda: torch._int_mm(a, b)  # noqa: E731
+    elif dtype_name.startswith("int8-"):
+        from runtime.models.quant import PackedInt8Linear
+
+        assert device == "cpu", f"{dtype_name} runs on CPU"
+        layer = PackedInt8Linear(torch.nn.Linear(size, size, bias=False), dtype_name)
+        x = torch.randn(size, size, generator=g)
+        product = lambda: layer(x)  # noqa: E731
     else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
         a = torch.randn(size, size, generator=g).to(device, dtype)
         b = torch.randn(size, size, generator=g).to(device, dtype)
         product = lambda: torch.mm(a, b)  # noqa: E731
@@ -55,10 +63,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    peaks = measure_peaks(PEAK_DTYPES, args.size, args.rounds, args.device)
+    dtypes = PEAK_DTYPES if args.device == "cpu" else tuple(d for d in PEAK_DTYPES if not d.startswith("int8-"))
+    peaks = measure_peaks(dtypes, args.size, args.rounds, args.device)
     rows = [{"dtype": name, "size": args.size, "gflop_s": peaks[name], "vs_fp32": peaks[name] / peaks["fp32"],
-             "vs_bf16": peaks[name] / peaks["bf16"]} for name in PEAK_DTYPES]
+             "vs_bf16": peaks[name] / peaks["bf16"]} for name in dtypes]
     print_table(rows, ["dtype", "size", "gflop_s", "vs_fp32", "vs_bf16"])
+    fastest = max(rows, key=lambda r: r["gflop_s"])
+    print(f"fastest product here: {fastest['dtype']} (x{fastest['vs_fp32']:.2f} fp32); `auto` also checks accuracy "
+          f"and the model's own shapes: python -m bench.mfu --dtypes fp32,auto")
     write_json(args.json, {"benchmark": "peak", "device": args.device, "rows": rows})
     return rows
 

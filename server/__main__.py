@@ -27,7 +27,9 @@ async def serve(config: ServerConfig, engine: Engine) -> int:
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
         return 1
-    log.info("listening on http://%s:%d (model %s, device %s)", host, port, config.model, config.device)
+    precision = engine.describe().get("precision")
+    log.info("listening on http://%s:%d (model %s, device %s, precision %s)", host, port, config.model, config.device,
+             "library default" if precision is None else f"{precision['chosen']} ({precision['how']})")
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -53,6 +53,8 @@ class Service:
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
                            engine.stage_states, engine.vlm_stats)
+        precision = getattr(engine, "precision", None)  # runtime.models.precision.PrecisionChoice
+        self.metrics.report_precision(None if precision is None else precision.describe())
         self.has_vlm = engine.vlm_stats() is not None
         self.hardcases = hard_case_capture(engine, config, self.metrics)  # None without --hardcases
         self.shared = shared_cache(engine, config, self.metrics)

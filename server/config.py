@@ -15,6 +15,7 @@ ENV_PREFIX = "ROADWORK_"
 
 
 CPU_BATCH, CUDA_BATCH = 8, 32  # default max_batch per device
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     device: str = "cpu"
-    dtype: str | None = None              # None: the engine picks its default for the device
-    quantize: str | None = None           # None: as cascade.toml says; "int8" / "none": every vision model
+    dtype: str = "auto"                   # "auto": measured at startup (runtime/models/precision.py)
+    quantize: str = "auto"                # "auto": models cascade.toml leaves unset are measured; else every one
     max_batch: int | None = None          # images per Engine.predict call; None: the device's (batch_size)
     max_delay_ms: float = 5.0             # longest an image waits for its batch to fill
     queue_size: int = 1024                # images being decoded or waiting for a batch; beyond this: 503
@@ -56,9 +57,9 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
@@ -91,9 +92,12 @@ _HELP = {
     "host": "address to bind (default 127.0.0.1)",
     "port": "TCP port; 0 picks a free one (default 8080)",
     "device": "cpu, cuda or cuda:N (default cpu)",
-    "dtype": "float32, bfloat16 or float16 (default: the engine's choice for the device)",
-    "quantize": "int8 or none for every classifier and detector, over cascade.toml's per-model 'quantize' "
-                "(default: as cascade.toml says; float for a plain classifier directory)",
+    "dtype": "auto, float32, bfloat16 or float16; auto (default) measures the candidates on this CPU at startup "
+             "and picks the fastest whose drift against fp32 is within bounds (never slower than fp32; on CUDA: "
+             "bf16, else fp16). An explicit slower-than-fp32 choice is kept with a warning",
+    "quantize": "auto, none, int8 (torch._int_mm), int8-fbgemm or int8-onednn for every classifier and detector, "
+                "over cascade.toml's per-model 'quantize'; auto (default): measured with --dtype, for the models "
+                "cascade.toml leaves unset",
     "max_batch": f"largest batch per model call (default {CPU_BATCH} on cpu, {CUDA_BATCH} on cuda)",
     "max_delay_ms": "longest a request waits for its batch to fill, in ms; 0 runs whatever is queued as soon as "
                     "the model is free (default 5)",
@@ -157,7 +161,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             continue
         kind = {"model": Path, "dtype": str, "quantize": str, "max_batch": int, "hardcases": Path,
                 "hardcases_rules": Path, "redis_url": str}.get(f.name, type(default))
-        choices = {"dtype": ["float32", "bfloat16", "float16"], "quantize": list(QUANTIZE_MODES),
+        choices = {"dtype": list(DTYPE_CHOICES), "quantize": list(QUANTIZE_MODES),
                    "log_level": ["debug", "info", "warning", "error"]}.get(f.name)
         if env in environ:
             try:

@@ -103,6 +103,19 @@ class ServerMetrics:
         self.hardcases_dropped = Counter("roadwork_hardcases_dropped", "Hard cases sampled for capture but not "
                                          "written, by reason (rate caps, queue_full, disk_full, duplicate, "
                                          "write_error)", ["reason"], registry=r)
+        self.precision = Gauge("roadwork_precision", "1 for the vision models' precision: dtype, int8 kernel "
+                               "(quantize) and how it was set (auto: measured at startup, explicit, cuda default)",
+                               ["dtype", "quantize", "how"], registry=r)
+        self.precision_speedup = Gauge("roadwork_precision_speedup", "Measured GEMM speed of the chosen precision "
+                                       "over fp32 at the model's shapes, at startup (1 when not measured)",
+                                       registry=r)
+
+    def report_precision(self, choice: dict | None) -> None:
+        """Engine.describe()["precision"] (runtime/models/precision.py PrecisionChoice.describe()), or None."""
+        if choice is None:
+            return
+        self.precision.labels(choice["dtype"], choice["quantize"], choice["how"]).set(1)
+        self.precision_speedup.set(choice["speedup_vs_fp32"] or 1.0)
 
     def track(self, queue_depth: Callable[[], int], cache_entries: Callable[[], int],
               cache_bytes: Callable[[], int], stage_states: Callable[[], dict[str, str]],

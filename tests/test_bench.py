@@ -55,7 +55,7 @@ def test_flops_cli(capsys):
 def test_peak(tmp_path):
     out = tmp_path / "peak.json"
     rows = peak.main(["--size", "64", "--rounds", "1", "--json", str(out)])
-    assert [r["dtype"] for r in rows] == ["fp32", "bf16", "int8"]
+    assert [r["dtype"] for r in rows] == ["fp32", "bf16", "fp16", "int8", "int8-fbgemm", "int8-onednn"]
     assert all(r["gflop_s"] > 0 for r in rows) and rows[0]["vs_fp32"] == 1.0
     saved = json.loads(out.read_text())
     assert saved["benchmark"] == "peak" and "cpu" in saved["machine"]
@@ -63,9 +63,10 @@ def test_peak(tmp_path):
 
 def test_mfu(capsys):
     rows = mfu.main(["--preset", "tiny", "--batch", "2", "--rounds", "1", "--peak-size", "64"])
-    assert [r["dtype"] for r in rows] == ["fp32", "bf16", "int8"]
+    assert [r["dtype"] for r in rows] == ["fp32", "bf16", "int8", "int8-fbgemm", "int8-onednn", "auto"]
     assert all(0 < r["mfu"] and r["img_s"] > 0 for r in rows)
-    assert rows[1]["speedup_vs_bf16"] == 1.0
+    assert rows[1]["speedup_vs_bf16"] == 1.0 and rows[0]["speedup_vs_fp32"] == 1.0
+    assert rows[-1]["chosen"] and "auto on tiny: " in capsys.readouterr().out
 
 
 def test_kernels(capsys):

@@ -155,9 +155,9 @@ def test_quantize_override_and_errors(models, reference, tmp_path):
     bundle = write_bundle(tmp_path, text)
     assert int8_layers(Engine.load(bundle, "cpu", "float32", max_batch=4, quantize="none").classifier) == 0
     write_bundle(tmp_path, text.replace('"int8"', '"int4"'))
-    with pytest.raises(ModelLoadError, match="stage 1 .*key 'quantize' must be one of none, int8, got 'int4'"):
+    with pytest.raises(ModelLoadError, match="stage 1 .*key 'quantize' must be one of auto, none, int8, int8-fbgemm, int8-onednn, got 'int4'"):
         Engine.load(bundle, "cpu", "float32")
-    with pytest.raises(ModelLoadError, match="quantize must be one of none, int8, got 'fp8'"):
+    with pytest.raises(ModelLoadError, match="quantize must be one of auto, none, int8, int8-fbgemm, int8-onednn, got 'fp8'"):
         Engine.load(models / "cls", "cpu", "float32", quantize="fp8")
 
 

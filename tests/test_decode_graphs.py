@@ -105,7 +105,7 @@ def test_decode_inputs_pad_rows():
 
 def test_engine_default_is_eager_on_cpu(checkpoint):
     engine = VLMEngine.load(checkpoint, config=config())
-    assert engine.runner.decode_graphs is None and engine.runner.attention_backend == "reference"
+    assert engine.runner.decode_graphs is None and engine.runner.attention_backend == "cpu"
 
 
 def test_padded_decode_matches_eager_and_skips_padding_slots(checkpoint):
@@ -189,7 +189,7 @@ def test_nhd_layout_check():
 
 def test_backend_choice():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert choose_decode_backend(cpu, torch.bfloat16, 128, have_flashinfer=True) == "reference"
+    assert choose_decode_backend(cpu, torch.bfloat16, 128, have_flashinfer=True) == "cpu"
     assert choose_decode_backend(gpu, torch.bfloat16, 128, have_flashinfer=True) == "flashinfer"
     assert choose_decode_backend(gpu, torch.float16, 64, have_flashinfer=True) == "flashinfer"
     assert choose_decode_backend(gpu, torch.bfloat16, 128, have_flashinfer=False) == "triton"

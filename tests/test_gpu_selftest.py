@@ -29,10 +29,7 @@ def test_every_step_reported(report):
     assert status == (1 if any(s["status"] == "fail" for s in report["steps"]) else 0)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason="issue 19 defect 3: int8 fp16 overflow, fixed in "
-                                                      "runtime/models/quant.py on another branch", strict=False))
-    if name == "int8" else name for name in STEPS])
+@pytest.mark.parametrize("name", STEPS)
 def test_step_passes_or_needs_cuda(report, name):
     step = next(s for s in report[1]["steps"] if s["name"] == name)
     if name == "flashinfer":

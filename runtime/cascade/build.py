@@ -140,11 +140,11 @@ def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtyp
             why_not = share_backbone(d, classifier, preprocess, digest, devices[i] == devices[0], first_spec.quantize)
             log.info("detector '%s': %s", det.name, "shares the classifier's backbone" if why_not is None
                      else f"runs its own backbone ({why_not})")
-            if det.quantize == "int8" and not d.shared:
-                quantize_int8(d.model.model.conv_encoder.backbone, exclude=())
+            if det.quantize is not None and not d.shared:
+                quantize_int8(d.model.model.conv_encoder.backbone, exclude=(), backend=det.quantize)
             group.append(d)
-    if first_spec.quantize == "int8":  # after sharing: a shared backbone is converted once, here
-        quantize_int8(classifier)
+    if first_spec.quantize is not None:  # after sharing: a shared backbone is converted once, here
+        quantize_int8(classifier, backend=first_spec.quantize)
     keep = tuple(sorted({layer for group in loaded.values() for d in group if d.shared
                          for layer in d.model.hidden_layers}))
     first = ClassifierStage(first_spec, classifier, preprocess, devices[0], dtype, max_batch,

@@ -14,7 +14,7 @@ from runtime.config import REQUIRED, ConfigReader
 from runtime.errors import ModelLoadError
 
 BUNDLE_FILE = "cascade.toml"
-QUANTIZE_MODES = ("none", "int8")
+QUANTIZE_MODES = ("auto", "none", "int8", "int8-fbgemm", "int8-onednn")  # runtime/models/{precision,quant}.py
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class ClassifierStageSpec:
     device: str | None = None  # None: the device Engine.load was given
     exit_below: float | None = None  # p < exit_below or p > exit_above: the image exits here (set iff a later
     exit_above: float | None = None  # stage exists)
-    quantize: str | None = None  # "int8": the encoder's Linear layers compute in int8 (runtime/models/quant.py)
+    quantize: str | None = None  # a QUANTIZE_MODES name; None: unset (the engine's setting). Cascade gets None
+    # (float) or an int8 backend: the encoder's Linear layers compute in int8 (runtime/models/quant.py)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class DetectorSpec:
     roadwork_classes: tuple[str | int, ...]  # id2label names or class ids that count as roadwork evidence
     weight: float = 1.0
     box_threshold: float = 0.5  # a roadwork box must score above this to count as a "roadwork" vote
-    quantize: str | None = None  # "int8": its ViT backbone's Linear layers compute in int8
+    quantize: str | None = None  # as ClassifierStageSpec.quantize, for its ViT backbone
 
 
 @dataclass(frozen=True)
@@ -140,15 +141,16 @@ def parse_classifier_stage(root: Path, table: ConfigReader, has_next: bool) -> C
     return ClassifierStageSpec(name, model, device, below, above, quantize_of(table))
 
 
-def quantize_mode(mode: str, what: str) -> str | None:
-    """A QUANTIZE_MODES name as a spec holds it: None for "none"; `what` names the setting in the error."""
+def quantize_mode(mode: str, what: str) -> str:
+    """A QUANTIZE_MODES name, checked; `what` names the setting in the error."""
     if mode not in QUANTIZE_MODES:
         raise ModelLoadError(f"{what} must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
-    return None if mode == "none" else mode
+    return mode
 
 
 def quantize_of(table: ConfigReader) -> str | None:
-    return quantize_mode(table.get("quantize", str, "none"), f"{table.source}: key 'quantize'")
+    mode = table.get("quantize", str, None)
+    return None if mode is None else quantize_mode(mode, f"{table.source}: key 'quantize'")
 
 
 def parse_detector(root: Path, table: ConfigReader) -> DetectorSpec:
@@ -280,17 +282,45 @@ def single_classifier_bundle(model_dir: str | Path) -> Bundle:
     return Bundle(model_dir, (ClassifierStageSpec("classifier", model_dir),), from_toml=False)
 
 
-def with_quantize(bundle: Bundle, mode: str) -> Bundle:
-    """The bundle with every classifier and detector set to `mode` ("none" or "int8"): a command-line override."""
-    value = quantize_mode(mode, "quantize")
+def map_quantize(bundle: Bundle, change) -> Bundle:
+    """The bundle with every classifier's and detector's quantize replaced by change(quantize)."""
     stages = []
     for stage in bundle.stages:
         if isinstance(stage, ClassifierStageSpec):
-            stage = replace(stage, quantize=value)
+            stage = replace(stage, quantize=change(stage.quantize))
         elif isinstance(stage, DetectorStageSpec):
-            stage = replace(stage, detectors=tuple(replace(d, quantize=value) for d in stage.detectors))
+            stage = replace(stage, detectors=tuple(replace(d, quantize=change(d.quantize)) for d in stage.detectors))
         stages.append(stage)
     return replace(bundle, stages=tuple(stages))
+
+
+def quantize_settings(bundle: Bundle) -> list[str | None]:
+    settings = []
+    for stage in bundle.stages:
+        if isinstance(stage, ClassifierStageSpec):
+            settings.append(stage.quantize)
+        elif isinstance(stage, DetectorStageSpec):
+            settings.extend(d.quantize for d in stage.detectors)
+    return settings
+
+
+def with_quantize(bundle: Bundle, mode: str) -> Bundle:
+    """The bundle with every classifier and detector set to `mode` (QUANTIZE_MODES): a command-line override."""
+    value = quantize_mode(mode, "quantize")
+    return map_quantize(bundle, lambda _: value)
+
+
+def with_unset_quantize(bundle: Bundle, mode: str) -> Bundle:
+    """The models whose cascade.toml entry has no quantize key set to `mode`; the others keep theirs."""
+    value = quantize_mode(mode, "quantize")
+    return map_quantize(bundle, lambda q: value if q is None else q)
+
+
+def resolved_quantize(bundle: Bundle, auto: str) -> Bundle:
+    """Quantize settings as Cascade takes them: "auto" -> `auto` (the measured choice), then "none" -> None."""
+    assert None not in quantize_settings(bundle), "resolve unset quantize settings first (with_unset_quantize)"
+    return map_quantize(bundle, lambda q: None if (auto if q == "auto" else q) == "none" else
+                        (auto if q == "auto" else q))
 
 
 def load_bundle(path: str | Path) -> Bundle:

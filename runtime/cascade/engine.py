@@ -5,6 +5,7 @@ left undecided, then a VLM for what is still undecided; docs/bundle.md) or a sin
 directory (a one-stage cascade), and runs it through runtime/cascade/pipeline.py."""
 from __future__ import annotations
 
+import logging
 import threading
 from functools import partial
 from pathlib import Path
@@ -13,12 +14,18 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from runtime.cascade.bundle import Bundle, load_bundle, with_quantize
+from runtime.cascade.bundle import (Bundle, ClassifierStageSpec, load_bundle, quantize_settings, resolved_quantize,
+                                    with_quantize, with_unset_quantize)
 from runtime.cascade.build import build_cascade
 from runtime.cascade.classifier_stage import image_tensor
 from runtime.cascade.results import Box, ImageResult, OnStage
 from runtime.errors import ModelLoadError
 from runtime.cascade.vlm_stage import VLMOutput, VLMStage
+from runtime.models import precision
+from runtime.models.precision import Candidate, PrecisionChoice
+from runtime.models.preprocessor import read_preprocess
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Box", "Engine", "ImageResult", "VLMOutput", "cpu_has_bf16", "image_tensor", "resolve_device",
            "resolve_dtype"]
@@ -48,6 +55,48 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+CHOICES: dict[tuple, PrecisionChoice] = {}  # one measurement per model and setting per process (tests load often)
+
+
+def settle_precision(bundle: Bundle, device: torch.device, dtype: str | torch.dtype | None, quantize: str | None,
+                     max_batch: int) -> tuple[Bundle, torch.dtype, PrecisionChoice | None]:
+    """(bundle with quantize resolved for Cascade, dtype, the measurement or None) for Engine.load's settings.
+
+    dtype "auto" / any model's quantize "auto" (the server's defaults; quantize "auto" fills the models that
+    cascade.toml leaves unset): the first stage's classifier is measured (runtime/models/precision.py) and the
+    choice applies to the engine's dtype and every "auto" model. An explicit non-fp32 setting is measured against
+    fp32 for a warning. dtype None / quantize None: the library defaults (the device's dtype, unset = "none")."""
+    if quantize == "auto" or quantize is None:
+        bundle = with_unset_quantize(bundle, quantize or "none")
+    else:
+        bundle = with_quantize(bundle, quantize)
+    first = bundle.stages[0]
+    assert isinstance(first, ClassifierStageSpec)
+    quantize_auto = "auto" in quantize_settings(bundle)
+    dtype_auto = dtype == "auto"
+    fixed_dtype = None if dtype_auto else resolve_dtype(dtype, device)
+    if device.type != "cpu":
+        chosen = Candidate(resolve_dtype(None, device) if dtype_auto else fixed_dtype, "none")
+        choice = PrecisionChoice(chosen, "cuda default") if dtype_auto or quantize_auto else None
+    else:
+        fixed_quantize = None if quantize_auto else first.quantize
+        explicit = Candidate(fixed_dtype, fixed_quantize) if not (dtype_auto or quantize_auto) else None
+        if explicit is not None and (dtype is None or explicit == precision.FP32):
+            choice = None  # the library default or plain fp32: nothing to choose or warn about
+        else:
+            config = first.model / "config.json"
+            key = (str(first.model.resolve()), config.stat().st_mtime_ns, max_batch, fixed_dtype, fixed_quantize)
+            if key not in CHOICES:
+                preprocess = read_preprocess(first.model)
+                CHOICES[key] = precision.choose(precision.load_in(first.model, device), preprocess, max_batch,
+                                                fixed_dtype, fixed_quantize)
+            choice = CHOICES[key]
+            if explicit is None:
+                log.info("precision auto chose %s for this engine", choice.candidate.name)
+        chosen = choice.candidate if choice is not None else Candidate(fixed_dtype, first.quantize)
+    return resolved_quantize(bundle, chosen.quantize), chosen.dtype if dtype_auto else fixed_dtype, choice
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
@@ -66,8 +115,10 @@ class Engine:
     """One worker thread calls predict (a lock enforces it). explain_stream, cancel and vlm_stats may be called from
     any thread: they go through the VLM stage's loop thread. close() stops that thread."""
 
-    def __init__(self, bundle: Bundle, device: torch.device, dtype: torch.dtype, max_batch: int):
+    def __init__(self, bundle: Bundle, device: torch.device, dtype: torch.dtype, max_batch: int,
+                 precision: PrecisionChoice | None = None):
         self.model_dir = bundle.root
+        self.precision = precision
         self.bundle = bundle
         self.device = device
         self.dtype = dtype
@@ -83,7 +134,9 @@ class Engine:
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
              max_batch: int = 32, quantize: str | None = None) -> Engine:
         """`model_dir`: a bundle directory with cascade.toml, or one Hugging Face classifier directory.
-        `quantize`: "int8" or "none" for every classifier and detector, over what cascade.toml says."""
+        `dtype`: a DTYPES name, "auto" (measured, runtime/models/precision.py) or None (bf16 where the CPU has it).
+        `quantize`: a bundle QUANTIZE_MODES name for every classifier and detector, over what cascade.toml says;
+        "auto": for those cascade.toml leaves unset; None: unset means "none". See settle_precision."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelLoadError(f"model directory '{model_dir}' does not exist")
@@ -91,10 +144,8 @@ class Engine:
             raise ModelLoadError(f"max_batch must be >= 1, got {max_batch}")
         device = resolve_device(device)
         try:
-            bundle = load_bundle(model_dir)
-            if quantize is not None:
-                bundle = with_quantize(bundle, quantize)
-            return cls(bundle, device, resolve_dtype(dtype, device), max_batch)
+            bundle, dtype, choice = settle_precision(load_bundle(model_dir), device, dtype, quantize, max_batch)
+            return cls(bundle, device, dtype, max_batch, choice)
         except ModelLoadError:
             raise
         except ValueError as e:  # config values a model or the preprocessing spec rejects
@@ -160,6 +211,7 @@ class Engine:
             "input_size": [self.spec.height, self.spec.width],
             "batch_buckets": list(self.runner.buckets),
             "cuda_graphs": bool(self.runner.graphs),
+            "precision": None if self.precision is None else self.precision.describe(),
         }
 
 

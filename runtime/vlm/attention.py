@@ -6,7 +6,8 @@ host-side block tables and context lengths, then every layer calls the planned b
               a one-row plan + run at startup works (flashinfer_unusable: its kernels JIT-compile on first use,
               which needs nvcc or the prebuilt flashinfer-cubin / flashinfer-jit-cache packages)
   triton:     kernels.paged_attention.paged_decode_triton (the rest of CUDA)
-  reference:  kernels.paged_attention.paged_decode_reference (CPU)
+  cpu:        runtime.vlm.cpu_attention.CpuDecodeAttention (CPU: planned once per step, equal to the reference)
+  reference:  kernels.paged_attention.paged_decode_reference
 
 Our cache per layer is (num_blocks, block_size, num_kv_heads, head_dim): flashinfer's "NHD" page layout
 (max_num_pages, page_size, num_kv_heads, head_dim) as it is, so pages are handed over without a copy
@@ -23,6 +24,7 @@ import torch
 
 from kernels.launch import launch_device
 from kernels.paged_attention import paged_decode_reference, paged_decode_triton
+from runtime.vlm.cpu_attention import CpuDecodeAttention
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ FLASHINFER_HEAD_DIMS = (64, 128, 256)
 FLASHINFER_GROUP_SIZES = (1, 2, 3, 4, 8)  # query heads per kv head its decode kernels are dispatched for
 FLASHINFER_PROBE_TOLERANCE = 5e-2  # bf16/fp16 attention of a random row vs the float32 reference
 FLASHINFER_WORKSPACE_BYTES = 128 << 20  # the float workspace size flashinfer's documentation recommends
-BACKENDS = ("flashinfer", "triton", "reference")
+BACKENDS = ("flashinfer", "triton", "cpu", "reference")
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def flashinfer_module() -> ModuleType | None:
 def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: int, have_flashinfer: bool,
                           group: int = 1) -> str:
     if device.type != "cuda":
-        return "reference"
+        return "cpu"
     if (have_flashinfer and dtype in FLASHINFER_DTYPES and head_dim in FLASHINFER_HEAD_DIMS
             and group in FLASHINFER_GROUP_SIZES):
         return "flashinfer"
@@ -211,4 +213,6 @@ def make_decode_attention(backend: str, spec: DecodeAttentionSpec, workspace: to
     if backend == "flashinfer":
         assert workspace is not None, "flashinfer needs a float workspace buffer"
         return FlashInferDecodeAttention(spec, workspace, fixed_batch, max_pages)
+    if backend == "cpu":
+        return CpuDecodeAttention(spec.block_size)
     return KernelDecodeAttention(backend)

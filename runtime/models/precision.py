@@ -1,0 +1,300 @@
+"""Precision `auto`: at startup, the fastest (dtype, int8 kernel) that stays accurate on this CPU.
+
+CPUs differ by two orders of magnitude on the same path: bf16 matmuls are 2-3x fp32 with AVX-512 BF16 and ~100x
+slower without it; torch._int_mm is fast with VNNI and ~70x slower than fp32 on AVX2 (issue 14). So nothing is
+assumed from CPU flags; each candidate is measured:
+
+1. speed: the model's own Linear shapes (in, out, count), at min(max_batch x tokens, MAX_ROWS) rows, random
+   weights. A probe at PROBE_ROWS drops candidates more than PROBE_SLOWER x slower than fp32 there without
+   running them at full size (bf16 without native support would take seconds per call). The rest run in
+   interleaved rounds for about `budget_s`; each keeps its best round (the least disturbed by other processes).
+2. accuracy: from the fastest down, only candidates faster than fp32 by MIN_SPEEDUP: the first stage's model is
+   loaded in the candidate's precision and scores a fixed calibration set (CALIBRATION_IMAGES synthetic street
+   images, seeded); it passes when max |P - P_fp32| <= MAX_DRIFT and no decision (P > 0.5) flips.
+The first that passes is chosen, else fp32: `auto` is never slower than fp32 at the measured shapes.
+
+An explicit setting is kept; it is measured against fp32 (speed only) and a warning is logged when slower.
+On CUDA `auto` is the engine's previous default (bf16 where supported, else fp16; no int8): not measured here.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels.preprocess import PreprocessSpec, preprocess_into
+from runtime.models.quant import INT8_BACKENDS, Int8Linear, PackedInt8Linear, backend_available, quantize_int8
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+MAX_ROWS = 1024  # GEMM rows measured: enough to reach the kernels' steady rate, small enough for ~1 s in all
+PROBE_ROWS = 8
+PROBE_SLOWER = 4.0
+MIN_SPEEDUP = 1.05  # timing noise margin: a candidate must beat fp32 by this much to be considered
+MAX_DRIFT = 0.02
+CALIBRATION_IMAGES = 8
+MAX_ROUNDS = 20
+
+
+@dataclass(frozen=True)
+class Candidate:
+    dtype: torch.dtype
+    quantize: str = "none"  # "none" or a runtime.models.quant.INT8_BACKENDS name
+
+    @property
+    def name(self) -> str:
+        return DTYPE_NAMES[self.dtype] + ("" if self.quantize == "none" else f"+{self.quantize}")
+
+
+FP32 = Candidate(torch.float32)
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    seconds: float | None = None  # best time of the model's GEMMs once at the measured rows; None: not timed
+    speedup: float | None = None  # fp32 seconds / seconds
+    max_drift: float | None = None  # max |P - P_fp32| on the calibration set; None: not checked
+    flips: int | None = None  # calibration decisions that differ from fp32's
+    verdict: str = ""
+
+    def describe(self) -> dict:
+        return {"candidate": self.candidate.name, "gemm_ms": None if self.seconds is None else self.seconds * 1e3,
+                "speedup_vs_fp32": self.speedup, "max_drift": self.max_drift, "flips": self.flips,
+                "verdict": self.verdict}
+
+
+@dataclass
+class PrecisionChoice:
+    candidate: Candidate
+    how: str  # "auto", "explicit" or "cuda default"
+    trials: list[Trial] = field(default_factory=list)
+    seconds: float = 0.0  # time the measurement took
+    rows: int = 0
+
+    def trial(self, candidate: Candidate) -> Trial | None:
+        return next((t for t in self.trials if t.candidate == candidate), None)
+
+    def describe(self) -> dict:
+        chosen = self.trial(self.candidate)
+        return {"chosen": self.candidate.name, "dtype": str(self.candidate.dtype).removeprefix("torch."),
+                "quantize": self.candidate.quantize, "how": self.how,
+                "speedup_vs_fp32": None if chosen is None else chosen.speedup,
+                "max_drift": None if chosen is None else chosen.max_drift,
+                "measured_rows": self.rows, "measure_seconds": round(self.seconds, 3),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "trials": [t.describe() for t in self.trials]}
+
+
+def candidates_for(dtype: torch.dtype | None, quantize: str | None) -> list[Candidate]:
+    """What `auto` chooses among; None = auto. int8 kernels are paired with fp32 when the dtype is auto (the
+    fbgemm/oneDNN kernels compute in fp32; the rest of the model then needs no casts)."""
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if dtype is None else [dtype]
+    backends = [b for b in INT8_BACKENDS if backend_available(b)]
+    modes = ["none", *backends] if quantize is None else [quantize]
+    out = [Candidate(d, m) for d in dtypes for m in modes if m == "none" or dtype is not None or d == torch.float32]
+    return out
+
+
+def linear_shapes(model: nn.Module, exclude: tuple[str, ...] = ("classifier",)) -> list[tuple[int, int, int]]:
+    """(in_features, out_features, count) of the Linear layers quantize_int8 would convert."""
+    counts: dict[tuple[int, int], int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.startswith(exclude):
+            key = (module.in_features, module.out_features)
+            counts[key] = counts.get(key, 0) + 1
+    return [(k, n, c) for (k, n), c in counts.items()]
+
+
+class GemmSet:
+    """One layer per distinct shape in a candidate's precision; run() times each once, weighted by its count."""
+
+    def __init__(self, candidate: Candidate, shapes: Sequence[tuple[int, int, int]], rows: int):
+        g = torch.Generator().manual_seed(0)
+        self.layers = []
+        for k, n, count in shapes:
+            linear = nn.Linear(k, n)
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(n, k, generator=g) / k ** 0.5)
+            linear = linear.to(candidate.dtype)
+            if candidate.quantize == "int8":
+                linear = Int8Linear(linear)
+            elif candidate.quantize != "none":
+                linear = PackedInt8Linear(linear, candidate.quantize)
+            x = torch.randn(rows, k, generator=g).to(candidate.dtype)
+            self.layers.append((linear, x, count))
+
+    @torch.inference_mode()
+    def run(self) -> float:
+        total = 0.0
+        for layer, x, count in self.layers:
+            t0 = time.perf_counter()
+            layer(x)
+            total += (time.perf_counter() - t0) * count
+        return total
+
+
+def measure_speed(candidates: Sequence[Candidate], shapes: Sequence[tuple[int, int, int]], rows: int,
+                  budget_s: float) -> dict[Candidate, float | None]:
+    """Best seconds per candidate for the shapes once (None: dropped by the probe); FP32 must be listed."""
+    assert FP32 in candidates
+    probe = {}
+    for c in candidates:
+        gemms = GemmSet(c, shapes, min(rows, PROBE_ROWS))
+        gemms.run()  # first call: kernel selection, primitive creation
+        probe[c] = gemms.run()
+    kept = [c for c in candidates if c == FP32 or probe[c] <= PROBE_SLOWER * probe[FP32]]
+    sets = {c: GemmSet(c, shapes, rows) for c in kept}
+    for gemms in sets.values():
+        gemms.run()
+    best: dict[Candidate, float | None] = {c: None for c in candidates}
+    start = time.perf_counter()
+    for round_ in range(MAX_ROUNDS):
+        for c, gemms in sets.items():
+            t = gemms.run()
+            best[c] = t if best[c] is None else min(best[c], t)
+        if round_ >= 1 and time.perf_counter() - start >= budget_s:
+            break
+    return best
+
+
+def calibration_images(n: int = CALIBRATION_IMAGES, size: int = 224, seed: int = 14) -> list[np.ndarray]:
+    """Fixed synthetic street-like images: sky-to-road gradient, coloured boxes (cones, signs, cars), noise."""
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0.0, 1.0, size)[:, None, None]
+    images = []
+    for _ in range(n):
+        sky, road = rng.uniform(120, 230, 3), rng.uniform(40, 120, 3)
+        image = (sky * (1 - rows) + road * rows) * np.ones((1, size, 1))
+        for _ in range(rng.integers(2, 8)):
+            h, w = rng.integers(8, size // 3, 2)
+            y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+            image[y:y + h, x:x + w] = rng.uniform(0, 255, 3)
+        image += rng.normal(0, 8, image.shape)
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return images
+
+
+@torch.inference_mode()
+def probabilities(model: nn.Module, preprocess: PreprocessSpec, images: Sequence[np.ndarray],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """P(roadwork) of a Classifier (runtime/models/classifier.py) for decoded images, in float32."""
+    batch = torch.zeros(len(images), 3, preprocess.height, preprocess.width, dtype=dtype)
+    for slot, image in enumerate(images):
+        preprocess_into(batch, slot, torch.from_numpy(image), preprocess)
+    p, _ = model(batch)
+    return p.float()
+
+
+def drift(reference: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
+    """(max |P - P_fp32|, decisions that flip at 0.5)."""
+    return float((p - reference).abs().max()), int(((p > 0.5) != (reference > 0.5)).sum())
+
+
+def pick(speeds: dict[Candidate, float | None], check: Callable[[Candidate], tuple[float, int]],
+         eligible: Sequence[Candidate]) -> tuple[Candidate, list[Trial]]:
+    """The fastest eligible candidate faster than fp32 whose drift passes, else fp32; one Trial per candidate.
+    `check` (candidate -> (max drift, flips)) runs only where needed, fastest first."""
+    base = speeds[FP32]
+    assert base is not None
+    trials = {c: Trial(c, s, None if s is None else base / s) for c, s in speeds.items()}
+    for c, t in trials.items():
+        if c == FP32:
+            t.verdict = "baseline"
+        elif t.seconds is None:
+            t.verdict = f"slower than fp32 by over {PROBE_SLOWER:g}x at {PROBE_ROWS} rows (not timed further)"
+        elif t.speedup < MIN_SPEEDUP:
+            t.verdict = f"not faster than fp32 (x{t.speedup:.2f} < x{MIN_SPEEDUP})"
+        elif c not in eligible:
+            t.verdict = "not allowed by the explicit settings"
+    chosen = FP32 if FP32 in eligible else None
+    ranked = sorted((t for t in trials.values() if not t.verdict), key=lambda t: t.seconds)
+    for t in ranked:
+        if chosen is not None and chosen != FP32:
+            t.verdict = "not checked (a faster candidate passed)"
+            continue
+        t.max_drift, t.flips = check(t.candidate)
+        if t.max_drift > MAX_DRIFT or t.flips:
+            t.verdict = f"too inaccurate (max |dP| {t.max_drift:.4f}, {t.flips} flipped decisions)"
+        else:
+            t.verdict = "chosen"
+            chosen = t.candidate
+    if chosen is None:  # fp32 is refused by the explicit setting and nothing faster passed: its plainest form
+        chosen = eligible[0]
+        trials.setdefault(chosen, Trial(chosen)).verdict = "chosen (the explicit setting's plainest form)"
+    elif chosen == FP32:
+        trials[FP32].verdict = "chosen (nothing faster passed)"
+    return chosen, list(trials.values())
+
+
+LoadModel = Callable[[Candidate], nn.Module]
+
+
+def tokens_of(model: nn.Module, preprocess: PreprocessSpec) -> int:
+    """Sequence length of a ViT-family Classifier at the preprocessed input size."""
+    backbone = model.backbone
+    patch = backbone.cfg.patch_size
+    return backbone.num_prefix_tokens + (preprocess.height // patch[0]) * (preprocess.width // patch[1])
+
+
+def choose(load: LoadModel, preprocess: PreprocessSpec, max_batch: int, dtype: torch.dtype | None,
+           quantize: str | None, budget_s: float = 1.0) -> PrecisionChoice:
+    """`auto` for the model `load(candidate)` builds (a Classifier, in that candidate's precision); dtype/quantize
+    None = auto, else the explicit setting (then only measured against fp32, for the warning)."""
+    start = time.perf_counter()
+    reference_model = load(FP32)
+    rows = min(max_batch * tokens_of(reference_model, preprocess), MAX_ROWS)
+    shapes = linear_shapes(reference_model)
+    eligible = candidates_for(dtype, quantize)
+    measured = list(dict.fromkeys([FP32, *eligible]))
+    speeds = measure_speed(measured, shapes, rows, budget_s)
+    images = calibration_images()
+    reference = probabilities(reference_model, preprocess, images, torch.float32)
+
+    def check(candidate: Candidate) -> tuple[float, int]:
+        return drift(reference, probabilities(load(candidate), preprocess, images, candidate.dtype))
+
+    explicit = dtype is not None and quantize is not None
+    if explicit:
+        candidate = eligible[0]
+        chosen, trials = candidate, [Trial(c, s, None if s is None else speeds[FP32] / s, verdict="measured")
+                                     for c, s in speeds.items()]
+    else:
+        chosen, trials = pick(speeds, check, eligible)
+    choice = PrecisionChoice(chosen, "explicit" if explicit else "auto", trials, time.perf_counter() - start, rows)
+    report(choice)
+    return choice
+
+
+def report(choice: PrecisionChoice) -> None:
+    rates = ", ".join(f"{t.candidate.name} {'-' if t.seconds is None else f'{t.seconds * 1e3:.1f} ms'}"
+                      + ("" if t.max_drift is None else f" (max |dP| {t.max_drift:.4f}, {t.flips} flips)")
+                      for t in choice.trials)
+    log.info("precision %s: %s (measured in %.2f s on %s at %d rows: %s)", choice.how, choice.candidate.name,
+             choice.seconds, torch.backends.cpu.get_cpu_capability(), choice.rows, rates)
+    chosen = choice.trial(choice.candidate)
+    if choice.how == "explicit" and chosen is not None and choice.candidate != FP32:
+        if chosen.seconds is None or chosen.speedup < 1.0:
+            log.warning("precision %s was set explicitly but is measured slower than fp32 on this CPU (%s): "
+                        "`auto` would not pick it", choice.candidate.name,
+                        "over %gx slower" % PROBE_SLOWER if chosen.seconds is None else f"x{chosen.speedup:.2f}")
+
+
+def load_in(model_dir: Path, device: torch.device) -> LoadModel:
+    """A loader of the classifier in `model_dir` in a candidate's precision."""
+    from runtime.models.classifier import load_classifier
+
+    def load(candidate: Candidate) -> nn.Module:
+        model = load_classifier(model_dir, candidate.dtype, device)
+        if candidate.quantize != "none":
+            quantize_int8(model, backend=candidate.quantize)
+        return model.eval()
+
+    return load

@@ -1,0 +1,165 @@
+"""Precision `auto` (runtime/models/precision.py): the choice from injected measurements, never slower or less
+accurate than fp32 allows, reported in describe(), the log and the metrics; explicit settings win with a warning."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from fixtures.checkpoints import make_vit
+from runtime.cascade import engine as engine_module
+from runtime.cascade.engine import Engine
+from runtime.models import precision
+from runtime.models.precision import FP32, Candidate, pick
+from runtime.models.quant import PackedInt8Linear
+from server.config import ServerConfig, parse_config
+from server.metrics import ServerMetrics
+
+BF16 = Candidate(torch.bfloat16)
+FP16 = Candidate(torch.float16)
+FBGEMM = Candidate(torch.float32, "int8-fbgemm")
+ONEDNN = Candidate(torch.float32, "int8-onednn")
+INTMM = Candidate(torch.float32, "int8")
+ALL = [FP32, INTMM, FBGEMM, ONEDNN, BF16, FP16]
+
+
+def checker(drifts: dict[Candidate, tuple[float, int]], calls: list[Candidate]):
+    def check(c: Candidate) -> tuple[float, int]:
+        calls.append(c)
+        return drifts.get(c, (0.0, 0))
+    return check
+
+
+def test_picks_fp32_when_every_other_candidate_is_slower():
+    speeds = {FP32: 1.0, INTMM: 70.0, FBGEMM: 1.01, ONEDNN: 2.0, BF16: None, FP16: 50.0}
+    calls = []
+    chosen, trials = pick(speeds, checker({}, calls), ALL)
+    assert chosen == FP32 and calls == []  # nothing faster than fp32: no accuracy check needed
+    verdicts = {t.candidate: t.verdict for t in trials}
+    assert verdicts[FP32].startswith("chosen") and "not timed further" in verdicts[BF16]
+    assert "not faster than fp32" in verdicts[FBGEMM]  # 1 % faster is within the noise margin
+
+
+def test_picks_fp32_when_faster_candidates_drift_or_flip():
+    speeds = {FP32: 1.0, INTMM: 0.5, FBGEMM: 0.3, ONEDNN: 0.4, BF16: 0.6, FP16: 3.0}
+    drifts = {FBGEMM: (0.03, 0), ONEDNN: (0.001, 1), INTMM: (0.05, 2), BF16: (0.021, 0)}
+    calls = []
+    chosen, trials = pick(speeds, checker(drifts, calls), ALL)
+    assert chosen == FP32
+    assert calls == [FBGEMM, ONEDNN, INTMM, BF16]  # fastest first; fp16 (slower than fp32) never checked
+    assert all("too inaccurate" in t.verdict for t in trials if t.candidate in drifts)
+
+
+def test_picks_the_fastest_accurate_candidate_and_stops_checking():
+    speeds = {FP32: 1.0, INTMM: 0.5, FBGEMM: 0.3, ONEDNN: 0.4, BF16: 0.45, FP16: 3.0}
+    calls = []
+    chosen, trials = pick(speeds, checker({FBGEMM: (0.1, 3)}, calls), ALL)
+    assert chosen == ONEDNN and calls == [FBGEMM, ONEDNN]
+    verdicts = {t.candidate: t.verdict for t in trials}
+    assert verdicts[ONEDNN] == "chosen" and verdicts[BF16].startswith("not checked")
+    trial = next(t for t in trials if t.candidate == ONEDNN)
+    assert trial.speedup == pytest.approx(2.5) and trial.max_drift == 0.0
+
+
+def test_explicit_dtype_limits_the_candidates():
+    eligible = precision.candidates_for(torch.bfloat16, None)
+    assert FP32 not in eligible and eligible[0] == BF16
+    speeds = {FP32: 1.0, **{c: 2.0 for c in eligible}}
+    chosen, _ = pick(speeds, checker({}, []), eligible)
+    assert chosen == BF16  # nothing allowed beats fp32: the explicit dtype without int8
+
+
+def test_candidates():
+    auto = precision.candidates_for(None, None)
+    assert auto[0] == FP32 and BF16 in auto and FP16 in auto and FBGEMM in auto
+    assert all(c.dtype == torch.float32 for c in auto if c.quantize != "none")
+    assert precision.candidates_for(torch.float32, "int8-onednn") == [ONEDNN]
+    assert ONEDNN.name == "fp32+int8-onednn" and BF16.name == "bf16"
+
+
+@pytest.fixture
+def vit(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vit")
+    make_vit(path)
+    return path
+
+
+def inject(monkeypatch, speeds: dict[Candidate, float | None]) -> list:
+    """Replace the speed measurement; accuracy is really checked on the model."""
+    measured = []
+
+    def measure_speed(candidates, shapes, rows, budget_s):
+        measured.append((list(candidates), shapes, rows))
+        return {c: speeds.get(c, 10.0) for c in candidates}
+
+    monkeypatch.setattr(precision, "measure_speed", measure_speed)
+    monkeypatch.setattr(engine_module, "CHOICES", {})
+    return measured
+
+
+def test_engine_auto_falls_back_to_fp32_and_reports_it(vit, monkeypatch, caplog):
+    measured = inject(monkeypatch, {FP32: 1.0})
+    with caplog.at_level(logging.INFO, logger="runtime.models.precision"):
+        engine = Engine.load(vit, "cpu", "auto", max_batch=4, quantize="auto")
+    assert engine.dtype == torch.float32 and engine.describe()["stages"][0]["quantize"] == "none"
+    reported = engine.describe()["precision"]
+    assert (reported["chosen"], reported["how"], reported["dtype"], reported["quantize"]) == \
+        ("fp32", "auto", "float32", "none")
+    assert {t["candidate"] for t in reported["trials"]} == {c.name for c in measured[0][0]}
+    assert "precision auto: fp32" in caplog.text
+    shapes, rows = measured[0][1], measured[0][2]
+    assert (64, 64, 8) in shapes and rows == 4 * 5  # the tiny ViT: 4 tokens + CLS, at max_batch
+    metrics = ServerMetrics()
+    metrics.report_precision(reported)
+    text = metrics.render()[0].decode()
+    assert 'roadwork_precision{dtype="float32",how="auto",quantize="none"} 1.0' in text
+
+
+def test_engine_auto_takes_a_faster_accurate_int8_kernel(vit, monkeypatch):
+    inject(monkeypatch, {FP32: 1.0, FBGEMM: 0.4})
+    engine = Engine.load(vit, "cpu", "auto", max_batch=4, quantize="auto")
+    reported = engine.describe()["precision"]
+    assert reported["chosen"] == "fp32+int8-fbgemm" and reported["speedup_vs_fp32"] == pytest.approx(2.5)
+    assert reported["max_drift"] <= precision.MAX_DRIFT
+    assert engine.describe()["stages"][0]["quantize"] == "int8-fbgemm"
+    assert isinstance(engine.classifier.backbone.layer[0].mlp.up_proj, PackedInt8Linear)
+    metrics = ServerMetrics()
+    metrics.report_precision(reported)
+    assert "roadwork_precision_speedup 2.5" in metrics.render()[0].decode()
+
+
+def test_explicit_setting_wins_with_a_warning(vit, monkeypatch, caplog):
+    inject(monkeypatch, {FP32: 1.0, Candidate(torch.float16): 3.0})
+    with caplog.at_level(logging.WARNING, logger="runtime.models.precision"):
+        engine = Engine.load(vit, "cpu", "float16", max_batch=4, quantize="auto")
+    assert engine.dtype == torch.float16  # dtype explicit: int8 candidates at fp16 were slower still (10.0)
+    assert "measured slower than fp32" not in caplog.text  # quantize was auto: a choice, not an explicit slow path
+    monkeypatch.setattr(engine_module, "CHOICES", {})
+    with caplog.at_level(logging.WARNING, logger="runtime.models.precision"):
+        engine = Engine.load(vit, "cpu", "float16", max_batch=4, quantize="none")
+    assert engine.dtype == torch.float16 and engine.describe()["precision"]["how"] == "explicit"
+    assert "fp16 was set explicitly but is measured slower than fp32" in caplog.text
+
+
+def test_library_defaults_do_not_measure(vit, monkeypatch):
+    measured = inject(monkeypatch, {})
+    engine = Engine.load(vit, "cpu", None, max_batch=4)
+    assert measured == [] and engine.describe()["precision"] is None
+    Engine.load(vit, "cpu", "float32", max_batch=4, quantize="none")
+    assert measured == []
+
+
+def test_real_measurement_is_never_slower_than_fp32(vit, monkeypatch):
+    monkeypatch.setattr(engine_module, "CHOICES", {})
+    engine = Engine.load(vit, "cpu", "auto", max_batch=4, quantize="auto")
+    choice = engine.precision
+    chosen = choice.trial(choice.candidate)
+    assert choice.candidate == FP32 or chosen.speedup >= precision.MIN_SPEEDUP
+    assert chosen.candidate == FP32 or chosen.max_drift <= precision.MAX_DRIFT and chosen.flips == 0
+
+
+def test_server_defaults_are_auto():
+    config = parse_config([], environ={})
+    assert config.dtype == "auto" and config.quantize == "auto" and config == ServerConfig()
+    assert parse_config(["--quantize", "int8-fbgemm", "--dtype", "float32"], environ={}).quantize == "int8-fbgemm"
