@@ -66,7 +66,7 @@ def printed_table(out: str, columns: list[str]) -> list[dict]:
         cells = line.split()
         if len(cells) != len(columns):
             break
-        rows.append({c: float(v) if c not in ("dtype", "preset", "server", "case") else v for c, v in zip(columns, cells)})
+        rows.append({c: v if c in ("dtype", "preset", "server", "case") else float(v) for c, v in zip(columns, cells)})
     return rows
 
 

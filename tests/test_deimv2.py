@@ -173,9 +173,9 @@ def bf16_drifts(path, pixels: torch.Tensor, **cfg) -> tuple[list[float], list[fl
 
 def test_bf16_drift_within_transformers_bf16_drift(tmp_path):
     # bf16 is where the detector once returned NaN. Measured (this CPU, AVX-512 BF16), distance to fp32 over these
-    # 12 images (scores in [0, 1], boxes in image fractions): transformers' bf16 worst 0.160, median 0.028; ours worst 0.085,
-    # median 0.006 (query swaps dominate the worst of both). Ours must stay within 1.5x of transformers' drift plus 0.01, worst and
-    # median.
+    # 12 images (scores in [0, 1], boxes in image fractions): transformers' bf16 worst 0.160, median 0.028; ours
+    # worst 0.085, median 0.006 (query swaps dominate the worst of both). Ours must stay within 1.5x of
+    # transformers' drift plus 0.01, worst and median.
     theirs, ours = bf16_drifts(tmp_path, torch.randn(12, 3, 128, 96, generator=torch.Generator().manual_seed(0)))
     for stat in (max, statistics.median):
         assert stat(ours) <= 1.5 * stat(theirs) + 0.01, (ours, theirs)
@@ -184,8 +184,8 @@ def test_bf16_drift_within_transformers_bf16_drift(tmp_path):
 @pytest.mark.slow
 def test_bf16_drift_deimv2_s_real_shape(tmp_path):
     # Measured at DEIMv2-S shapes, 640x640 (this CPU), three images: ours 0.024, 0.012, 0.011; transformers' bf16
-    # 0.016, 0.013, 0.011 (NaN on other inputs and thread counts). Ours: finite always, within 0.1 (4x our worst), and within 1.5x of transformers'
-    # drift plus 0.01 where theirs is finite.
+    # 0.016, 0.013, 0.011 (NaN on other inputs and thread counts). Ours: finite always, within 0.1 (4x our worst),
+    # and within 1.5x of transformers' drift plus 0.01 where theirs is finite.
     pixels = torch.randn(3, 3, 640, 640, generator=torch.Generator().manual_seed(0))
     theirs, ours = bf16_drifts(tmp_path, pixels, backbone=DEIMV2_S_BACKBONE, **DEIMV2_S)
     assert max(ours) <= 0.1, ours

@@ -93,8 +93,8 @@ tme avx512_vpopcntdq rdpid movdiri movdir64b serialize tsxldtrk amx_bf16 avx512_
 vmx flags\t: vnmi preemption_timer posted_intr invvpid ept_x_only ept_ad ept_1gb tsc_offset vtpr mtf ept_mode_based_exec
 """
 # Ice Lake: AVX-512 without BF16, so bf16 is emulated: fp32. A BF16 name outside the flags line is not a flag.
-ICE_LAKE_CPUINFO = SAPPHIRE_RAPIDS_CPUINFO.replace("avx512_bf16 ", "").replace(" amx_bf16 avx512_fp16 amx_tile amx_int8",
-                                                                              "").replace("8480+", "8380 amx_bf16")
+ICE_LAKE_CPUINFO = SAPPHIRE_RAPIDS_CPUINFO.replace("avx512_bf16 ", "").replace(
+    " amx_bf16 avx512_fp16 amx_tile amx_int8", "").replace("8480+", "8380 amx_bf16")
 
 
 @pytest.mark.parametrize("cpuinfo, has_bf16", [
