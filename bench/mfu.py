@@ -40,7 +40,7 @@ def load_model(path: Path, dtype_name: str, device: str = "cpu") -> torch.nn.Mod
 
 
 def auto_model(path: Path, batch: int, device: str) -> tuple[torch.nn.Module, precision.PrecisionChoice]:
-    from runtime.cascade.pipeline import read_preprocess
+    from runtime.models.preprocessor import read_preprocess
 
     load = precision.load_in(path, torch.device(device))
     choice = precision.choose(load, read_preprocess(path), batch, None, None)

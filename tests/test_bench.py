@@ -4,16 +4,20 @@ These check that the benchmarks run and report what they claim to, never how fas
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import flops, int8, kernels, mfu, peak, scaling, serve_vs_miner
+from bench import flops, int8, kernels, mfu, peak, scaling, serve_vs_miner, vision
 from bench.common import preset_config
 from runtime.models.classifier import load_classifier
 from fixtures.checkpoints import make_dinov3, make_vit
+from runtime.image_decode import decode_image
 
 
 def counted_flops(model: torch.nn.Module, size: int) -> int:
@@ -52,13 +56,34 @@ def test_flops_cli(capsys):
     assert "GFLOP per image" in capsys.readouterr().out
 
 
-def test_peak(tmp_path):
+def printed_table(out: str, columns: list[str]) -> list[dict]:
+    """The rows of the table print_table wrote with these columns, parsed back from the text (3 significant
+    digits, so ratios recomputed from it hold to ~0.5% per printed number)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split() == columns)
+    rows = []
+    for line in lines[start + 1:]:
+        cells = line.split()
+        if len(cells) != len(columns):
+            break
+        rows.append({c: v if c in ("dtype", "preset", "server", "case") else float(v) for c, v in zip(columns, cells)})
+    return rows
+
+
+def test_peak(tmp_path, capsys):
     out = tmp_path / "peak.json"
     rows = peak.main(["--size", "64", "--rounds", "1", "--json", str(out)])
     assert [r["dtype"] for r in rows] == ["fp32", "bf16", "fp16", "int8", "int8-fbgemm", "int8-onednn"]
     assert all(r["gflop_s"] > 0 for r in rows) and rows[0]["vs_fp32"] == 1.0
+    # Each printed ratio is the printed rates' quotient: a ratio taken against the wrong row or inverted fails.
+    printed = {r["dtype"]: r for r in printed_table(capsys.readouterr().out, ["dtype", "size", "gflop_s", "vs_fp32",
+                                                                              "vs_bf16"])}
+    assert set(printed) == {r["dtype"] for r in rows}
+    for r in printed.values():
+        assert r["vs_fp32"] == pytest.approx(r["gflop_s"] / printed["fp32"]["gflop_s"], rel=0.01)
+        assert r["vs_bf16"] == pytest.approx(r["gflop_s"] / printed["bf16"]["gflop_s"], rel=0.01)
     saved = json.loads(out.read_text())
-    assert saved["benchmark"] == "peak" and "cpu" in saved["machine"]
+    assert saved["benchmark"] == "peak" and "cpu" in saved["machine"] and saved["rows"] == rows
 
 
 def test_mfu(capsys):
@@ -66,7 +91,19 @@ def test_mfu(capsys):
     assert [r["dtype"] for r in rows] == ["fp32", "bf16", "int8", "int8-fbgemm", "int8-onednn", "auto"]
     assert all(0 < r["mfu"] and r["img_s"] > 0 for r in rows)
     assert rows[1]["speedup_vs_bf16"] == 1.0 and rows[0]["speedup_vs_fp32"] == 1.0
-    assert rows[-1]["chosen"] and "auto on tiny: " in capsys.readouterr().out
+    per_image = flops.vision_flops(preset_config("tiny")).total
+    for r in rows:  # every derived column recomputed from the raw rates
+        assert r["gflop_s"] == pytest.approx(per_image * r["img_s"] / 1e9, rel=1e-9)
+        assert r["mfu"] == pytest.approx(r["gflop_s"] / r["peak_gflop_s"], rel=1e-9)
+    out = capsys.readouterr().out
+    assert rows[-1]["chosen"] and "auto on tiny: " in out
+    printed = {r["dtype"]: r for r in printed_table(out, [
+        "preset", "dtype", "batch", "img_s", "gflop_s", "peak_gflop_s", "mfu", "speedup_vs_bf16", "speedup_vs_fp32"])}
+    for name in ("fp32", "int8", "int8-fbgemm", "int8-onednn"):
+        assert printed[name]["speedup_vs_bf16"] == pytest.approx(printed[name]["img_s"] / printed["bf16"]["img_s"],
+                                                                 rel=0.01)
+        assert printed[name]["speedup_vs_fp32"] == pytest.approx(printed[name]["img_s"] / printed["fp32"]["img_s"],
+                                                                 rel=0.01)
 
 
 def test_kernels(capsys):
@@ -94,8 +131,23 @@ def test_int8_accuracy():
     result = int8.main(["--case", "parity-vit", "--images", "4", "--batch", "4", "--no-speed"])
     rows = {r["dtype"]: r for r in result["accuracy"]}
     assert set(rows) == {"fp32", "bf16", "int8"}
-    assert rows["fp32"]["max_drift"] == 0 and rows["int8"]["max_drift"] < 0.1
-    assert int8.mcc(torch.tensor([1, 0, 1]).bool().numpy(), torch.tensor([1, 0, 1]).bool().numpy()) == 1.0
+    # The drifts recomputed here from each dtype's own engine: a row reporting another dtype's numbers (or fp32's
+    # zeros) fails. Measured on these 4 images: bf16 max 0.0023, int8 max 0.0083; bounds 4x / 3x.
+    with tempfile.TemporaryDirectory() as tmp:
+        int8.write_case("parity-vit", Path(tmp))
+        jpegs, _ = int8.eval_set(4)
+        images = [decode_image(j) for j in jpegs]
+        probs = {name: np.array([r.prediction for r in int8.load_engine(Path(tmp), name, 4).predict(images)])
+                 for name in rows}
+    for name, row in rows.items():
+        drift = np.abs(probs[name] - probs["fp32"])
+        assert row["max_drift"] == pytest.approx(drift.max(), abs=1e-6)
+        assert row["mean_drift"] == pytest.approx(drift.mean(), abs=1e-6)
+    assert 0 < rows["bf16"]["max_drift"] <= 0.01 and 0 < rows["int8"]["max_drift"] <= 0.025
+    # MCC against hand-computed confusion matrices: TP 2, FP 1, FN 0, TN 1 -> 2 / sqrt(12); perfect; inverted.
+    pred, truth = np.array([1, 1, 1, 0], bool), np.array([1, 1, 0, 0], bool)
+    assert int8.mcc(pred, truth) == pytest.approx(2 / 12 ** 0.5, rel=1e-12)
+    assert int8.mcc(truth, truth) == 1.0 and int8.mcc(~truth, truth) == -1.0
 
 
 def test_serve_vs_miner():
@@ -107,6 +159,26 @@ def test_serve_vs_miner():
     assert all(r["ok"] > 0 and r["errors"] == 0 for r in levels), levels
     assert [(r["server"], r["concurrency"]) for r in summary["ratios"]] == [(s, c) for s in servers[1:] for c in (1, 2)]
     assert all(summary["checks"][s]["first_request_ms"] > 0 for s in servers[1:])
+    by = {(r["server"], r["concurrency"]): r for r in levels}
+    for ratio in summary["ratios"]:  # recomputed from the levels' raw rates and latencies
+        ours, base = by[(ratio["server"], ratio["concurrency"])], by[("baseline", ratio["concurrency"])]
+        assert ratio["throughput_ratio"] == pytest.approx(ours["req_s"] / base["req_s"], rel=1e-12)
+        assert ratio["p50_ratio"] == pytest.approx(base["p50_ms"] / ours["p50_ms"], rel=1e-12)
+
+
+def test_vision(tmp_path, capsys):
+    out = tmp_path / "vision.json"
+    rows = vision.main(["--preset", "tiny", "--dtype", "fp32", "--batches", "1,2", "--min-time", "0.01",
+                        "--json", str(out)])
+    assert [(r["preset"], r["dtype"], r["batch"]) for r in rows] == [("tiny", "fp32", 1), ("tiny", "fp32", 2)]
+    for r in rows:  # each ratio is the quotient of the rates printed beside it, ours over transformers'
+        assert all(r[k] > 0 for k in ("ours_model_img_s", "hf_model_img_s", "ours_e2e_img_s", "hf_e2e_img_s"))
+        assert r["model_ratio"] == pytest.approx(r["ours_model_img_s"] / r["hf_model_img_s"], rel=1e-9)
+        assert r["e2e_ratio"] == pytest.approx(r["ours_e2e_img_s"] / r["hf_e2e_img_s"], rel=1e-9)
+    printed = printed_table(capsys.readouterr().out, ["preset", "dtype", "batch", "ours_model_img_s", "hf_model_img_s",
+                                                      "model_ratio", "ours_e2e_img_s", "hf_e2e_img_s", "e2e_ratio"])
+    assert [r["batch"] for r in printed] == [1, 2]
+    assert json.loads(out.read_text())["rows"] == rows
 
 
 def test_score_bench(tmp_path):

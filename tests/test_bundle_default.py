@@ -80,7 +80,9 @@ def test_one_image_at_a_time_in_bf16():
         together = engine.predict(images)
         for image, want in zip(images, together):
             got = engine.predict([image])[0]
-            assert np.isfinite(got.prediction) and abs(got.prediction - want.prediction) < 0.05, (got, want)
+            # Measured: bit-identical alone and in a batch of 6 (AVX-512 BF16 CPU). 0.01 leaves room for bf16 sums
+            # blocked by batch size on other CPUs; a NaN or a wrong-row bug is far larger.
+            assert np.isfinite(got.prediction) and abs(got.prediction - want.prediction) <= 0.01, (got, want)
             assert got.label == want.label
     finally:
         engine.close()   # the vlm stage's loop thread

@@ -58,6 +58,10 @@ def detector_outputs(model_dir: Path, imgs) -> list:
         return [model(preprocessed(im, model_dir)) for im in imgs]
 
 
+def logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
 def roadwork_conf(out, class_ids=(1, 3)) -> float:
     return torch.sigmoid(out.logits[0][:, list(class_ids)].max()).item()
 
@@ -145,7 +149,9 @@ def test_int8_per_model(models, reference, tmp_path, detector_quantize):
     float_results = Engine.load(write_bundle(tmp_path / "float", text.replace('quantize = "int8"', "")),
                                 "cpu", "float32", max_batch=16).predict(ref["images"])
     for got, want in zip(engine.predict(ref["images"]), float_results):
-        assert abs(got.scores["classifier"] - want.scores["classifier"]) < 0.05
+        # These classifier probabilities are saturated (1e-26 .. 1e-16), so |P - P'| says nothing; compare logits.
+        # Measured int8 logit drift on these 12 images: at most 0.35 (of logits -40 .. -60); bound 0.7 (2x).
+        assert abs(logit(got.scores["classifier"]) - logit(want.scores["classifier"])) <= 0.7, (got, want)
 
 
 def test_quantize_override_and_errors(models, reference, tmp_path):

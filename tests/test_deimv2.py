@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch as st
@@ -134,16 +137,59 @@ def test_end_to_end_detections_match(tmp_path):
             unmatched.remove(hit)
 
 
-def test_bf16_runs_and_stays_near_fp32(tmp_path):
-    make_deimv2(tmp_path)
-    pixels = torch.randn(1, 3, 64, 64)
+def detection_distance(out, ref, k: int = 10) -> float:
+    """How far two detector outputs' best detections are, insensitive to query order: for each of the k best
+    (query, label) scores of one output, the nearest query of the other under max(|score diff|, largest box
+    coordinate diff) for the same label; the worst of these, both ways. In bf16 the encoder's top-k query selection
+    can swap near-equal proposals, so a per-query comparison measures that swap, not precision."""
+    def directed(a, b) -> float:
+        sa, sb = a.logits.float().sigmoid(), b.logits.float().sigmoid()
+        worst = 0.0
+        for i in range(sa.shape[0]):
+            for flat in sa[i].flatten().topk(k).indices.tolist():
+                q, label = divmod(flat, sa.shape[-1])
+                box_diff = (b.pred_boxes[i].float() - a.pred_boxes[i, q].float()).abs().amax(-1)
+                worst = max(worst, torch.maximum((sb[i, :, label] - sa[i, q, label]).abs(), box_diff).min().item())
+        return worst
+    return max(directed(out, ref), directed(ref, out))
+
+
+def bf16_drifts(path, pixels: torch.Tensor, **cfg) -> tuple[list[float], list[float]]:
+    """Per image: (transformers' bf16 distance to its fp32 output, NaN where theirs is not finite), (ours)."""
+    ref_model = make_deimv2(path, **cfg)
     with torch.inference_mode():
-        ref = Deimv2Detector.from_pretrained(tmp_path)(pixels)
-        out = Deimv2Detector.from_pretrained(tmp_path, dtype=torch.bfloat16)(pixels)
-    assert out.logits.dtype == torch.bfloat16 and out.logits.shape == ref.logits.shape
-    assert torch.isfinite(out.logits).all() and torch.isfinite(out.pred_boxes).all()
-    # Query selection can flip between near-equal proposals in bf16, so compare the best score only.
-    assert abs(out.logits.float().max() - ref.logits.max()) <= 0.1 * ref.logits.abs().max()
+        exact = ref_model(pixels)
+        theirs = ref_model.to(torch.bfloat16)(pixels.to(torch.bfloat16))
+        ours = Deimv2Detector.from_pretrained(path, dtype=torch.bfloat16)(pixels)
+    assert ours.logits.dtype == torch.bfloat16 and ours.logits.shape == exact.logits.shape
+    assert torch.isfinite(ours.logits).all() and torch.isfinite(ours.pred_boxes).all()
+    one = lambda out, i: SimpleNamespace(logits=out.logits[i:i + 1], pred_boxes=out.pred_boxes[i:i + 1])  # noqa: E731
+    finite = [bool(torch.isfinite(theirs.logits[i]).all() and torch.isfinite(theirs.pred_boxes[i]).all())
+              for i in range(len(pixels))]
+    return ([detection_distance(one(theirs, i), one(exact, i)) if finite[i] else float("nan")
+             for i in range(len(pixels))],
+            [detection_distance(one(ours, i), one(exact, i)) for i in range(len(pixels))])
+
+
+def test_bf16_drift_within_transformers_bf16_drift(tmp_path):
+    # bf16 is where the detector once returned NaN. Measured (this CPU, AVX-512 BF16), distance to fp32 over these
+    # 12 images (scores in [0, 1], boxes in image fractions): transformers' bf16 worst 0.160, median 0.028; ours
+    # worst 0.085, median 0.006 (query swaps dominate the worst of both). Ours must stay within 1.5x of
+    # transformers' drift plus 0.01, worst and median.
+    theirs, ours = bf16_drifts(tmp_path, torch.randn(12, 3, 128, 96, generator=torch.Generator().manual_seed(0)))
+    for stat in (max, statistics.median):
+        assert stat(ours) <= 1.5 * stat(theirs) + 0.01, (ours, theirs)
+
+
+@pytest.mark.slow
+def test_bf16_drift_deimv2_s_real_shape(tmp_path):
+    # Measured at DEIMv2-S shapes, 640x640 (this CPU), three images: ours 0.024, 0.012, 0.011; transformers' bf16
+    # 0.016, 0.013, 0.011 (NaN on other inputs and thread counts). Ours: finite always, within 0.1 (4x our worst),
+    # and within 1.5x of transformers' drift plus 0.01 where theirs is finite.
+    pixels = torch.randn(3, 3, 640, 640, generator=torch.Generator().manual_seed(0))
+    theirs, ours = bf16_drifts(tmp_path, pixels, backbone=DEIMV2_S_BACKBONE, **DEIMV2_S)
+    assert max(ours) <= 0.1, ours
+    assert all(math.isnan(t) or o <= 1.5 * t + 0.01 for t, o in zip(theirs, ours)), (ours, theirs)
 
 
 def test_input_size_must_fit_the_adapter(tmp_path):

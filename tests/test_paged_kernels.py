@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from fixtures.paged_attention import dense_attention, paged_layout
 from fixtures.triton_mode import KERNEL_DEVICE
 from kernels.kv_store import kv_store, kv_store_reference, kv_store_triton
-from kernels.paged_attention import (paged_decode, paged_decode_reference, paged_decode_triton, paged_prefill,
-                                     paged_prefill_reference)
+from kernels.paged_attention import (decode_tile_tokens, paged_decode, paged_decode_reference, paged_decode_triton,
+                                     paged_prefill, paged_prefill_reference)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -143,3 +144,115 @@ def test_cuda_dispatch_matches_reference(block_size):
     expected = paged_decode_reference(qd, k_cache, v_cache, tables, lens, 0.1)
     got = paged_decode(qd.cuda(), k_cache.cuda(), v_cache.cuda(), tables.cuda(), lens.cuda(), 0.1)
     torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=1e-5)
+
+
+# --- production configurations under the interpreter ---------------------------------------------------------------
+# Qwen3-VL-2B's KV layout (8 kv heads x head_dim 128, GQA 16:8), the engine's block size 16 and flashinfer's 256, bf16
+# caches as the bf16 model writes them. The interpreter has no bf16 arithmetic: a bf16 -> bf16 store is an exact
+# copy, a bf16 load widens exactly, and its fp32 -> bf16 output cast truncates where torch rounds (one bf16 step).
+QWEN3_VL_2B_KV = dict(heads=16, kv_heads=8, head_dim=128)
+BF16_STEP = 2 ** -7  # relative size of one bf16 rounding step (8 significant bits)
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_store_production_layout(block_size, dtype):
+    kv_heads, head_dim = QWEN3_VL_2B_KV["kv_heads"], QWEN3_VL_2B_KV["head_dim"]
+    g = torch.Generator().manual_seed(block_size)
+    fused = torch.randn(21, 3, kv_heads, head_dim, generator=g).to(dtype)  # q, k, v of one projection
+    key, value = fused[:, 1], fused[:, 2]
+    slots = torch.randperm(3 * block_size, generator=g)[:21]
+    slots[5::4] = -1
+    caches = [torch.full((3, block_size, kv_heads, head_dim), 7.0, dtype=dtype) for _ in range(4)]
+    kv_store_reference(key, value, caches[0], caches[1], slots)
+    kv_store_triton(key, value, caches[2], caches[3], slots.to(torch.int32))
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+def test_kv_store_zero_tokens_and_all_padding_store_nothing():
+    for tokens, slot in ((0, 0), (4, -1)):
+        key = torch.randn(tokens, 8, 128, dtype=torch.bfloat16)
+        caches = [torch.full((2, 256, 8, 128), 7.0, dtype=torch.bfloat16) for _ in range(2)]
+        kv_store_triton(key, key, caches[0], caches[1], torch.full((tokens,), slot, dtype=torch.int32))
+        assert all((c == 7.0).all() for c in caches)
+
+
+def huge_cache(num_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A cache past 2^31 elements that costs only the pages a test touches: torch.empty maps the memory lazily."""
+    cache = torch.empty(num_blocks, block_size, QWEN3_VL_2B_KV["kv_heads"], QWEN3_VL_2B_KV["head_dim"], dtype=dtype)
+    assert cache.numel() > 2 ** 31
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_store_slot_offsets_past_int32(dtype):
+    """slot x row (8 x 128 elements) passes 2^31 from slot 2^21 on: the kernel must compute offsets in int64."""
+    row = QWEN3_VL_2B_KV["kv_heads"] * QWEN3_VL_2B_KV["head_dim"]
+    num_blocks = (2 ** 31 // row) // 256 + 2
+    k_cache, v_cache = huge_cache(num_blocks, 256, dtype), huge_cache(num_blocks, 256, dtype)
+    key, value = (torch.randn(4, 8, 128, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(2))
+    slots = [num_blocks * 256 - 1, 2 ** 31 // row, 2 ** 31 // row - 1, 3]  # the last two fit int32 offsets
+    flat_k, flat_v = k_cache.view(-1, 8, 128), v_cache.view(-1, 8, 128)
+    for s in slots:  # touch only these pages
+        flat_k[s] = flat_v[s] = 7.0
+    kv_store_triton(key, value, k_cache, v_cache, torch.tensor(slots, dtype=torch.int32))
+    for i, s in enumerate(slots):
+        assert torch.equal(flat_k[s], key[i]) and torch.equal(flat_v[s], value[i]), s
+    assert slots[1] * row >= 2 ** 31 > slots[2] * row  # the first two overflow int32 (a negative offset there)
+
+
+def cuda_tile(heads: int, kv_heads: int, head_dim: int, block_size: int) -> int:
+    """The tokens per tile the decode kernel uses on CUDA at this layout (the interpreter's default is a page)."""
+    group_pad, dim_pad = triton.next_power_of_2(heads // kv_heads), triton.next_power_of_2(head_dim)
+    return decode_tile_tokens(group_pad, dim_pad, block_size, on_cuda=True)
+
+
+@pytest.mark.parametrize("cuda_tiles", [False, True])
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_production_layout(block_size, dtype, cuda_tiles):
+    heads, kv_heads, head_dim = QWEN3_VL_2B_KV.values()
+    context_lens = [1, block_size, 2 * block_size + 3, 0]  # one token, one full block, a partial third, padding
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 2
+    k_cache, v_cache, tables = paged_layout(context_lens, num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    q = torch.randn(len(context_lens), heads, head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    tile = cuda_tile(heads, kv_heads, head_dim, block_size) if cuda_tiles else None
+    assert tile is None or tile == 16  # GQA 2 x head_dim 128: 16 tokens a tile, so a 256-token page is 16 tiles
+    got = paged_decode_triton(*(t.to(KERNEL_DEVICE) for t in (q, k_cache, v_cache, tables)),
+                              torch.tensor(context_lens, dtype=torch.int32, device=KERNEL_DEVICE), head_dim ** -0.5,
+                              tile_tokens=tile).cpu()
+    assert got.dtype == dtype
+    for s, c in enumerate(context_lens):
+        if c == 0:
+            assert (got[s] == 0).all()
+            continue
+        expected = dense_attention(q[s:s + 1].float(), gather(k_cache, tables[s], c).float(),
+                                   gather(v_cache, tables[s], c).float(), head_dim ** -0.5)[0]
+        rtol = BF16_STEP if dtype == torch.bfloat16 else 0
+        torch.testing.assert_close(got[s].float(), expected, rtol=rtol, atol=2e-6)
+
+
+@pytest.mark.parametrize("cuda_tiles", [False, True])
+def test_paged_decode_block_offsets_past_int32(cuda_tiles):
+    """block x block stride (256 x 8 x 128 elements) passes 2^31 from block 8192 on; bf16 as in production."""
+    heads, kv_heads, head_dim = QWEN3_VL_2B_KV.values()
+    stride = 256 * kv_heads * head_dim
+    num_blocks = 2 ** 31 // stride + 3
+    k_cache, v_cache = huge_cache(num_blocks, 256, torch.bfloat16), huge_cache(num_blocks, 256, torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    blocks = [num_blocks - 1, 2 ** 31 // stride, 2 ** 31 // stride - 1, 0]
+    for b in blocks:  # touch only these blocks
+        k_cache[b] = torch.randn(256, kv_heads, head_dim, generator=g).bfloat16()
+        v_cache[b] = torch.randn(256, kv_heads, head_dim, generator=g).bfloat16()
+    tables = torch.tensor([blocks[:2], blocks[2:]], dtype=torch.int32)
+    context_lens = [300, 257]
+    q = torch.randn(2, heads, head_dim, generator=g).bfloat16()
+    tile = cuda_tile(heads, kv_heads, head_dim, 256) if cuda_tiles else None
+    got = paged_decode_triton(*(t.to(KERNEL_DEVICE) for t in (q, k_cache, v_cache, tables)),
+                              torch.tensor(context_lens, dtype=torch.int32, device=KERNEL_DEVICE), 0.1,
+                              tile_tokens=tile).cpu()
+    for s, c in enumerate(context_lens):
+        expected = dense_attention(q[s:s + 1].float(), gather(k_cache, tables[s], c).float(),
+                                   gather(v_cache, tables[s], c).float(), 0.1)[0]
+        torch.testing.assert_close(got[s].float(), expected, rtol=BF16_STEP, atol=2e-6)

@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import ViTImageProcessorPil
 
@@ -74,24 +73,80 @@ def test_vit_reference_matches_transformers_pil_processor(h, w, kwargs):
     np.testing.assert_array_equal(got.numpy(), expected)
 
 
+def antialias_taps(in_size: int, out_size: int, mode: str) -> torch.Tensor:
+    """(out_size, in_size) float64 weights of the antialiased resize, from its definition (what torch's
+    antialias=True and Pillow compute; written here independently of both): output pixel i is centred at input
+    coordinate c = (i + 0.5) * in/out; the filter (triangle for bilinear, Keys cubic with a = -0.5 for bicubic)
+    is stretched by the downscale factor (never shrunk when upscaling); the taps are the input pixels whose
+    centres lie within the stretched support, clipped at the image edges, and their weights are renormalized to
+    sum to 1 (so clipped edge windows still average)."""
+    a = -0.5
+
+    def kernel(x: np.ndarray) -> np.ndarray:
+        x = np.abs(x)
+        if mode == "bilinear":
+            return np.clip(1 - x, 0, None)
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+    scale = in_size / out_size
+    stretch = max(scale, 1.0)
+    support = {"bilinear": 1.0, "bicubic": 2.0}[mode] * stretch
+    taps = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        centre = scale * (i + 0.5)
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), in_size)
+        j = np.arange(lo, hi)
+        w = kernel((j + 0.5 - centre) / stretch)
+        taps[i, lo:hi] = w / w.sum()
+    return torch.from_numpy(taps)
+
+
+def antialias_resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Separable float64 resize of (..., H, W) with the taps above."""
+    rows, cols = antialias_taps(x.shape[-2], size[0], mode), antialias_taps(x.shape[-1], size[1], mode)
+    return rows @ x.double() @ cols.T
+
+
 def dinov3_pipeline(image: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """DINOv3ViTImageProcessor's order (torchvision is unavailable here): rescale -> antialiased resize -> normalize."""
-    x = image.permute(2, 0, 1).unsqueeze(0).float() * (1 / 255)
-    x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)[0]
-    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    """DINOv3ViTImageProcessor's order, in float64: rescale -> antialiased resize -> normalize."""
+    x = antialias_resize(image.permute(2, 0, 1).double() * (1 / 255), size, mode)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    return (x - mean) / torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
 
 
-@pytest.mark.parametrize("h,w,out_h,out_w,mode", [
-    (224, 224, 224, 224, "bilinear"), (300, 400, 224, 224, "bilinear"), (17, 9, 32, 24, "bilinear"),
-    (100, 33, 32, 32, "bicubic"), (1, 1, 8, 8, "bilinear"),
-])
-def test_dinov3_reference_matches_interpolate_pipeline(h, w, out_h, out_w, mode):
-    resample = {"bilinear": 2, "bicubic": 3}[mode]
-    spec = preprocess_spec(dinov3_config(size={"height": out_h, "width": out_w},
-                                                                 resample=resample))
-    image = random_image(h, w, seed=h + w)
-    got = run_reference(image, spec)
-    torch.testing.assert_close(got, dinov3_pipeline(image, (out_h, out_w), mode), atol=1e-5, rtol=0)
+def test_antialias_taps_reproduce_known_weights():
+    # Halving with bilinear: a 4-tap triangle [1, 3, 3, 1] / 8, clipped and renormalized at the edges.
+    torch.testing.assert_close(antialias_taps(4, 2, "bilinear"), torch.tensor(
+        [[3 / 7, 3 / 7, 1 / 7, 0], [0, 1 / 7, 3 / 7, 3 / 7]], dtype=torch.float64), atol=1e-15, rtol=0)
+    # Same size: the identity for both filters. One output pixel of 4: the triangle stretched 4x, [5, 7, 7, 5] / 24.
+    for mode in ("bilinear", "bicubic"):
+        assert torch.equal(antialias_taps(5, 5, mode), torch.eye(5, dtype=torch.float64))
+    torch.testing.assert_close(antialias_taps(4, 1, "bilinear"),
+                               torch.tensor([[5, 7, 7, 5]], dtype=torch.float64) / 24, atol=1e-15, rtol=0)
+
+
+# Output sides >= 2: torch's CPU antialias kernel (and so torchvision and transformers) gives every row the first
+# row's value when the output width is 1 and the height is not (torch 2.13); no model input is 1 pixel wide.
+DINOV3_RESIZE_CASES = [(224, 224, 224, 224), (300, 400, 224, 224), (17, 9, 32, 24), (100, 33, 32, 32), (1, 1, 8, 8),
+                       (1000, 700, 32, 32), (3, 900, 24, 40), (45, 61, 45, 30), (640, 480, 640, 640)]
+DINOV3_RESIZE_CASES += [tuple(int(v) for v in np.random.default_rng(i).integers((1, 1, 2, 2), (400, 400, 260, 260)))
+                        for i in range(24)]
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_dinov3_reference_matches_float64_antialias_filter(mode):
+    # Measured worst |reference - float64 filter| over 200 random (input, output) sizes: 1.2e-4 (torch's float32
+    # tap weights on wide downscales, on values of magnitude <= 2.7). A wrong support, centre or edge window is off by
+    # > 1e-2 on these random images.
+    for h, w, out_h, out_w in DINOV3_RESIZE_CASES:
+        resample = {"bilinear": 2, "bicubic": 3}[mode]
+        spec = preprocess_spec(dinov3_config(size={"height": out_h, "width": out_w}, resample=resample))
+        image = random_image(h, w, seed=h + w)
+        expected = dinov3_pipeline(image, (out_h, out_w), mode)
+        torch.testing.assert_close(run_reference(image, spec).double(), expected, atol=2e-4, rtol=0,
+                                   msg=lambda m: f"{(h, w, out_h, out_w)}: {m}")
 
 
 def test_reference_writes_low_precision_outputs_as_cast_fp32():
@@ -108,12 +163,12 @@ def test_reference_writes_low_precision_outputs_as_cast_fp32():
 
 
 def float64_oracle(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """The DINOv3 pipeline in float64: what the float32 kernel and reference both approximate."""
+    """The DINOv3 pipeline in float64 (the independent filter above): what the float32 kernel and reference both
+    approximate."""
     resized = spec.resized_size(*image.shape[:2])
     top, left = spec.crop_offsets(*resized)
-    x = image.permute(2, 0, 1).unsqueeze(0).double() * spec.rescale_factor
-    x = F.interpolate(x, size=resized, mode={2: "bilinear", 3: "bicubic"}[spec.resample], align_corners=False,
-                      antialias=True)[0, :, top:top + spec.height, left:left + spec.width]
+    x = antialias_resize(image.permute(2, 0, 1).double() * spec.rescale_factor, resized,
+                         {2: "bilinear", 3: "bicubic"}[spec.resample])[:, top:top + spec.height, left:left + spec.width]
     mean = torch.tensor(spec.image_mean, dtype=torch.float64).view(3, 1, 1)
     return (x - mean) / torch.tensor(spec.image_std, dtype=torch.float64).view(3, 1, 1)
 

@@ -107,7 +107,9 @@ def test_quantized_classifier_tracks_fp32(tmp_path, kind):
         p_ref, _ = reference(x)
         p_int8, _ = model(x)
     assert p_int8.shape == p_ref.shape
-    assert (p_int8 - p_ref).abs().max() < 0.05
+    # Measured max |P_int8 - P_fp32| on these 8 inputs: dinov3 0.0016, vit 0.0134. The integer products are exact on
+    # every CPU; the bound (about 3x / 2x) leaves room for the float quantize/dequantize steps.
+    assert (p_int8 - p_ref).abs().max() <= {"dinov3": 0.005, "vit": 0.03}[kind]
 
 
 def test_quantize_respects_exclude(tmp_path):

@@ -21,8 +21,8 @@ from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.tokenizer import ChatTokenizer
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from fixtures.images import random_image
-from fixtures.vlm_checkpoints import (IMAGE_PAD, QWEN3_VL_2B_SHAPED, TINY, hf_inputs, image_processor, make_qwen3_vl,
-                                   write_tokenizer)
+from fixtures.vlm_checkpoints import (IMAGE_PAD, QWEN3_VL_2B_LAYERS_REDUCED, QWEN3_VL_2B_SHAPED, TINY, hf_inputs,
+                                      image_processor, make_qwen3_vl, write_tokenizer)
 from fixtures.vlm_prefill import prefill_logits
 
 ENGINE = VLMEngineConfig(kv_cache_bytes=1 << 22, max_model_len=512, max_num_batched_tokens=1024, block_size=8)
@@ -109,8 +109,8 @@ def test_preprocess_config_errors(cfg, match):
 # --- model parity -------------------------------------------------------------------------------------------------
 
 
-def check_prefill(path, ref_model, prompt, images):
-    engine = VLMEngine.load(path, config=ENGINE)
+def check_prefill(path, ref_model, prompt, images, config: VLMEngineConfig = ENGINE):
+    engine = VLMEngine.load(path, config=config)
     logits, token_ids = prefill_logits(engine, prompt, images)
     assert token_ids.count(IMAGE_PAD) == sum(engine.image_spec.num_tokens(*im.shape[:2]) for im in images)
     with torch.no_grad():
@@ -157,6 +157,24 @@ def test_greedy_generation_matches_transformers_generate(tmp_path, cfg, pixels):
     assert len(result.token_ids) == 32
     assert result.token_ids == expected
     assert result.finish_reason == "length" and result.num_prompt_tokens == len(prompt)
+
+
+@pytest.mark.slow
+def test_qwen3_vl_2b_real_layer_shapes_prefill_and_greedy_tokens(tmp_path):
+    """Qwen3-VL-2B's real per-layer shapes and vocabulary (fewer layers: fixtures/vlm_checkpoints.py says which):
+    prefill logits at every position and 4 greedy tokens equal transformers'."""
+    ref = make_qwen3_vl(tmp_path, QWEN3_VL_2B_LAYERS_REDUCED, min_pixels=64 * 64, max_pixels=96 * 96)
+    image = random_image(90, 120, seed=4)
+    config = VLMEngineConfig(kv_cache_bytes=1 << 24, max_model_len=512, max_num_batched_tokens=1024, block_size=8)
+    check_prefill(tmp_path, ref, QUESTION, [image], config)
+    engine = VLMEngine.load(tmp_path, config=config)
+    result, = engine.generate([QUESTION], [[image]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    request_id = engine.add_request(QUESTION, [image])
+    prompt = engine.requests[request_id].token_ids
+    engine.cancel(request_id)
+    with torch.no_grad():
+        out = ref.generate(**hf_inputs(tmp_path, prompt, [image]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert result.token_ids == out[0, len(prompt):].tolist() and len(result.token_ids) == 4
 
 
 def test_bf16_drift_within_transformers_own(tmp_path):

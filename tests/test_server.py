@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import Engine
 from server.app import Service
+from server.config import CPU_BATCH
 from fixtures.checkpoints import make_vit
 from fixtures.images import b64, jpeg
 from fixtures.serving import MAX_BATCH, serving
@@ -200,7 +201,9 @@ def test_full_queue_rejects_at_once(engine, model_dir):
     async def scenario():
         async with serving(engine, model_dir, queue_size=2, max_delay_ms=1500) as s:
             waiting = [asyncio.create_task(s.post("/v1/predict", {"image": b64(im)})) for im in images[:2]]
+            give_up = time.monotonic() + 10.0
             while len(s.service.batcher) < 2:
+                assert time.monotonic() < give_up, "the two requests never queued"
                 await asyncio.sleep(0.005)
             rejected = await s.post("/v1/predict", {"image": b64(images[2])})
             batch_rejected = await s.post("/v1/predict/batch", {"images": [b64(images[3])]})
@@ -303,7 +306,9 @@ def test_client_disconnect_drops_queued_work(engine, model_dir):
                 request = asyncio.create_task(impatient.post(
                     s.url + "/v1/predict", data=orjson.dumps({"image": b64(jpeg(80))}),
                     headers={"Content-Type": "application/json"}))
+                give_up = time.monotonic() + 10.0
                 while len(s.service.batcher) < 1:  # queued, waiting for its batch
+                    assert time.monotonic() < give_up, "the request never queued"
                     await asyncio.sleep(0.005)
                 request.cancel()  # the client gives up: its connection closes
                 with pytest.raises(asyncio.CancelledError):
@@ -354,9 +359,12 @@ def test_ready_only_after_warmup_and_health_meanwhile(engine, model_dir):
 def test_models_describes_engine_and_settings(engine, model_dir):
     async def scenario():
         async with serving(engine, model_dir, queue_size=77) as s:
-            return await s.get("/v1/models")
+            described = await s.get("/v1/models")
+        async with serving(engine, model_dir, max_batch=None) as s:  # unset: the device's default
+            return described, orjson.loads((await s.get("/v1/models"))[1])
 
-    status, body, content_type = run(scenario())
+    (status, body, content_type), unset = run(scenario())
+    assert unset["server"]["max_batch"] == CPU_BATCH == 8
     described = orjson.loads(body)
     assert status == 200 and content_type.startswith("application/json")
     assert described["ready"] is True

@@ -7,6 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.cascade.engine import Engine
+from runtime.image_decode import decode_image
 from fixtures.checkpoints import write_preprocessor
 from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
 from fixtures.images import b64, jpeg
@@ -56,6 +57,16 @@ def test_detail_has_detector_scores_and_boxes_and_metrics_have_breakers(bundle):
     assert detail["boxes"], "box_threshold 0 keeps every roadwork box"
     for box in detail["boxes"]:
         assert box["detector"] == "deimv2" and box["label"] in ("LABEL_1", "LABEL_3") and len(box["xyxy"]) == 4
+    # The values are the engine's own answer for the same image, box for box in order (float32 through JSON).
+    want = engine.predict([decode_image(image)], boxes=True)[0]
+    assert detail["prediction"] == plain["prediction"] == pytest.approx(want.prediction, abs=1e-6)
+    assert detail["scores"] == pytest.approx(want.scores, abs=1e-6)
+    assert detail["detector_scores"] == pytest.approx(want.detector_scores, abs=1e-6)
+    assert len(detail["boxes"]) == len(want.boxes)
+    for got, box in zip(detail["boxes"], want.boxes):
+        assert (got["detector"], got["label"]) == (box.detector, box.label)
+        assert got["score"] == pytest.approx(box.score, abs=1e-6)
+        assert got["xyxy"] == pytest.approx(list(box.xyxy), abs=1e-4)
     families = {f.name: f for f in text_string_to_metric_families(metrics.decode())}
     states = {(s.labels["stage"], s.labels["state"]): s.value for s in families["roadwork_stage_breaker_state"].samples}
     assert states == {("detectors", "closed"): 1, ("detectors", "open"): 0, ("detectors", "half_open"): 0}

@@ -107,6 +107,15 @@ def test_config_defaults_environment_and_command_line():
     assert (config.port, config.access_log, config.queue_size, config.max_delay_ms) == (0, False, 3, 2.5)
 
 
+@pytest.mark.parametrize("argv, env, batch", [
+    ([], {}, 8), (["--device", "cuda"], {}, 32), ([], {"ROADWORK_DEVICE": "cuda:1"}, 32),
+    (["--device", "cuda", "--max-batch", "5"], {}, 5), ([], {"ROADWORK_MAX_BATCH": "3"}, 3),
+], ids=["cpu-default", "cuda-default", "cuda-index-default", "explicit-on-cuda", "environment"])
+def test_max_batch_defaults_per_device(argv, env, batch):
+    """8 images per engine call on CPU (ViT-B/16 runs slower per image at 32 there), 32 on CUDA, unless set."""
+    assert parse_config(argv, environ=env).batch_size == batch
+
+
 @pytest.mark.parametrize("argv, env", [(["--port", "70000"], {}), (["--device", "tpu"], {}),
                                        (["--queue-size", "0"], {}), ([], {"ROADWORK_PORT": "eighty"}),
                                        ([], {"ROADWORK_DTYPE": "int8"}), ([], {"ROADWORK_ACCESS_LOG": "maybe"}),

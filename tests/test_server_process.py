@@ -104,10 +104,12 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(model_dir):
 
             log_task = asyncio.create_task(drain_log())
             async with aiohttp.ClientSession() as client:
+                give_up = time.monotonic() + 60
                 while True:
                     async with client.get(url + "/readyz") as r:
                         if r.status == 200:
                             break
+                    assert time.monotonic() < give_up, "server never became ready:\n" + "".join(log_lines)
                     await asyncio.sleep(0.02)
 
                 async def predict(image: bytes):
@@ -120,7 +122,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(model_dir):
                     async with client.get(url + "/metrics") as r:
                         if re.search(r"^roadwork_queue_depth 6\.0$", await r.text(), re.M):
                             break
-                    assert time.monotonic() < give_up
+                    assert time.monotonic() < give_up, "the six requests never all queued"
                     await asyncio.sleep(0.01)
                 signalled = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
