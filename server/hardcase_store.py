@@ -184,7 +184,7 @@ class HardCaseStore:
                                f"merge`") from None
         for leftover in self.tmp.iterdir():  # a crash between write and rename
             leftover.unlink()
-        self._repair_index()
+        cut_torn_tail(self.root / INDEX)
         self.samples = read_index(self.root)
         self.ids = {s.id for s in self.samples}
         known = {Path(s.file).name for s in self.samples}
@@ -200,19 +200,6 @@ class HardCaseStore:
     def _index_size(self) -> int:
         path = self.root / INDEX
         return path.stat().st_size if path.exists() else 0
-
-    def _repair_index(self) -> None:
-        """Cut a torn last line so the next append starts on a line of its own."""
-        path = self.root / INDEX
-        if not path.exists():
-            return
-        with open(path, "rb+") as f:
-            content = f.read()
-            end = content.rfind(b"\n") + 1
-            if end != len(content):
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
 
     def __contains__(self, sample_id: str) -> bool:
         return sample_id in self.ids
@@ -299,3 +286,16 @@ def merge(sources: list[Path], out: Path) -> tuple[int, int]:
             added += 1
     return added, duplicates
 
+
+def cut_torn_tail(path: Path) -> None:
+    """A crash mid-write leaves a last line without its newline: cut it (durably), so the next append starts on a
+    line of its own and no reader sees half a record."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        content = f.read()
+        end = content.rfind(b"\n") + 1
+        if end != len(content):
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())

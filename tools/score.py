@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from runtime.image_decode import ImageDecodeError, decode_image
+from server.hardcase_store import cut_torn_tail
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +110,6 @@ def row_of(item_id: str, result: Any, detail: bool) -> dict:
 def error_row(item_id: str, error: str) -> dict:
     return {"id": item_id, "prediction": None, "label": None, "stage": None, "degraded": None, "error": error,
             "scores": None}
-
-
-def cut_torn_tail(path: Path) -> None:
-    """A crash mid-write leaves a last line without its newline: cut it, so it is scored again."""
-    if not path.exists():
-        return
-    with open(path, "rb+") as f:
-        content = f.read()
-        end = content.rfind(b"\n") + 1
-        if end != len(content):
-            f.truncate(end)
 
 
 def read_jsonl_ids(path: Path) -> list[dict]:
