@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import io
 import logging
+import os
+import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -15,12 +20,14 @@ import orjson
 from aiohttp import web
 from PIL import Image
 
-from runtime.image_decode import ImageDecodeError, decode_image
+from runtime.errors import InputError
+from runtime.image_decode import DecodeLimits, ImageDecodeError, ImageInfo, decode_image, decode_probed, probe_image
 from server.batcher import (BatcherClosed, Batcher, Computed, DeadlineExceeded, InferenceFailed, QueueFull,
                             StageListener, WorkItem)
 from server.cache import ResultCache, image_key
 from server.config import ServerConfig
 from server.errors import ApiError, error_response, from_http_exception, json_response
+from server.guard import ByteBudget, CappedRunner, ConnectionCap
 from server.metrics import ServerMetrics
 from server.payload import decode_base64_image, parse_json_object, required_field
 from server.stream import EventStream, Explanation
@@ -31,6 +38,12 @@ request_log = logging.getLogger("server.requests")
 # Bodies above this are parsed, base64-decoded and hashed on a thread instead of the event loop.
 OFFLOAD_BYTES = 1 << 20
 RETRY_AFTER_S = "1"
+# /readyz says "saturated" while every decode thread has been busy on one image for longer than this.
+DECODE_STALL_S = 1.0
+# The id of the request being handled, for log lines about it; clients get it in X-Request-Id and error bodies.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+DECODE_ERROR_STATUS = {"undecodable_image": 422, "image_too_large": 422, "image_refused": 422,
+                       "decode_timeout": 504}
 
 
 class Service:
@@ -42,8 +55,13 @@ class Service:
         self.metrics = ServerMetrics()
         self.cache = ResultCache(config.cache_entries, config.cache_bytes, config.cache_ttl_s)
         self.batcher = Batcher(engine, config.batch_size, config.max_delay_ms / 1000, config.queue_size,
-                               self.metrics)
+                               self.metrics, config.decode_memory_bytes)
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.limits = DecodeLimits(config.max_pixels, config.max_aspect_ratio, config.max_jpeg_scans)
+        self.decoding: dict[int, float] = {}  # decode thread id -> when its current decode started
+        self.bodies = ByteBudget(config.body_memory_bytes)
+        self.connections = ConnectionCap(config.max_connections, config.max_connections_per_ip)
+        self.explanations = 0  # explanations decoding now (max_explanations)
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
                            engine.stage_states, engine.vlm_stats)
         self.has_vlm = engine.vlm_stats() is not None
@@ -76,10 +94,18 @@ class Service:
         log.info("warmed up in %.2f s; ready", took)
 
     async def stop(self) -> None:
+        """Runs what is queued, then stops. Nothing here joins a thread: decodes end by their deadline, and
+        __main__ bounds the whole shutdown by --shutdown-timeout-s."""
         if self.warmup_task is not None and not self.warmup_task.done():
             self.warmup_task.cancel()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
         await self.batcher.close()
-        self.decode_pool.shutdown(wait=True)
+
+    def saturated(self) -> bool:
+        """Every decode thread stuck on one image for a while: new requests would wait behind them."""
+        started = list(self.decoding.values())
+        return len(started) >= self.config.decode_threads and \
+            time.monotonic() - min(started) > DECODE_STALL_S
 
     # --- the prediction pipeline -----------------------------------------------------------------------
 
@@ -89,16 +115,44 @@ class Service:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
-    async def _decode(self, data: bytes) -> tuple[Any, float]:
-        start = time.perf_counter()
+    def _decode_on_thread(self, info: ImageInfo, deadline: float) -> tuple[np.ndarray, float]:
+        thread = threading.get_ident()
+        start = self.decoding[thread] = time.monotonic()
         try:
-            image = await asyncio.get_running_loop().run_in_executor(
-                self.decode_pool, decode_image, data, self.config.max_pixels)
+            return decode_probed(info, deadline), time.monotonic() - start
+        finally:
+            del self.decoding[thread]
+
+    def _start_decode(self, info: ImageInfo, deadline: float) -> asyncio.Future:
+        """Decode one admitted image on a decode thread. Its admission (one image, its estimated peak bytes) is held
+        until that thread is done with it, also when the requester stops waiting earlier."""
+        loop = asyncio.get_running_loop()
+        job = self.decode_pool.submit(self._decode_on_thread, info, deadline)
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.batcher.release, 1, info.cost_bytes))
+        return asyncio.wrap_future(job)
+
+    async def probe(self, data: bytes) -> ImageInfo:
+        try:
+            return await self.offload(len(data), probe_image, data, self.limits)
         except ImageDecodeError as e:
-            raise ApiError(422, e.code, str(e)) from None
-        took = time.perf_counter() - start
-        self.metrics.decode_latency.observe(took)
-        return image, took
+            raise decode_error(e) from None
+
+    async def decode(self, infos: list[ImageInfo], deadline: float) -> list[tuple[np.ndarray, float] | ApiError]:
+        """Admit (by count and by decode memory) and decode probed images; an image or an ApiError each, in order.
+        Raises ApiError when the server cannot take them."""
+        self._admit(len(infos), deadline, sum(info.cost_bytes for info in infos))
+        outcomes = await asyncio.gather(*(self._start_decode(info, deadline) for info in infos),
+                                        return_exceptions=True)
+        decoded: list[tuple[np.ndarray, float] | ApiError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, ImageDecodeError):
+                decoded.append(decode_error(outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                self.metrics.decode_latency.observe(outcome[1])
+                decoded.append(outcome)
+        return decoded
 
     def cached(self, key: bytes, explain: bool) -> Any | None:
         """A cached result this request can use: one computed without an explanation does not answer a request
@@ -123,6 +177,11 @@ class Service:
                       explain: bool = False) -> list[dict | ApiError]:
         """One answer or one error per image, in order. Raises ApiError only for whole-request failures."""
         self.check_explain(explain)
+        with self.explaining(len(blobs) if explain else 0):
+            return await self._predict(blobs, start, deadline, detail, explain)
+
+    async def _predict(self, blobs: list[bytes | ApiError], start: float, deadline: float, detail: bool,
+                       explain: bool) -> list[dict | ApiError]:
         answers: list[dict | ApiError | None] = [None] * len(blobs)
         keys: dict[int, bytes] = {}
         misses: list[int] = []
@@ -137,26 +196,27 @@ class Service:
             else:
                 misses.append(i)
 
-        to_run: list[tuple[int, Any, float]] = []
+        to_run: list[tuple[int, Any, float, int]] = []  # (index, image, decode seconds, JPEG reduction)
         items: list[WorkItem] = []
-        if misses:
-            self._admit(len(misses), deadline)
+        infos: dict[int, ImageInfo] = {}
+        for i in misses:  # each image's header checks fail that image only, before anything is admitted
             try:
-                decoded = await asyncio.gather(*(self._decode(blobs[i]) for i in misses), return_exceptions=True)
-                for i, outcome in zip(misses, decoded):
-                    if isinstance(outcome, ApiError):
-                        answers[i] = outcome
-                    elif isinstance(outcome, BaseException):
-                        raise outcome
-                    else:
-                        to_run.append((i, *outcome))
-                if to_run:
-                    items = self.batcher.submit([image for _, image, _ in to_run], deadline, explain)
-            finally:
-                self.batcher.release(len(misses) - len(items))  # room of images that will not be queued
-
+                infos[i] = await self.probe(blobs[i])
+            except ApiError as e:
+                answers[i] = e
+        if infos:
+            decoded = await self.decode(list(infos.values()), deadline)
+            for (i, info), outcome in zip(infos.items(), decoded):
+                if isinstance(outcome, ApiError):
+                    answers[i] = outcome
+                else:
+                    to_run.append((i, outcome[0], outcome[1], info.scale))
+            if to_run:
+                items = self.batcher.submit([image for _, image, _, _ in to_run], deadline)
         if items:
-            await self._await_items(to_run, items, keys, answers, start, deadline, detail, explain)
+            await self._await_items(to_run, items, keys, answers, start, deadline, detail)
+        if explain:
+            await self._explain_answers(to_run, keys, answers, deadline, detail)
         for answer in answers:
             self.count_image(answer)
         return answers
@@ -167,35 +227,90 @@ class Service:
         else:
             self.metrics.images.labels("cached" if answer["cached"] else "computed").inc()
 
-    def _admit(self, count: int, deadline: float) -> None:
+    def _admit(self, count: int, deadline: float, nbytes: int) -> None:
         if count > self.batcher.queue_size:
             raise ApiError(413, "too_many_images", f"{count} images to compute exceed the queue size "
                                                    f"({self.batcher.queue_size}); send smaller batches")
+        if nbytes > self.batcher.max_bytes:
+            raise ApiError(413, "images_too_large", f"decoding these images takes ~{nbytes / 2**20:.0f} MiB, more than "
+                                                    f"the server's {self.batcher.max_bytes / 2**20:.0f} MiB; send "
+                                                    f"smaller images or fewer per request")
         try:
-            self.batcher.admit(count, deadline)
+            self.batcher.admit(count, deadline, nbytes)
         except QueueFull as e:
             raise ApiError(503, "queue_full", f"server is overloaded: {e}", {"Retry-After": RETRY_AFTER_S}) from None
         except BatcherClosed as e:
             raise ApiError(503, "shutting_down", str(e), {"Retry-After": RETRY_AFTER_S}) from None
 
-    async def submit_one(self, data: bytes, deadline: float,
-                         on_stage: StageListener) -> tuple[WorkItem, np.ndarray, float]:
-        """Admit, decode and queue one image whose stage decisions go to on_stage (the stream endpoint)."""
-        self._admit(1, deadline)
-        items: list[WorkItem] = []
+    def refuse_early(self, deadline: float) -> None:
+        """Before a body is read: refuse at once (503, connection closed, body unread) if one more image would
+        be refused anyway."""
+        refused = self.batcher.refusal(1, deadline)
+        if refused is not None:
+            reason, message = refused
+            self.metrics.queue_dropped.labels(reason).inc()
+            raise ApiError(503, "shutting_down" if reason == "shutting_down" else "queue_full",
+                           f"server is overloaded: {message}", {"Retry-After": RETRY_AFTER_S}, close=True)
+
+    @contextlib.contextmanager
+    def explaining(self, count: int):
+        """Hold `count` of the max_explanations slots (503 beyond it) while explanations decode."""
+        if count and self.explanations + count > self.config.max_explanations:
+            raise ApiError(503, "explanations_busy", f"{self.explanations} explanations are being written, the "
+                                                     f"server's limit is {self.config.max_explanations}; retry, or "
+                                                     f"ask without explain", {"Retry-After": RETRY_AFTER_S})
+        self.explanations += count
         try:
-            image, decode_s = await self._decode(data)
-            items = self.batcher.submit([image], deadline, on_stage=on_stage)
+            yield
+        finally:
+            self.explanations -= count
+
+    async def submit_one(self, data: bytes, deadline: float,
+                         on_stage: StageListener) -> tuple[WorkItem, np.ndarray, float, int]:
+        """Probe, admit, decode and queue one image whose stage decisions go to on_stage (the stream endpoint)."""
+        try:
+            info = await self.probe(data)
+            [outcome] = await self.decode([info], deadline)
+            if isinstance(outcome, ApiError):
+                raise outcome
         except ApiError as e:
             self.count_image(e)
             raise
-        finally:
-            self.batcher.release(1 - len(items))
-        return items[0], image, decode_s
+        image, decode_s = outcome
+        [item] = self.batcher.submit([image], deadline, on_stage=on_stage)
+        return item, image, decode_s, info.scale
 
-    async def _await_items(self, to_run: list[tuple[int, Any, float]], items: list[WorkItem],
+    async def _explain_answers(self, to_run: list[tuple[int, Any, float, int]], keys: dict[int, bytes],
+                               answers: list, deadline: float, detail: bool) -> None:
+        """explain=1: each computed answer's explanation, decoded on the VLM loop thread (never on the inference
+        worker, so explanations never hold up scoring), all at once, within the request's deadline."""
+        wanted = [(i, image) for i, image, _, _ in to_run
+                  if isinstance(answers[i], dict) and answers[i].get("explanation") is None]
+
+        async def explain_one(i: int, image: np.ndarray) -> None:
+            result = answers[i].pop("_result")
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    explained = await _stream_explanation(self, None, keys[i], image, result)
+            except TimeoutError:
+                answers[i] = ApiError(504, "deadline_exceeded", "the explanation did not finish within the "
+                                                                f"{self.config.timeout_s:g} s deadline")
+                return
+            except ApiError as e:
+                answers[i] = e
+                return
+            answers[i]["explanation"] = explained.explanation
+            if detail:
+                answers[i]["tokens"] = explained.tokens
+
+        await asyncio.gather(*(explain_one(i, image) for i, image in wanted))
+        for answer in answers:
+            if isinstance(answer, dict):
+                answer.pop("_result", None)
+
+    async def _await_items(self, to_run: list[tuple[int, Any, float, int]], items: list[WorkItem],
                            keys: dict[int, bytes], answers: list, start: float, deadline: float,
-                           detail: bool, explain: bool) -> None:
+                           detail: bool) -> None:
         try:
             _, pending = await asyncio.wait([item.future for item in items],
                                             timeout=max(0.0, deadline - time.monotonic()))
@@ -203,7 +318,7 @@ class Service:
             for item in items:
                 self.batcher.abandon(item, "client_disconnected")
             raise
-        for (i, _, decode_s), item in zip(to_run, items):
+        for (i, _, decode_s, scale), item in zip(to_run, items):
             if item.future in pending:
                 self.batcher.abandon(item, "deadline")
                 answers[i] = ApiError(504, "deadline_exceeded",
@@ -214,8 +329,10 @@ class Service:
                 answers[i] = outcome
                 continue
             self.remember(keys[i], outcome.result)
-            answers[i] = _answer(outcome.result, False, detail, explain, total_s=time.monotonic() - start,
-                                 decode_s=decode_s, queue_s=outcome.queue_wait_s, compute_s=outcome.compute_s)
+            answers[i] = _answer(outcome.result, False, detail, False, total_s=time.monotonic() - start,
+                                 decode_s=decode_s, queue_s=outcome.queue_wait_s, compute_s=outcome.compute_s,
+                                 scale=scale)
+            answers[i]["_result"] = outcome.result  # for _explain_answers; removed before answering
 
     def remember(self, key: bytes, result: Any) -> None:
         if not result.degraded:  # a degraded answer may improve once the failing stage recovers
@@ -227,15 +344,23 @@ def computed_or_error(item: WorkItem) -> Computed | ApiError:
     error = item.future.exception()
     if isinstance(error, DeadlineExceeded):
         return ApiError(504, "deadline_exceeded", str(error))
+    if isinstance(error, InputError):
+        return ApiError(422, "unprocessable_image", f"the model cannot take this image: {error}")
     if isinstance(error, InferenceFailed):
-        return ApiError(500, "inference_failed", str(error))
+        log.error("request %s: inference failed on one image: %r", REQUEST_ID.get(), error.error)
+        return ApiError(500, "inference_failed", f"the model failed on this image; request id {REQUEST_ID.get()}")
     if error is not None:
         raise error
     return item.future.result()
 
 
+def decode_error(e: ImageDecodeError) -> ApiError:
+    return ApiError(DECODE_ERROR_STATUS[e.code], e.code, str(e))
+
+
 def _answer(result: Any, cached: bool, detail: bool, explain: bool, total_s: float, decode_s: float = 0.0,
-            queue_s: float = 0.0, compute_s: float = 0.0) -> dict:
+            queue_s: float = 0.0, compute_s: float = 0.0, scale: int = 1) -> dict:
+    """`scale`: the JPEG reduction the image was decoded at; boxes are given in the original image's pixels."""
     answer = {
         "prediction": result.prediction,
         "label": result.label,
@@ -253,8 +378,8 @@ def _answer(result: Any, cached: bool, detail: bool, explain: bool, total_s: flo
         if result.detector_scores:
             answer["detector_scores"] = dict(result.detector_scores)
         if result.boxes is not None:
-            answer["boxes"] = [{"detector": b.detector, "label": b.label, "score": b.score, "xyxy": list(b.xyxy)}
-                               for b in result.boxes]
+            answer["boxes"] = [{"detector": b.detector, "label": b.label, "score": b.score,
+                                "xyxy": [v * scale for v in b.xyxy]} for b in result.boxes]
     return answer
 
 
@@ -322,6 +447,31 @@ def _extract_batch(body: bytes, max_images: int) -> list[bytes | ApiError]:
     return blobs
 
 
+@contextlib.asynccontextmanager
+async def _body(request: web.Request, service: Service, deadline: float):
+    """The request body, read only once the server would take the request, within its deadline and the global body
+    byte budget (held while the caller parses it). Refusals close the connection, leaving the body unread."""
+    length, limit = request.content_length, service.config.max_body_bytes
+    if length is not None and length > limit:
+        raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the {limit}-byte limit "
+                                              f"(--max-body-mb)", close=True)
+    service.refuse_early(deadline)
+    need = limit if length is None else length  # chunked: the most it may grow to
+    if not service.bodies.take(need):
+        raise ApiError(503, "busy_reading", f"the server is reading {service.bodies.held} bytes of request bodies, "
+                                            f"its limit; retry", {"Retry-After": RETRY_AFTER_S}, close=True)
+    try:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                body = await request.read()
+        except TimeoutError:
+            raise ApiError(408, "body_timeout", "the request body did not arrive within the request deadline",
+                           close=True) from None
+        yield body
+    finally:
+        service.bodies.give(need)
+
+
 def _deadline(service: Service, start: float, requested_s: object = None) -> float:
     timeout_s = service.config.timeout_s
     if isinstance(requested_s, (int, float)) and not isinstance(requested_s, bool) and requested_s > 0:
@@ -345,9 +495,10 @@ async def predict(request: web.Request) -> web.Response:
     start = time.monotonic()
     content_type = _require_single_image(request)
     detail, explain = _wants_detail(request), _flag(request, "explain")
-    body = await request.read()
-    data, _ = await service.offload(len(body), _extract_single, body, content_type)
-    [answer] = await service.predict([data], start, _deadline(service, start), detail, explain)
+    deadline = _deadline(service, start)
+    async with _body(request, service, deadline) as body:
+        data, _ = await service.offload(len(body), _extract_single, body, content_type)
+    [answer] = await service.predict([data], start, deadline, detail, explain)
     if isinstance(answer, ApiError):
         raise answer
     return json_response(answer)
@@ -362,9 +513,15 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
     content_type = _require_single_image(request)
     detail, explain = _wants_detail(request), _flag(request, "explain", default=service.has_vlm)
     service.check_explain(explain)
-    body = await request.read()
-    data, _ = await service.offload(len(body), _extract_single, body, content_type)
+    with service.explaining(1 if explain else 0):
+        return await _predict_stream(request, service, start, content_type, detail, explain)
+
+
+async def _predict_stream(request: web.Request, service: Service, start: float, content_type: str, detail: bool,
+                          explain: bool) -> web.StreamResponse:
     deadline = _deadline(service, start)
+    async with _body(request, service, deadline) as body:
+        data, _ = await service.offload(len(body), _extract_single, body, content_type)
     key = await service.offload(len(data), image_key, data)
     hit = service.cached(key, explain)
     stages: asyncio.Queue[dict | None] = asyncio.Queue()
@@ -396,10 +553,12 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
         outcome = "client_disconnected"
         raise
     except Exception:  # the headers are gone: the middleware's JSON 500 cannot be sent any more
-        log.exception("unhandled error on %s %s after its event stream opened", request.method, request.path)
+        log.exception("request %s: unhandled error on %s %s after its event stream opened", REQUEST_ID.get(),
+                      request.method, request.path)
         outcome = "internal_error"
         with contextlib.suppress(ConnectionResetError):
-            await events.send("error", ApiError(500, outcome, "internal server error; see the server log").body())
+            await events.send("error", ApiError(500, outcome, f"internal server error; request id "
+                                                              f"{REQUEST_ID.get()}").body())
     finally:
         if submitted is not None:
             service.batcher.abandon(submitted[0], outcome)  # no-op once answered
@@ -408,11 +567,11 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_computed(service: Service, events: EventStream, key: bytes,
-                           submitted: tuple[WorkItem, np.ndarray, float], stages: asyncio.Queue, start: float,
+                           submitted: tuple[WorkItem, np.ndarray, float, int], stages: asyncio.Queue, start: float,
                            deadline: float, detail: bool, explain: bool) -> tuple[Any, dict]:
     """Stage events until the image's batch resolves, then the explanation's tokens; the final ImageResult and
     its answer."""
-    item, image, decode_s = submitted
+    item, image, decode_s, scale = submitted
     item.future.add_done_callback(lambda _: stages.put_nowait(None))  # queued after every stage event
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -432,12 +591,13 @@ async def _stream_computed(service: Service, events: EventStream, key: bytes,
     elif explain:
         result = await _stream_explanation(service, events, key, image, result)
     return result, _answer(result, False, detail, explain, total_s=time.monotonic() - start, decode_s=decode_s,
-                           queue_s=computed.queue_wait_s, compute_s=computed.compute_s)
+                           queue_s=computed.queue_wait_s, compute_s=computed.compute_s, scale=scale)
 
 
-async def _stream_explanation(service: Service, events: EventStream, key: bytes, image: np.ndarray,
+async def _stream_explanation(service: Service, events: EventStream | None, key: bytes, image: np.ndarray,
                               result: Any) -> Any:
-    """Token events from Engine.explain_stream; the result with its explanation and all of its tokens."""
+    """Engine.explain_stream's text (as token events, given `events`); the result with its explanation and all of
+    its tokens."""
     idle_s = service.config.timeout_s
     pieces: list[str] = []
     try:
@@ -445,14 +605,16 @@ async def _stream_explanation(service: Service, events: EventStream, key: bytes,
             async for output in explanation:
                 if output.text:
                     pieces.append(output.text)
-                    await events.send("token", {"text": output.text})
+                    if events is not None:
+                        await events.send("token", {"text": output.text})
     except TimeoutError:
         raise ApiError(504, "explanation_timeout", f"the explanation produced nothing for {idle_s:g} s") from None
     except (ApiError, ConnectionResetError):
         raise
-    except Exception as e:
-        log.exception("explanation stream failed")
-        raise ApiError(500, "explanation_failed", f"the vlm stage failed to explain this image: {e}") from None
+    except Exception:
+        log.exception("request %s: explanation failed", REQUEST_ID.get())
+        raise ApiError(500, "explanation_failed", f"the vlm stage failed to explain this image; request id "
+                                                  f"{REQUEST_ID.get()}") from None
     final = explanation.final
     if final.finish_reason == "error":
         raise ApiError(500, "explanation_failed", "the vlm stage failed while explaining this image; see the server "
@@ -472,9 +634,10 @@ async def predict_batch(request: web.Request) -> web.Response:
     start = time.monotonic()
     _require_json(request)
     detail, explain = _wants_detail(request), _flag(request, "explain")
-    body = await request.read()
-    blobs = await service.offload(len(body), _extract_batch, body, service.config.max_batch_images)
-    answers = await service.predict(blobs, start, _deadline(service, start), detail, explain)
+    deadline = _deadline(service, start)
+    async with _body(request, service, deadline) as body:
+        blobs = await service.offload(len(body), _extract_batch, body, service.config.max_batch_images)
+    answers = await service.predict(blobs, start, deadline, detail, explain)
     return json_response({"results": [a.body() if isinstance(a, ApiError) else a for a in answers]})
 
 
@@ -483,8 +646,8 @@ async def image_synapse(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     start = time.monotonic()
     _require_json(request)
-    body = await request.read()
-    data, synapse = await service.offload(len(body), _extract_single, body, "application/json")
+    async with _body(request, service, _deadline(service, start)) as body:
+        data, synapse = await service.offload(len(body), _extract_single, body, "application/json")
     deadline = _deadline(service, start, synapse.get("timeout"))
     [answer] = await service.predict([data], start, deadline, detail=False)
     if isinstance(answer, ApiError):
@@ -499,6 +662,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
+    if service.ready and service.saturated():
+        return json_response({"status": "saturated"}, status=503, headers={"Retry-After": RETRY_AFTER_S})
     if service.ready:
         return json_response({"status": "ready"})
     task = service.warmup_task
@@ -511,9 +676,23 @@ async def models(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     config = service.config
     server = {"max_batch": config.batch_size} | {name: getattr(config, name) for name in (
-        "max_delay_ms", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
-        "cache_entries", "cache_mb", "cache_ttl_s")}
-    return json_response({"ready": service.ready, "engine": service.engine.describe(), "server": server})
+        "max_delay_ms", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_aspect_ratio", "max_jpeg_scans",
+        "max_batch_images", "max_explanations", "cache_entries", "cache_mb", "cache_ttl_s")}
+    engine = _relative_paths(service.engine.describe(), Path(service.engine.model_dir))
+    return json_response({"ready": service.ready, "engine": engine, "server": server})
+
+
+def _relative_paths(described: Any, root: Path) -> Any:
+    """Engine.describe() with every filesystem path shown relative to the bundle directory ("." for itself):
+    clients learn which model is served, not where the server's files are."""
+    if isinstance(described, dict):
+        return {k: _relative_paths(v, root) for k, v in described.items()}
+    if isinstance(described, list):
+        return [_relative_paths(v, root) for v in described]
+    if isinstance(described, str) and os.path.isabs(described):
+        path = Path(described)
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+    return described
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -531,19 +710,23 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     status = 500
+    request_id = uuid.uuid4().hex[:16]
+    REQUEST_ID.set(request_id)  # this task's context: the handler and what it awaits
     try:
         try:
             response = await handler(request)
         except ApiError as e:
-            response = error_response(e)
+            response = error_response(e, request_id if e.status >= 500 else None)
         except web.HTTPException as e:
             response = error_response(from_http_exception(e))
         except asyncio.CancelledError:
             status = 499  # client closed the connection before the answer
             raise
         except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            response = error_response(ApiError(500, "internal_error", "internal server error; see the server log"))
+            log.exception("request %s: unhandled error on %s %s", request_id, request.method, request.path)
+            response = error_response(ApiError(500, "internal_error", "internal server error"), request_id)
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
         status = response.status
         return response
     finally:
@@ -559,10 +742,17 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
 
 async def start_site(app: web.Application, host: str, port: int, access_log: bool = False,
                      shutdown_timeout_s: float = 30.0) -> tuple[web.AppRunner, str, int]:
-    """Start serving app on host:port (0 picks a free port); returns the runner and the bound address."""
-    runner = web.AppRunner(app, handler_cancellation=True,  # a client that hangs up cancels its handler
-                           access_log=logging.getLogger("aiohttp.access") if access_log else None,
-                           shutdown_timeout=shutdown_timeout_s)
+    """Start serving app on host:port (0 picks a free port); returns the runner and the bound address.
+
+    Slow clients: aiohttp's keep-alive timer runs from the moment a connection opens until a request's headers are
+    complete, so keepalive_timeout_s bounds silent sockets, trickled headers and idle keep-alive alike; bodies must
+    arrive within the request deadline (_body); connections are capped in all and per address (server/guard.py)."""
+    service = app[SERVICE]
+    config = service.config
+    runner = CappedRunner(app, service.connections,
+                          handler_cancellation=True,  # a client that hangs up cancels its handler
+                          access_log=logging.getLogger("aiohttp.access") if access_log else None,
+                          shutdown_timeout=shutdown_timeout_s, keepalive_timeout=config.keepalive_timeout_s)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -43,7 +43,7 @@ from runtime.models.classifier import Classifier, load_classifier
 from runtime.config import read_json
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.dinov3 import DINOv3ViT
-from runtime.errors import ModelLoadError
+from runtime.errors import InputError, ModelLoadError
 from runtime.models.quant import quantize_int8
 from runtime.cascade.vlm_stage import VLMStage
 
@@ -481,6 +481,8 @@ class Cascade:
                 answers = [StageAnswer(a.p, tokens=a.tokens) for a in stage.score([images[i] for i in pending])]
             else:
                 answers = stage.run(pending, images, want_boxes)
+        except InputError:
+            raise  # the image's fault, not the stage's: no breaker count; the server isolates that image
         except Exception:
             log.exception("stage '%s' failed on %d image(s); they keep the previous stage's answer",
                           stage.name, len(pending))
