@@ -40,7 +40,7 @@ OFFLOAD_BYTES = 1 << 20
 RETRY_AFTER_S = "1"
 # /readyz says "saturated" while every decode thread has been busy on one image for longer than this.
 DECODE_STALL_S = 1.0
-# The id of the request being handled, for log lines about it; clients get it in X-Request-Id and error bodies.
+# The id of the request being handled, for log lines about it; clients get it in X-Request-ID and error bodies.
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 DECODE_ERROR_STATUS = {"undecodable_image": 422, "image_too_large": 422, "image_refused": 422,
                        "decode_timeout": 504}
@@ -726,7 +726,7 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
             log.exception("request %s: unhandled error on %s %s", request_id, request.method, request.path)
             response = error_response(ApiError(500, "internal_error", "internal server error"), request_id)
         if not response.prepared:
-            response.headers["X-Request-Id"] = request_id
+            response.headers["X-Request-ID"] = request_id
         status = response.status
         return response
     finally:

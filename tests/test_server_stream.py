@@ -152,8 +152,9 @@ def test_explain_on_predict_and_batch_and_the_cache(engine, bundle):
             plain = await answer("/v1/predict?detail=1", {"image": b64(first)})
             cost_s = s.service.batcher.image_cost_s
             explained = await answer("/v1/predict?explain=1", {"image": b64(first)})  # the cached answer lacks it
-            # Decoding an explanation is not what scoring an image costs: admission's estimate ignores it.
-            assert s.service.batcher.image_cost_s == cost_s
+            # The explanation decodes on the VLM loop thread, not in the batch: admission's per-image estimate
+            # measures scoring only (the recomputed score moves it by one smoothed sample at most).
+            assert s.service.batcher.image_cost_s < 3 * cost_s
             again = await answer("/v1/predict?explain=true", {"image": b64(first)})
             unasked = await answer("/v1/predict", {"image": b64(first)})
             batch = await answer("/v1/predict/batch?explain=1&detail=1", {"images": [b64(first), b64(second)]})
