@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 GIB = 2 ** 30
 MAX_MODEL_LEN = 4096  # prompt + explanation tokens of one sequence (at most the model's max_position_embeddings)
 WARMUP_IMAGE = (224, 224)  # the validators' image size
+SCORE_TIMEOUT_S = 9.0  # the validators' timeout: the longest scoring may block the inference worker
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,16 @@ class VLMStage:
     # ------------------------------------------------------------------------------------------------------------
 
     def score(self, images: list[torch.Tensor]) -> list[VLMAnswer]:
-        """P(roadwork) of each (H, W, 3) uint8 image, with its token counts; blocks until all are scored."""
-        return self._call(lambda: self._submit(self.spec.prompt, images, None)).result()
+        """P(roadwork) of each (H, W, 3) uint8 image, with its token counts; blocks until all are scored, at most
+        the stage's time budget (else SCORE_TIMEOUT_S): past it the requests are cancelled and TimeoutError
+        raised, so a VLM swamped by explanations cannot hold the inference worker."""
+        done = self._call(lambda: self._submit(self.spec.prompt, images, None))
+        try:
+            return done.result(timeout=self.time_budget_s or SCORE_TIMEOUT_S)
+        except TimeoutError:
+            self._call(lambda: [self.engine.cancel(i) for i in done.request_ids])
+            raise TimeoutError(f"vlm stage '{self.name}': scoring {len(images)} image(s) took over "
+                               f"{self.time_budget_s or SCORE_TIMEOUT_S:g} s") from None
 
     def explain(self, images: list[torch.Tensor], sampling: SamplingParams | None = None) -> list[VLMAnswer]:
         """The explain prompt's greedy answer for each image (up to max_explain_tokens); blocks until done."""
@@ -311,6 +320,7 @@ class VLMStage:
     def _submit(self, prompt: str, images: list[torch.Tensor], sampling: SamplingParams | None) -> Future:
         """Queue one request per image (sampling None: scoring); the future resolves when all have finished."""
         done: Future = Future()
+        done.request_ids = []  # score() cancels these when it stops waiting
         if not images:
             done.set_result([])
             return done
@@ -333,6 +343,7 @@ class VLMStage:
             for image in images:
                 ids.append(self.engine.add_request(prompt, [image], sampling=sampling, score=sampling is None,
                                                    on_output=collect))
+            done.request_ids = ids
         except Exception as e:
             done.set_exception(e)  # first: the cancellations below must not resolve it otherwise
             for request_id in ids:
