@@ -61,6 +61,7 @@ class Window:
 
 class Traffic:
     def __init__(self, images: list[bytes]) -> None:
+        self.images = images
         self.good = [json.dumps({"image": base64.b64encode(im).decode()}).encode() for im in images]
         self.hostile = [flat_webp(6300), strip_png(400_000), scan_bomb(1500, (512, 512)), png_header_only(20000, 20000)]
         self.bad = [(b"\x00garbage" * 50, "image/jpeg"), (b'{"image": "@@@not base64@@@"}', "application/json"),
@@ -130,8 +131,10 @@ async def soak(url: str, pid: int, traffic: Traffic, args: argparse.Namespace) -
                                      timeout=aiohttp.ClientTimeout(total=60)) as client:
         start = time.monotonic()
 
-        def window() -> Window:
-            index = int((time.monotonic() - start) // args.window_s)
+        last = max(0, int(-(-duration // args.window_s)) - 1)
+
+        def window() -> Window:  # answers arriving after the end count in the last window
+            index = min(last, int((time.monotonic() - start) // args.window_s))
             while len(windows) <= index:
                 windows.append(Window(len(windows) * args.window_s))
             return windows[index]
@@ -202,10 +205,19 @@ async def overload(url: str, traffic: Traffic, clients: int, seconds: float) -> 
     return {"clients": clients, "seconds": round(took, 1), "statuses": counts, "goodput_per_s": round(good / took, 2)}
 
 
+def offline(args: argparse.Namespace, traffic: Traffic) -> float:
+    """Images/s of Engine.predict on full batches in this process (bench.load's measure)."""
+    offline_args = argparse.Namespace(model=args.model, device="cpu", dtype=None, max_batch=args.max_batch,
+                                      offline_batches=args.offline_batches)
+    images_per_s = offline_throughput(offline_args, traffic.images)["images_per_s"]
+    log.info("offline Engine.predict: %.1f images/s", images_per_s)
+    return images_per_s
+
+
 async def start_server(args: argparse.Namespace) -> tuple[asyncio.subprocess.Process, str]:
     command = [sys.executable, "-m", "server", "--model", str(args.model), "--host", "127.0.0.1", "--port", "0",
                "--cache-entries", "0", "--log-level", "info", "--max-batch", str(args.max_batch),
-               "--keepalive-timeout-s", "5"]
+               "--keepalive-timeout-s", "5", "--queue-size", str(args.queue_size)]
     proc = await asyncio.create_subprocess_exec(*command, cwd=REPO, stderr=asyncio.subprocess.PIPE)
     try:
         while True:
@@ -234,7 +246,10 @@ async def run(args: argparse.Namespace, traffic: Traffic) -> dict:
         async with aiohttp.ClientSession() as client:
             await wait_ready(client, url)
         windows = await soak(url, proc.pid, traffic, args)
-        over = None if args.no_overload else await overload(url, traffic, args.overload_clients, args.overload_s)
+        over = None
+        if not args.no_overload:
+            over = await overload(url, traffic, args.overload_clients, args.overload_s)
+            over["offline_after"] = await asyncio.get_running_loop().run_in_executor(None, offline, args, traffic)
         rss, fds = proc_stats(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -250,6 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window-s", type=float, default=60.0, help="reporting window")
     parser.add_argument("--model", type=Path, default=REPO / "bundles" / "default")
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--queue-size", type=int, default=1024, help="the server's; small makes overload refuse")
     parser.add_argument("--overload-clients", type=int, default=32)
     parser.add_argument("--overload-s", type=float, default=60.0)
     parser.add_argument("--no-overload", action="store_true")
@@ -263,21 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     images = make_jpegs(64, 224)
     traffic = Traffic(images)
-    offline = None
-    if not args.no_overload:
-        offline_args = argparse.Namespace(model=args.model, device="cpu", dtype=None, max_batch=args.max_batch,
-                                          offline_batches=args.offline_batches)
-        offline = offline_throughput(offline_args, images)
-        offline.pop("engine")
-        log.info("offline Engine.predict: %.1f images/s", offline["images_per_s"])
+    offline_before = None if args.no_overload else offline(args, traffic)
     report = asyncio.run(run(args, traffic))
     windows = report["windows"]
     warm = windows[1] if len(windows) > 2 else windows[0]
-    report["rss_growth_after_warmup"] = round(windows[-1]["rss_mb"] / warm["rss_mb"] - 1, 4) if warm["rss_mb"] else None
+    report["rss_growth_after_warmup"] = round(windows[-1]["rss_mb"] / warm["rss_mb"] - 1, 4)
     report["lost"] = sum(w["lost"] for w in windows)
-    report["offline"] = offline
     if report["overload"] is not None:
-        report["overload_goodput_vs_offline"] = round(report["overload"]["goodput_per_s"] / offline["images_per_s"], 3)
+        # Offline right before the soak and right after the overload phase: the machine's load moves meanwhile.
+        after = report["overload"].pop("offline_after")
+        report["offline_images_per_s"] = {"before": offline_before, "after": after}
+        report["overload_goodput_vs_offline"] = round(report["overload"]["goodput_per_s"] / ((offline_before + after) / 2), 3)
     report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     for w in windows:
         log.info("t=%5ds goodput %6.2f/s  p99 %8.1f ms  rss %7.1f MB  fds %4d  lost %d", w["t_s"], w["goodput_per_s"],

@@ -42,6 +42,12 @@ RETRY_AFTER_S = "1"
 DECODE_STALL_S = 1.0
 # The id of the request being handled, for log lines about it; clients get it in X-Request-ID and error bodies.
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# Refusing before the body: bodies up to this are drained and the connection kept (a reconnect costs more than
+# reading them); larger ones close the connection unread.
+DRAIN_BELOW_BYTES = 256 << 10
+# A queue-full refusal is answered after this pause: clients that resend at once after a 503 (closed loop, no
+# backoff) would otherwise spend on refusals the CPU that computing needs. A sleeping handler costs no CPU.
+REFUSAL_PACE_S = 0.1
 DECODE_ERROR_STATUS = {"undecodable_image": 422, "image_too_large": 422, "image_refused": 422,
                        "decode_timeout": 504}
 
@@ -177,11 +183,12 @@ class Service:
                       explain: bool = False) -> list[dict | ApiError]:
         """One answer or one error per image, in order. Raises ApiError only for whole-request failures."""
         self.check_explain(explain)
-        with self.explaining(len(blobs) if explain else 0):
-            return await self._predict(blobs, start, deadline, detail, explain)
+        slots = min(len(blobs), self.config.max_explanations) if explain else 0
+        with self.explaining(slots):
+            return await self._predict(blobs, start, deadline, detail, explain, slots)
 
     async def _predict(self, blobs: list[bytes | ApiError], start: float, deadline: float, detail: bool,
-                       explain: bool) -> list[dict | ApiError]:
+                       explain: bool, slots: int) -> list[dict | ApiError]:
         answers: list[dict | ApiError | None] = [None] * len(blobs)
         keys: dict[int, bytes] = {}
         misses: list[int] = []
@@ -216,7 +223,7 @@ class Service:
         if items:
             await self._await_items(to_run, items, keys, answers, start, deadline, detail)
         if explain:
-            await self._explain_answers(to_run, keys, answers, deadline, detail)
+            await self._explain_answers(to_run, keys, answers, deadline, detail, slots)
         for answer in answers:
             self.count_image(answer)
         return answers
@@ -242,15 +249,18 @@ class Service:
         except BatcherClosed as e:
             raise ApiError(503, "shutting_down", str(e), {"Retry-After": RETRY_AFTER_S}) from None
 
-    def refuse_early(self, deadline: float) -> None:
-        """Before a body is read: refuse at once (503, connection closed, body unread) if one more image would
-        be refused anyway."""
+    async def refuse_early(self, deadline: float, length: int | None) -> None:
+        """Before a body is read: refuse (503, the body unread) if one more image would be refused anyway."""
         refused = self.batcher.refusal(1, deadline)
-        if refused is not None:
-            reason, message = refused
-            self.metrics.queue_dropped.labels(reason).inc()
-            raise ApiError(503, "shutting_down" if reason == "shutting_down" else "queue_full",
-                           f"server is overloaded: {message}", {"Retry-After": RETRY_AFTER_S}, close=True)
+        if refused is None:
+            return
+        reason, message = refused
+        self.metrics.queue_dropped.labels(reason).inc()
+        if reason != "shutting_down":
+            await asyncio.sleep(REFUSAL_PACE_S)
+        raise ApiError(503, "shutting_down" if reason == "shutting_down" else "queue_full",
+                       f"server is overloaded: {message}", {"Retry-After": RETRY_AFTER_S},
+                       close=length is None or length > DRAIN_BELOW_BYTES)
 
     @contextlib.contextmanager
     def explaining(self, count: int):
@@ -281,16 +291,18 @@ class Service:
         return item, image, decode_s, info.scale
 
     async def _explain_answers(self, to_run: list[tuple[int, Any, float, int]], keys: dict[int, bytes],
-                               answers: list, deadline: float, detail: bool) -> None:
+                               answers: list, deadline: float, detail: bool, slots: int) -> None:
         """explain=1: each computed answer's explanation, decoded on the VLM loop thread (never on the inference
-        worker, so explanations never hold up scoring), all at once, within the request's deadline."""
+        worker, so explanations never hold up scoring), `slots` at a time (the request's share of
+        max_explanations), within the request's deadline."""
+        concurrent = asyncio.Semaphore(slots)
         wanted = [(i, image) for i, image, _, _ in to_run
                   if isinstance(answers[i], dict) and answers[i].get("explanation") is None]
 
         async def explain_one(i: int, image: np.ndarray) -> None:
             result = answers[i].pop("_result")
             try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                async with concurrent, asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     explained = await _stream_explanation(self, None, keys[i], image, result)
             except TimeoutError:
                 answers[i] = ApiError(504, "deadline_exceeded", "the explanation did not finish within the "
@@ -455,7 +467,7 @@ async def _body(request: web.Request, service: Service, deadline: float):
     if length is not None and length > limit:
         raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the {limit}-byte limit "
                                               f"(--max-body-mb)", close=True)
-    service.refuse_early(deadline)
+    await service.refuse_early(deadline, length)
     need = limit if length is None else length  # chunked: the most it may grow to
     if not service.bodies.take(need):
         raise ApiError(503, "busy_reading", f"the server is reading {service.bodies.held} bytes of request bodies, "
