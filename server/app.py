@@ -68,6 +68,10 @@ class Service:
         self.bodies = ByteBudget(config.body_memory_bytes)
         self.connections = ConnectionCap(config.max_connections, config.max_connections_per_ip)
         self.explanations = 0  # explanations decoding now (max_explanations)
+        self.metrics.admitted_bytes.set_function(lambda: self.batcher.bytes_held)
+        self.metrics.body_bytes.set_function(lambda: self.bodies.held)
+        self.metrics.connections.set_function(lambda: self.connections.total)
+        self.metrics.explanations.set_function(lambda: self.explanations)
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
                            engine.stage_states, engine.vlm_stats)
         self.has_vlm = engine.vlm_stats() is not None
