@@ -224,10 +224,11 @@ class Service:
                     to_run.append((i, outcome[0], outcome[1], info.scale))
             if to_run:
                 items = self.batcher.submit([image for _, image, _, _ in to_run], deadline)
+        computed: dict[int, Any] = {}  # index -> ImageResult of the images computed here
         if items:
-            await self._await_items(to_run, items, keys, answers, start, deadline, detail)
+            await self._await_items(to_run, items, keys, answers, computed, start, deadline, detail)
         if explain:
-            await self._explain_answers(to_run, keys, answers, deadline, detail, slots)
+            await self._explain_answers(to_run, keys, answers, computed, deadline, detail, slots)
         for answer in answers:
             self.count_image(answer)
         return answers
@@ -295,16 +296,16 @@ class Service:
         return item, image, decode_s, info.scale
 
     async def _explain_answers(self, to_run: list[tuple[int, Any, float, int]], keys: dict[int, bytes],
-                               answers: list, deadline: float, detail: bool, slots: int) -> None:
+                               answers: list, computed: dict[int, Any], deadline: float, detail: bool,
+                               slots: int) -> None:
         """explain=1: each computed answer's explanation, decoded on the VLM loop thread (never on the inference
         worker, so explanations never hold up scoring), `slots` at a time (the request's share of
         max_explanations), within the request's deadline."""
         concurrent = asyncio.Semaphore(slots)
-        wanted = [(i, image) for i, image, _, _ in to_run
-                  if isinstance(answers[i], dict) and answers[i].get("explanation") is None]
+        wanted = [(i, image) for i, image, _, _ in to_run if i in computed and computed[i].explanation is None]
 
         async def explain_one(i: int, image: np.ndarray) -> None:
-            result = answers[i].pop("_result")
+            result = computed[i]
             try:
                 async with concurrent, asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     explained = await _stream_explanation(self, None, keys[i], image, result)
@@ -320,13 +321,10 @@ class Service:
                 answers[i]["tokens"] = explained.tokens
 
         await asyncio.gather(*(explain_one(i, image) for i, image in wanted))
-        for answer in answers:
-            if isinstance(answer, dict):
-                answer.pop("_result", None)
 
     async def _await_items(self, to_run: list[tuple[int, Any, float, int]], items: list[WorkItem],
-                           keys: dict[int, bytes], answers: list, start: float, deadline: float,
-                           detail: bool) -> None:
+                           keys: dict[int, bytes], answers: list, computed: dict[int, Any], start: float,
+                           deadline: float, detail: bool) -> None:
         try:
             _, pending = await asyncio.wait([item.future for item in items],
                                             timeout=max(0.0, deadline - time.monotonic()))
@@ -348,7 +346,7 @@ class Service:
             answers[i] = _answer(outcome.result, False, detail, False, total_s=time.monotonic() - start,
                                  decode_s=decode_s, queue_s=outcome.queue_wait_s, compute_s=outcome.compute_s,
                                  scale=scale)
-            answers[i]["_result"] = outcome.result  # for _explain_answers; removed before answering
+            computed[i] = outcome.result
 
     def remember(self, key: bytes, result: Any) -> None:
         if not result.degraded:  # a degraded answer may improve once the failing stage recovers

@@ -100,6 +100,7 @@ async def normal_answer(client: aiohttp.ClientSession, url: str) -> float:
     """A validator-sized request must be answered correctly, well under a second, with /readyz 200."""
     status, body, took = await post(client, url, jpeg(7, size=(224, 224)))
     assert status == 200 and 0 <= body["prediction"] <= 1, body
+    assert set(body) == {"prediction", "label", "stage", "cached", "degraded", "timings_ms"}, body
     assert took < 1.0, took
     async with client.get(url + "/readyz") as r:
         assert r.status == 200, await r.text()
