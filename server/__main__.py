@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,15 @@ if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast
     from runtime.cascade.engine import Engine
 
 log = logging.getLogger("server")
+
+
+class Shutdown:
+    """When SIGTERM/SIGINT came: --shutdown-timeout-s counts from there, over everything that follows."""
+    started: float | None = None
+
+    @classmethod
+    def left_s(cls, config: ServerConfig) -> float:
+        return config.shutdown_timeout_s - (time.monotonic() - (cls.started or time.monotonic()))
 
 
 async def serve(config: ServerConfig, engine: Engine) -> int:
@@ -44,8 +56,15 @@ async def serve(config: ServerConfig, engine: Engine) -> int:
         code = 1  # never serve half-ready: a model that cannot warm up cannot answer either
     else:
         await stopped
+    Shutdown.started = time.monotonic()
     log.info("shutting down: no new connections, finishing in-flight requests")
-    await runner.cleanup()
+    try:
+        async with asyncio.timeout(config.shutdown_timeout_s):
+            await runner.cleanup()
+    except TimeoutError:
+        log.error("shutdown overran --shutdown-timeout-s (%g s); exiting without waiting for the rest",
+                  config.shutdown_timeout_s)
+        return code
     log.info("stopped")
     return code
 
@@ -63,10 +82,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as e:
         log.error("cannot load model from %s: %s", config.model, e)
         return 1
+    code = 1
     try:
-        return uvloop.run(serve(config, engine))
+        code = uvloop.run(serve(config, engine))
     finally:
-        engine.close()  # stops the VLM loop thread, if the bundle has a VLM
+        # Stops the VLM loop thread, if the bundle has a VLM; within what is left of the shutdown timeout.
+        closer = threading.Thread(target=engine.close, name="engine close", daemon=True)
+        closer.start()
+        closer.join(max(0.0, Shutdown.left_s(config)))
+    if closer.is_alive() or threading.active_count() > 1:
+        # A decode or a batch still running would hold the interpreter's exit (it joins pool threads): the
+        # timeout bounds the whole shutdown, so leave without them.
+        log.warning("exiting with %d thread(s) still running", threading.active_count() - 1)
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import io
 import logging
+import os
+import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -16,12 +21,15 @@ from aiohttp import web
 from PIL import Image
 
 from runtime.cascade.results import TokenCounts, add_tokens
-from runtime.image_decode import ImageDecodeError, decode_image
+from runtime.errors import InputError
+from runtime.image_decode import DecodeLimits, ImageDecodeError, ImageInfo, decode_image, decode_probed, probe_image
 from server.batcher import (BatcherClosed, Batcher, Computed, DeadlineExceeded, InferenceFailed, QueueFull,
                             StageListener, WorkItem)
+from server.body import RETRY_AFTER_S, read_body
 from server.cache import ResultCache, image_key
 from server.config import ServerConfig
 from server.errors import ApiError, error_response, from_http_exception, json_response
+from server.guard import ByteBudget, CappedRunner, ConnectionCap
 from server.hardcases import hard_case_capture
 from server.kserve import add_kserve_routes
 from server.metrics import ServerMetrics
@@ -37,7 +45,18 @@ request_log = logging.getLogger("server.requests")
 
 # Bodies above this are parsed, base64-decoded and hashed on a thread instead of the event loop.
 OFFLOAD_BYTES = 1 << 20
-RETRY_AFTER_S = "1"
+# /readyz says "saturated" while every decode thread has been busy on one image for longer than this.
+DECODE_STALL_S = 1.0
+# The id of the request being handled, for log lines about it; clients get it in X-Request-ID and error bodies.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# Refusing before the body: bodies up to this are drained and the connection kept (a reconnect costs more than
+# reading them); larger ones close the connection unread.
+DRAIN_BELOW_BYTES = 256 << 10
+# A queue-full refusal is answered after this pause: clients that resend at once after a 503 (closed loop, no
+# backoff) would otherwise spend on refusals the CPU that computing needs. A sleeping handler costs no CPU.
+REFUSAL_PACE_S = 0.1
+DECODE_ERROR_STATUS = {"undecodable_image": 422, "image_too_large": 422, "image_refused": 422,
+                       "decode_timeout": 504}
 
 
 class Service:
@@ -49,8 +68,17 @@ class Service:
         self.metrics = ServerMetrics()
         self.cache = ResultCache(config.cache_entries, config.cache_bytes, config.cache_ttl_s)
         self.batcher = Batcher(engine, config.batch_size, config.max_delay_ms / 1000, config.queue_size,
-                               self.metrics)
+                               self.metrics, config.decode_memory_bytes)
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.limits = DecodeLimits(config.max_pixels, config.max_aspect_ratio, config.max_jpeg_scans)
+        self.decoding: dict[int, float] = {}  # decode thread id -> when its current decode started
+        self.bodies = ByteBudget(config.body_memory_bytes)
+        self.connections = ConnectionCap(config.max_connections, config.max_connections_per_ip)
+        self.explanations = 0  # explanations decoding now (max_explanations)
+        self.metrics.admitted_bytes.set_function(lambda: self.batcher.bytes_held)
+        self.metrics.body_bytes.set_function(lambda: self.bodies.held)
+        self.metrics.connections.set_function(lambda: self.connections.total)
+        self.metrics.explanations.set_function(lambda: self.explanations)
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
                            engine.stage_states, engine.vlm_stats)
         precision = getattr(engine, "precision", None)  # runtime.models.precision.PrecisionChoice
@@ -89,14 +117,22 @@ class Service:
         log.info("warmed up in %.2f s; ready", took)
 
     async def stop(self) -> None:
+        """Runs what is queued, then stops. Nothing here joins a thread: decodes end by their deadline, and
+        __main__ bounds the whole shutdown by --shutdown-timeout-s."""
         if self.warmup_task is not None and not self.warmup_task.done():
             self.warmup_task.cancel()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
         await self.batcher.close()
-        self.decode_pool.shutdown(wait=True)
         if self.hardcases is not None:  # after the batcher: every answer has been offered
             await asyncio.to_thread(self.hardcases.close)
         if self.shared is not None:
             await self.shared.close()
+
+    def saturated(self) -> bool:
+        """Every decode thread stuck on one image for a while: new requests would wait behind them."""
+        started = list(self.decoding.values())
+        return len(started) >= self.config.decode_threads and \
+            time.monotonic() - min(started) > DECODE_STALL_S
 
     # --- the prediction pipeline -----------------------------------------------------------------------
 
@@ -106,16 +142,44 @@ class Service:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
-    async def _decode(self, data: bytes) -> tuple[Any, float]:
-        start = time.perf_counter()
+    def _decode_on_thread(self, info: ImageInfo, deadline: float) -> tuple[np.ndarray, float]:
+        thread = threading.get_ident()
+        start = self.decoding[thread] = time.monotonic()
         try:
-            image = await asyncio.get_running_loop().run_in_executor(
-                self.decode_pool, decode_image, data, self.config.max_pixels)
+            return decode_probed(info, deadline), time.monotonic() - start
+        finally:
+            del self.decoding[thread]
+
+    def _start_decode(self, info: ImageInfo, deadline: float) -> asyncio.Future:
+        """Decode one admitted image on a decode thread. Its admission (one image, its estimated peak bytes) is held
+        until that thread is done with it, also when the requester stops waiting earlier."""
+        loop = asyncio.get_running_loop()
+        job = self.decode_pool.submit(self._decode_on_thread, info, deadline)
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.batcher.release, 1, info.cost_bytes))
+        return asyncio.wrap_future(job)
+
+    async def probe(self, data: bytes) -> ImageInfo:
+        try:
+            return await self.offload(len(data), probe_image, data, self.limits)
         except ImageDecodeError as e:
-            raise ApiError(422, e.code, str(e)) from None
-        took = time.perf_counter() - start
-        self.metrics.decode_latency.observe(took)
-        return image, took
+            raise decode_error(e) from None
+
+    async def decode(self, infos: list[ImageInfo], deadline: float) -> list[tuple[np.ndarray, float] | ApiError]:
+        """Admit (by count and by decode memory) and decode probed images; an image or an ApiError each, in order.
+        Raises ApiError when the server cannot take them."""
+        self._admit(len(infos), deadline, sum(info.cost_bytes for info in infos))
+        outcomes = await asyncio.gather(*(self._start_decode(info, deadline) for info in infos),
+                                        return_exceptions=True)
+        decoded: list[tuple[np.ndarray, float] | ApiError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, ImageDecodeError):
+                decoded.append(decode_error(outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                self.metrics.decode_latency.observe(outcome[1])
+                decoded.append(outcome)
+        return decoded
 
     def cached(self, key: bytes, explain: bool) -> Any | None:
         """A cached result this request can use: one computed without an explanation does not answer a request
@@ -150,6 +214,12 @@ class Service:
         """One answer or one error per image, in order. Raises ApiError only for whole-request failures.
         `capture`: offer every answered image to the hard-case capture (?capture=1)."""
         self.check_explain(explain)
+        slots = min(len(blobs), self.config.max_explanations) if explain else 0
+        with self.explaining(slots):
+            return await self._predict(blobs, start, deadline, detail, explain, slots, capture)
+
+    async def _predict(self, blobs: list[bytes | ApiError], start: float, deadline: float, detail: bool,
+                       explain: bool, slots: int, capture: bool) -> list[dict | ApiError]:
         answers: list[dict | ApiError | None] = [None] * len(blobs)
         results: dict[int, Any] = {}  # ImageResult per answered image, for the hard-case capture
         keys: dict[int, bytes] = {}
@@ -166,26 +236,29 @@ class Service:
             else:
                 misses.append(i)
 
-        to_run: list[tuple[int, Any, float]] = []
+        to_run: list[tuple[int, Any, float, int]] = []  # (index, image, decode seconds, JPEG reduction)
         items: list[WorkItem] = []
-        if misses:
-            self._admit(len(misses), deadline)
+        infos: dict[int, ImageInfo] = {}
+        for i in misses:  # each image's header checks fail that image only, before anything is admitted
             try:
-                decoded = await asyncio.gather(*(self._decode(blobs[i]) for i in misses), return_exceptions=True)
-                for i, outcome in zip(misses, decoded):
-                    if isinstance(outcome, ApiError):
-                        answers[i] = outcome
-                    elif isinstance(outcome, BaseException):
-                        raise outcome
-                    else:
-                        to_run.append((i, *outcome))
-                if to_run:
-                    items = self.batcher.submit([image for _, image, _ in to_run], deadline, explain)
-            finally:
-                self.batcher.release(len(misses) - len(items))  # room of images that will not be queued
-
+                infos[i] = await self.probe(blobs[i])
+            except ApiError as e:
+                answers[i] = e
+        if infos:
+            decoded = await self.decode(list(infos.values()), deadline)
+            for (i, info), outcome in zip(infos.items(), decoded):
+                if isinstance(outcome, ApiError):
+                    answers[i] = outcome
+                else:
+                    to_run.append((i, outcome[0], outcome[1], info.scale))
+            if to_run:
+                items = self.batcher.submit([image for _, image, _, _ in to_run], deadline)
+        computed: dict[int, Any] = {}  # index -> ImageResult of the images computed here
         if items:
-            await self._await_items(to_run, items, keys, answers, results, start, deadline, detail, explain)
+            await self._await_items(to_run, items, keys, answers, computed, start, deadline, detail)
+        if explain:
+            await self._explain_answers(to_run, keys, answers, computed, deadline, detail, slots)
+        results.update(computed)
         for answer in answers:
             self.count_image(answer)
         if self.hardcases is not None:
@@ -199,35 +272,92 @@ class Service:
         else:
             self.metrics.images.labels("cached" if answer["cached"] else "computed").inc()
 
-    def _admit(self, count: int, deadline: float) -> None:
+    def _admit(self, count: int, deadline: float, nbytes: int) -> None:
         if count > self.batcher.queue_size:
             raise ApiError(413, "too_many_images", f"{count} images to compute exceed the queue size "
                                                    f"({self.batcher.queue_size}); send smaller batches")
+        if nbytes > self.batcher.max_bytes:
+            raise ApiError(413, "images_too_large", f"decoding these images takes ~{nbytes / 2**20:.0f} MiB, more than "
+                                                    f"the server's {self.batcher.max_bytes / 2**20:.0f} MiB; send "
+                                                    f"smaller images or fewer per request")
         try:
-            self.batcher.admit(count, deadline)
+            self.batcher.admit(count, deadline, nbytes)
         except QueueFull as e:
             raise ApiError(503, "queue_full", f"server is overloaded: {e}", {"Retry-After": RETRY_AFTER_S}) from None
         except BatcherClosed as e:
             raise ApiError(503, "shutting_down", str(e), {"Retry-After": RETRY_AFTER_S}) from None
 
-    async def submit_one(self, data: bytes, deadline: float,
-                         on_stage: StageListener) -> tuple[WorkItem, np.ndarray, float]:
-        """Admit, decode and queue one image whose stage decisions go to on_stage (the stream endpoint)."""
-        self._admit(1, deadline)
-        items: list[WorkItem] = []
+    async def refuse_early(self, deadline: float, length: int | None) -> None:
+        """Before a body is read: refuse (503, the body unread) if one more image would be refused anyway."""
+        refused = self.batcher.refusal(1, deadline)
+        if refused is None:
+            return
+        reason, message = refused
+        self.metrics.queue_dropped.labels(reason).inc()
+        if reason != "shutting_down":
+            await asyncio.sleep(REFUSAL_PACE_S)
+        raise ApiError(503, "shutting_down" if reason == "shutting_down" else "queue_full",
+                       f"server is overloaded: {message}", {"Retry-After": RETRY_AFTER_S},
+                       close=length is None or length > DRAIN_BELOW_BYTES)
+
+    @contextlib.contextmanager
+    def explaining(self, count: int):
+        """Hold `count` of the max_explanations slots (503 beyond it) while explanations decode."""
+        if count and self.explanations + count > self.config.max_explanations:
+            raise ApiError(503, "explanations_busy", f"{self.explanations} explanations are being written, the "
+                                                     f"server's limit is {self.config.max_explanations}; retry, or "
+                                                     f"ask without explain", {"Retry-After": RETRY_AFTER_S})
+        self.explanations += count
         try:
-            image, decode_s = await self._decode(data)
-            items = self.batcher.submit([image], deadline, on_stage=on_stage)
+            yield
+        finally:
+            self.explanations -= count
+
+    async def submit_one(self, data: bytes, deadline: float,
+                         on_stage: StageListener) -> tuple[WorkItem, np.ndarray, float, int]:
+        """Probe, admit, decode and queue one image whose stage decisions go to on_stage (the stream endpoint)."""
+        try:
+            info = await self.probe(data)
+            [outcome] = await self.decode([info], deadline)
+            if isinstance(outcome, ApiError):
+                raise outcome
         except ApiError as e:
             self.count_image(e)
             raise
-        finally:
-            self.batcher.release(1 - len(items))
-        return items[0], image, decode_s
+        image, decode_s = outcome
+        [item] = self.batcher.submit([image], deadline, on_stage=on_stage)
+        return item, image, decode_s, info.scale
 
-    async def _await_items(self, to_run: list[tuple[int, Any, float]], items: list[WorkItem],
-                           keys: dict[int, bytes], answers: list, results: dict[int, Any], start: float,
-                           deadline: float, detail: bool, explain: bool) -> None:
+    async def _explain_answers(self, to_run: list[tuple[int, Any, float, int]], keys: dict[int, bytes],
+                               answers: list, computed: dict[int, Any], deadline: float, detail: bool,
+                               slots: int) -> None:
+        """explain=1: each computed answer's explanation, decoded on the VLM loop thread (never on the inference
+        worker, so explanations never hold up scoring), `slots` at a time (the request's share of
+        max_explanations), within the request's deadline."""
+        concurrent = asyncio.Semaphore(slots)
+        wanted = [(i, image) for i, image, _, _ in to_run if i in computed and computed[i].explanation is None]
+
+        async def explain_one(i: int, image: np.ndarray) -> None:
+            result = computed[i]
+            try:
+                async with concurrent, asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    explained = await _stream_explanation(self, None, keys[i], image, result)
+            except TimeoutError:
+                answers[i] = ApiError(504, "deadline_exceeded", "the explanation did not finish within the "
+                                                                f"{self.config.timeout_s:g} s deadline")
+                return
+            except ApiError as e:
+                answers[i] = e
+                return
+            answers[i]["explanation"] = explained.explanation
+            if detail:
+                answers[i]["tokens"] = explained.tokens
+
+        await asyncio.gather(*(explain_one(i, image) for i, image in wanted))
+
+    async def _await_items(self, to_run: list[tuple[int, Any, float, int]], items: list[WorkItem],
+                           keys: dict[int, bytes], answers: list, computed: dict[int, Any], start: float,
+                           deadline: float, detail: bool) -> None:
         try:
             _, pending = await asyncio.wait([item.future for item in items],
                                             timeout=max(0.0, deadline - time.monotonic()))
@@ -235,7 +365,7 @@ class Service:
             for item in items:
                 self.batcher.abandon(item, "client_disconnected")
             raise
-        for (i, _, decode_s), item in zip(to_run, items):
+        for (i, _, decode_s, scale), item in zip(to_run, items):
             if item.future in pending:
                 self.batcher.abandon(item, "deadline")
                 answers[i] = ApiError(504, "deadline_exceeded",
@@ -246,9 +376,10 @@ class Service:
                 answers[i] = outcome
                 continue
             self.remember(keys[i], outcome.result)
-            results[i] = outcome.result
-            answers[i] = _answer(outcome.result, False, detail, explain, total_s=time.monotonic() - start,
-                                 decode_s=decode_s, queue_s=outcome.queue_wait_s, compute_s=outcome.compute_s)
+            answers[i] = _answer(outcome.result, False, detail, False, total_s=time.monotonic() - start,
+                                 decode_s=decode_s, queue_s=outcome.queue_wait_s, compute_s=outcome.compute_s,
+                                 scale=scale)
+            computed[i] = outcome.result
 
     def remember(self, key: bytes, result: Any) -> None:
         if not result.degraded:  # a degraded answer may improve once the failing stage recovers
@@ -277,15 +408,23 @@ def computed_or_error(item: WorkItem) -> Computed | ApiError:
     error = item.future.exception()
     if isinstance(error, DeadlineExceeded):
         return ApiError(504, "deadline_exceeded", str(error))
+    if isinstance(error, InputError):
+        return ApiError(422, "unprocessable_image", f"the model cannot take this image: {error}")
     if isinstance(error, InferenceFailed):
-        return ApiError(500, "inference_failed", str(error))
+        log.error("request %s: inference failed on one image: %r", REQUEST_ID.get(), error.error)
+        return ApiError(500, "inference_failed", f"the model failed on this image; request id {REQUEST_ID.get()}")
     if error is not None:
         raise error
     return item.future.result()
 
 
+def decode_error(e: ImageDecodeError) -> ApiError:
+    return ApiError(DECODE_ERROR_STATUS[e.code], e.code, str(e))
+
+
 def _answer(result: Any, cached: bool, detail: bool, explain: bool, total_s: float, decode_s: float = 0.0,
-            queue_s: float = 0.0, compute_s: float = 0.0) -> dict:
+            queue_s: float = 0.0, compute_s: float = 0.0, scale: int = 1) -> dict:
+    """`scale`: the JPEG reduction the image was decoded at; boxes are given in the original image's pixels."""
     answer = {
         "prediction": result.prediction,
         "label": result.label,
@@ -303,8 +442,8 @@ def _answer(result: Any, cached: bool, detail: bool, explain: bool, total_s: flo
         if result.detector_scores:
             answer["detector_scores"] = dict(result.detector_scores)
         if result.boxes is not None:
-            answer["boxes"] = [{"detector": b.detector, "label": b.label, "score": b.score, "xyxy": list(b.xyxy)}
-                               for b in result.boxes]
+            answer["boxes"] = [{"detector": b.detector, "label": b.label, "score": b.score,
+                                "xyxy": [v * scale for v in b.xyxy]} for b in result.boxes]
     return answer
 
 
@@ -395,9 +534,10 @@ async def predict(request: web.Request) -> web.Response:
     start = time.monotonic()
     content_type = _require_single_image(request)
     detail, explain = _wants_detail(request), _flag(request, "explain")
-    body = await request.read()
-    data, _ = await service.offload(len(body), _extract_single, body, content_type)
-    [answer] = await service.predict([data], start, _deadline(service, start), detail, explain,
+    deadline = _deadline(service, start)
+    async with read_body(request, service, deadline) as body:
+        data, _ = await service.offload(len(body), _extract_single, body, content_type)
+    [answer] = await service.predict([data], start, deadline, detail, explain,
                                      _flag(request, "capture"))
     if isinstance(answer, ApiError):
         raise answer
@@ -413,9 +553,15 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
     content_type = _require_single_image(request)
     detail, explain = _wants_detail(request), _flag(request, "explain", default=service.has_vlm)
     service.check_explain(explain)
-    body = await request.read()
-    data, _ = await service.offload(len(body), _extract_single, body, content_type)
+    with service.explaining(1 if explain else 0):
+        return await _predict_stream(request, service, start, content_type, detail, explain)
+
+
+async def _predict_stream(request: web.Request, service: Service, start: float, content_type: str, detail: bool,
+                          explain: bool) -> web.StreamResponse:
     deadline = _deadline(service, start)
+    async with read_body(request, service, deadline) as body:
+        data, _ = await service.offload(len(body), _extract_single, body, content_type)
     key = await service.offload(len(data), image_key, data)
     hit = service.cached(key, explain) or await service.cached_shared(key, explain)
     stages: asyncio.Queue[dict | None] = asyncio.Queue()
@@ -447,10 +593,12 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
         outcome = "client_disconnected"
         raise
     except Exception:  # the headers are gone: the middleware's JSON 500 cannot be sent any more
-        log.exception("unhandled error on %s %s after its event stream opened", request.method, request.path)
+        log.exception("request %s: unhandled error on %s %s after its event stream opened", REQUEST_ID.get(),
+                      request.method, request.path)
         outcome = "internal_error"
         with contextlib.suppress(ConnectionResetError):
-            await events.send("error", ApiError(500, outcome, "internal server error; see the server log").body())
+            await events.send("error", ApiError(500, outcome, f"internal server error; request id "
+                                                              f"{REQUEST_ID.get()}").body())
     finally:
         if submitted is not None:
             service.batcher.abandon(submitted[0], outcome)  # no-op once answered
@@ -459,11 +607,11 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_computed(service: Service, events: EventStream, key: bytes,
-                           submitted: tuple[WorkItem, np.ndarray, float], stages: asyncio.Queue, start: float,
+                           submitted: tuple[WorkItem, np.ndarray, float, int], stages: asyncio.Queue, start: float,
                            deadline: float, detail: bool, explain: bool) -> tuple[Any, dict]:
     """Stage events until the image's batch resolves, then the explanation's tokens; the final ImageResult and
     its answer."""
-    item, image, decode_s = submitted
+    item, image, decode_s, scale = submitted
     item.future.add_done_callback(lambda _: stages.put_nowait(None))  # queued after every stage event
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -483,12 +631,13 @@ async def _stream_computed(service: Service, events: EventStream, key: bytes,
     elif explain:
         result = await _stream_explanation(service, events, key, image, result)
     return result, _answer(result, False, detail, explain, total_s=time.monotonic() - start, decode_s=decode_s,
-                           queue_s=computed.queue_wait_s, compute_s=computed.compute_s)
+                           queue_s=computed.queue_wait_s, compute_s=computed.compute_s, scale=scale)
 
 
-async def _stream_explanation(service: Service, events: EventStream, key: bytes, image: np.ndarray,
+async def _stream_explanation(service: Service, events: EventStream | None, key: bytes, image: np.ndarray,
                               result: Any) -> Any:
-    """Token events from Engine.explain_stream; the result with its explanation and all of its tokens."""
+    """Engine.explain_stream's text (as token events, given `events`); the result with its explanation and all of
+    its tokens."""
     idle_s = service.config.timeout_s
     pieces: list[str] = []
     try:
@@ -496,14 +645,16 @@ async def _stream_explanation(service: Service, events: EventStream, key: bytes,
             async for output in explanation:
                 if output.text:
                     pieces.append(output.text)
-                    await events.send("token", {"text": output.text})
+                    if events is not None:
+                        await events.send("token", {"text": output.text})
     except TimeoutError:
         raise ApiError(504, "explanation_timeout", f"the explanation produced nothing for {idle_s:g} s") from None
     except (ApiError, ConnectionResetError):
         raise
-    except Exception as e:
-        log.exception("explanation stream failed")
-        raise ApiError(500, "explanation_failed", f"the vlm stage failed to explain this image: {e}") from None
+    except Exception:
+        log.exception("request %s: explanation failed", REQUEST_ID.get())
+        raise ApiError(500, "explanation_failed", f"the vlm stage failed to explain this image; request id "
+                                                  f"{REQUEST_ID.get()}") from None
     final = explanation.final
     if final.finish_reason == "error":
         raise ApiError(500, "explanation_failed", "the vlm stage failed while explaining this image; see the server "
@@ -523,9 +674,10 @@ async def predict_batch(request: web.Request) -> web.Response:
     start = time.monotonic()
     _require_json(request)
     detail, explain = _wants_detail(request), _flag(request, "explain")
-    body = await request.read()
-    blobs = await service.offload(len(body), _extract_batch, body, service.config.max_batch_images)
-    answers = await service.predict(blobs, start, _deadline(service, start), detail, explain,
+    deadline = _deadline(service, start)
+    async with read_body(request, service, deadline) as body:
+        blobs = await service.offload(len(body), _extract_batch, body, service.config.max_batch_images)
+    answers = await service.predict(blobs, start, deadline, detail, explain,
                                     _flag(request, "capture"))
     return json_response({"results": [a.body() if isinstance(a, ApiError) else a for a in answers]})
 
@@ -535,8 +687,8 @@ async def image_synapse(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     start = time.monotonic()
     _require_json(request)
-    body = await request.read()
-    data, synapse = await service.offload(len(body), _extract_single, body, "application/json")
+    async with read_body(request, service, _deadline(service, start)) as body:
+        data, synapse = await service.offload(len(body), _extract_single, body, "application/json")
     deadline = _deadline(service, start, synapse.get("timeout"))
     [answer] = await service.predict([data], start, deadline, detail=False)
     if isinstance(answer, ApiError):
@@ -551,6 +703,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
+    if service.ready and service.saturated():
+        return json_response({"status": "saturated"}, status=503, headers={"Retry-After": RETRY_AFTER_S})
     if service.ready:
         return json_response({"status": "ready"})
     task = service.warmup_task
@@ -563,9 +717,23 @@ async def models(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     config = service.config
     server = {"max_batch": config.batch_size} | {name: getattr(config, name) for name in (
-        "max_delay_ms", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
-        "cache_entries", "cache_mb", "cache_ttl_s")}
-    return json_response({"ready": service.ready, "engine": service.engine.describe(), "server": server})
+        "max_delay_ms", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_aspect_ratio", "max_jpeg_scans",
+        "max_batch_images", "max_explanations", "cache_entries", "cache_mb", "cache_ttl_s")}
+    engine = _relative_paths(service.engine.describe(), Path(service.engine.model_dir))
+    return json_response({"ready": service.ready, "engine": engine, "server": server})
+
+
+def _relative_paths(described: Any, root: Path) -> Any:
+    """Engine.describe() with every filesystem path shown relative to the bundle directory ("." for itself):
+    clients learn which model is served, not where the server's files are."""
+    if isinstance(described, dict):
+        return {k: _relative_paths(v, root) for k, v in described.items()}
+    if isinstance(described, list):
+        return [_relative_paths(v, root) for v in described]
+    if isinstance(described, str) and os.path.isabs(described):
+        path = Path(described)
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+    return described
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -583,19 +751,23 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     status = 500
+    request_id = uuid.uuid4().hex[:16]
+    REQUEST_ID.set(request_id)  # this task's context: the handler and what it awaits
     try:
         try:
             response = await handler(request)
         except ApiError as e:
-            response = error_response(e)
+            response = error_response(e, request_id if e.status >= 500 else None)
         except web.HTTPException as e:
             response = error_response(from_http_exception(e))
         except asyncio.CancelledError:
             status = 499  # client closed the connection before the answer
             raise
         except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            response = error_response(ApiError(500, "internal_error", "internal server error; see the server log"))
+            log.exception("request %s: unhandled error on %s %s", request_id, request.method, request.path)
+            response = error_response(ApiError(500, "internal_error", "internal server error"), request_id)
+        if not response.prepared:
+            response.headers["X-Request-ID"] = request_id
         status = response.status
         return response
     finally:
@@ -611,10 +783,17 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
 
 async def start_site(app: web.Application, host: str, port: int, access_log: bool = False,
                      shutdown_timeout_s: float = 30.0) -> tuple[web.AppRunner, str, int]:
-    """Start serving app on host:port (0 picks a free port); returns the runner and the bound address."""
-    runner = web.AppRunner(app, handler_cancellation=True,  # a client that hangs up cancels its handler
-                           access_log=logging.getLogger("aiohttp.access") if access_log else None,
-                           shutdown_timeout=shutdown_timeout_s)
+    """Start serving app on host:port (0 picks a free port); returns the runner and the bound address.
+
+    Slow clients: aiohttp's keep-alive timer runs from the moment a connection opens until a request's headers are
+    complete, so keepalive_timeout_s bounds silent sockets, trickled headers and idle keep-alive alike; bodies must
+    arrive within the request deadline (_body); connections are capped in all and per address (server/guard.py)."""
+    service = app[SERVICE]
+    config = service.config
+    runner = CappedRunner(app, service.connections,
+                          handler_cancellation=True,  # a client that hangs up cancels its handler
+                          access_log=logging.getLogger("aiohttp.access") if access_log else None,
+                          shutdown_timeout=shutdown_timeout_s, keepalive_timeout=config.keepalive_timeout_s)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

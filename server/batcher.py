@@ -3,6 +3,10 @@
 An image waits until max_batch images are queued or the oldest has waited max_delay, then the batch runs in
 Engine.predict on the worker thread while the event loop keeps accepting work. Images whose request gave up
 (deadline passed, client gone) are dropped before they cost compute.
+
+Admission counts images and bytes: an image holds its decode's estimated peak from admission until its decode
+thread ends, and its decoded array's bytes from submit until its batch resolves. A batch that raises is split in
+halves and retried, down to single images, so one image the model cannot take fails only itself.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from runtime.errors import InputError
 from server.metrics import ServerMetrics
 
 if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
@@ -45,7 +50,11 @@ class BatcherClosed(Exception):
 
 
 class InferenceFailed(Exception):
-    pass
+    """The model failed on this image (`error`, for the log; clients see a generic message)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"model failed on this image: {error!r}")
+        self.error = error
 
 
 StageListener = Callable[[str, float, bool], None]  # (stage, p, decided), called on the event loop
@@ -60,6 +69,8 @@ class WorkItem:
     explain: bool = False               # decode an explanation for this image (?explain=1)
     on_stage: StageListener | None = None  # hears each stage's decision as it happens (the stream endpoint)
     dropped: str | None = None          # why the requester gave up; written on the loop, read by the worker
+    nbytes: int = 0                     # the decoded array's bytes, held against the admission budget
+    stages_heard: set = field(default_factory=set)  # stages already relayed to on_stage (a retried batch repeats)
 
 
 @dataclass
@@ -76,22 +87,24 @@ class _BatchRun:
     expired: list[WorkItem]             # deadline passed, requester still waiting: answer 504
     skipped: list[WorkItem]             # requester already gone
     started_at: float
-    results: list[ImageResult] = field(default_factory=list)
+    results: list[ImageResult | Exception] = field(default_factory=list)  # per live item: its result or error
     compute_s: float = 0.0
-    error: BaseException | None = None
+    retried: bool = False               # the whole batch raised and was split to isolate the failing images
 
 
 class Batcher:
     def __init__(self, engine: Engine, max_batch: int, max_delay_s: float, queue_size: int,
-                 metrics: ServerMetrics) -> None:
-        assert max_batch > 0 and queue_size > 0 and max_delay_s >= 0
+                 metrics: ServerMetrics, max_bytes: int = 1 << 40) -> None:
+        assert max_batch > 0 and queue_size > 0 and max_delay_s >= 0 and max_bytes > 0
         self.engine = engine
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self.metrics = metrics
         self._queue: deque[WorkItem] = deque()
+        self.max_bytes = max_bytes
         self._admitted = 0                  # images admitted but not yet queued (being decoded)
+        self._bytes = 0                     # decodes' estimated peaks + queued and running images' arrays
         self._running = 0                   # images in the batch on the worker now
         self.image_cost_s: float | None = None  # moving average of compute seconds per image
         self._wakeup = asyncio.Event()
@@ -121,37 +134,59 @@ class Batcher:
         backlog = len(self._queue) + self._admitted + self._running + count
         return backlog * (self.image_cost_s or 0.0)
 
-    def admit(self, count: int, deadline: float) -> None:
-        """Reserve room for `count` images before they are decoded, or raise: overload is refused before it
-        costs decode time, and images being decoded count against the queue size like queued ones. Work that
-        could not finish before its deadline is refused too: serving it would only make everyone late."""
+    @property
+    def bytes_held(self) -> int:
+        return self._bytes
+
+    def refusal(self, count: int, deadline: float, nbytes: int = 0) -> tuple[str, str] | None:
+        """Why `count` images of `nbytes` would be refused now ((reason, message)), or None: asked before a body
+        is read, so that overload is refused before it costs reading, parsing or decoding."""
         if self._closed:
-            raise BatcherClosed("server is shutting down")
+            return "shutting_down", "server is shutting down"
         if len(self._queue) + self._admitted + count > self.queue_size:
-            self.metrics.queue_dropped.labels("queue_full").inc(count)
-            raise QueueFull(f"{len(self._queue)} images queued and {self._admitted} being decoded, of "
-                            f"{self.queue_size} allowed; {count} more do not fit")
+            return "queue_full", (f"{len(self._queue)} images queued and {self._admitted} being decoded, of "
+                                  f"{self.queue_size} allowed; {count} more do not fit")
+        if nbytes and self._bytes + nbytes > self.max_bytes:
+            return "memory_full", (f"{self._bytes / 2**20:.0f} MiB of images being decoded or queued, of "
+                                   f"{self.max_bytes / 2**20:.0f} MiB allowed; {nbytes / 2**20:.1f} MiB more do not fit")
         wait_s, budget_s = self.estimated_wait_s(count), deadline - time.monotonic()
         # With nothing ahead, always try: that is also how an estimate inflated by one slow batch recovers.
         nothing_ahead = not (self._queue or self._admitted or self._running)
         if wait_s > budget_s and not nothing_ahead:
-            self.metrics.queue_dropped.labels("deadline_unreachable").inc(count)
-            raise QueueFull(f"estimated wait {wait_s:.2f} s exceeds the {budget_s:.2f} s left before the deadline")
-        self._admitted += count
+            return "deadline_unreachable", (f"estimated wait {wait_s:.2f} s exceeds the {budget_s:.2f} s left before "
+                                            f"the deadline")
+        return None
 
-    def release(self, count: int) -> None:
-        """Give back admitted room that will not be submitted (decode failed, client left)."""
+    def admit(self, count: int, deadline: float, nbytes: int = 0) -> None:
+        """Reserve room for `count` images whose decodes may take `nbytes` at their peak, or raise: images being
+        decoded count against the queue size like queued ones. Work that could not finish before its deadline is
+        refused too: serving it would only make everyone late."""
+        refused = self.refusal(count, deadline, nbytes)
+        if refused is not None:
+            reason, message = refused
+            if reason == "shutting_down":
+                raise BatcherClosed(message)
+            self.metrics.queue_dropped.labels(reason).inc(count)
+            raise QueueFull(message)
+        self._admitted += count
+        self._bytes += nbytes
+
+    def release(self, count: int, nbytes: int = 0) -> None:
+        """Give back admitted room once its decode thread has ended (the images are queued by then, or failed)."""
         self._admitted -= count
-        assert self._admitted >= 0, self._admitted
+        self._bytes -= nbytes
+        assert self._admitted >= 0 and self._bytes >= 0, (self._admitted, self._bytes)
 
     def submit(self, images: list[np.ndarray], deadline: float, explain: bool = False,
                on_stage: StageListener | None = None) -> list[WorkItem]:
-        """Queue admitted images; they wait for a batch. Images of different requests share batches, each keeping
-        its own `explain` and `on_stage`."""
-        self.release(len(images))
+        """Queue decoded images; they wait for a batch, their arrays' bytes held until it resolves. Images of
+        different requests share batches, each keeping its own `explain` and `on_stage`. The caller releases the
+        images' admission when their decode threads end."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [WorkItem(image, deadline, now, loop.create_future(), explain, on_stage) for image in images]
+        items = [WorkItem(image, deadline, now, loop.create_future(), explain, on_stage, nbytes=image.nbytes)
+                 for image in images]
+        self._bytes += sum(item.nbytes for item in items)
         self._queue.extend(items)
         self._wakeup.set()
         return items
@@ -165,6 +200,7 @@ class Batcher:
             self._queue.remove(item)
         except ValueError:
             return  # already handed to the worker; it checks `dropped` right before computing
+        self._bytes -= item.nbytes
         self.metrics.queue_dropped.labels(reason).inc()
 
     def drain(self) -> None:
@@ -173,13 +209,14 @@ class Batcher:
         self._wakeup.set()
 
     async def close(self) -> None:
-        """Finish queued work, then stop the loop and the worker thread."""
+        """Finish queued work, then stop the loop and the worker thread. The caller bounds how long this may take
+        (--shutdown-timeout-s): the worker thread is not joined, so a batch still running cannot hold it up."""
         self._draining = True
         self._closed = True
         self._wakeup.set()
         if self._task is not None:
             await self._task
-        self._worker.shutdown(wait=True)
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
         while True:
@@ -218,21 +255,32 @@ class Batcher:
                 run.expired.append(item)
             else:
                 run.live.append(item)
-        live = run.live
-        if live:
-            explain = [item.explain for item in live]
-            listening = any(item.on_stage is not None for item in live)
+        if run.live:
             start = time.perf_counter()
-            try:
-                # Boxes cost only a post-processing step for detector-decided images; `?detail=1` shows them.
-                run.results = self.engine.predict([item.image for item in live], boxes=True,
-                                                  explain=explain if any(explain) else None,
-                                                  on_stage=self._stage_relay(live) if listening else None)
-            except Exception as e:  # a model failure fails this batch only; the server keeps serving
-                log.exception("Engine.predict failed on a batch of %d images", len(live))
-                run.error = e
+            run.results = self._predict(run.live, run)
             run.compute_s = time.perf_counter() - start
         return run
+
+    def _predict(self, live: list[WorkItem], run: _BatchRun) -> list[Any]:
+        """One Engine.predict call; when it raises, each half again, down to single images: one ImageResult or
+        exception per item, so an image the model cannot take fails alone, not its batch neighbours (whose
+        requests may be other clients')."""
+        explain = [item.explain for item in live]
+        listening = any(item.on_stage is not None for item in live)
+        try:
+            # Boxes cost only a post-processing step for detector-decided images; `?detail=1` shows them.
+            return self.engine.predict([item.image for item in live], boxes=True,
+                                       explain=explain if any(explain) else None,
+                                       on_stage=self._stage_relay(live) if listening else None)
+        except Exception as e:  # a model failure fails the failing image only; the server keeps serving
+            if len(live) == 1:
+                log.warning("Engine.predict failed on one image (%dx%d): %r", live[0].image.shape[1],
+                            live[0].image.shape[0], e, exc_info=not isinstance(e, InputError))
+                return [e]
+            log.info("Engine.predict failed on a batch of %d images (%r); retrying in halves", len(live), e)
+            run.retried = True
+            half = len(live) // 2
+            return self._predict(live[:half], run) + self._predict(live[half:], run)
 
     def _stage_relay(self, live: list[WorkItem]) -> Callable[[int, str, float, bool], None]:
         """Engine.predict reports stage decisions on the worker thread by batch index; each goes to its own
@@ -242,14 +290,17 @@ class Batcher:
         assert loop is not None
 
         def relay(index: int, stage: str, p: float, decided: bool) -> None:
-            listener = live[index].on_stage
-            if listener is not None:
-                loop.call_soon_threadsafe(listener, stage, p, decided)
+            item = live[index]
+            if item.on_stage is not None and stage not in item.stages_heard:
+                item.stages_heard.add(stage)
+                loop.call_soon_threadsafe(item.on_stage, stage, p, decided)
 
         return relay
 
     def _resolve(self, run: _BatchRun) -> None:
         m = self.metrics
+        for item in run.skipped + run.expired + run.live:
+            self._bytes -= item.nbytes
         for item in run.skipped:
             m.queue_dropped.labels(item.dropped).inc()
         for item in run.expired:
@@ -258,25 +309,27 @@ class Batcher:
                 item.future.set_exception(DeadlineExceeded("deadline passed before its batch started"))
         if not run.live:
             return
+        assert len(run.results) == len(run.live), "Engine.predict must return one result per image"
         m.batch_size.observe(len(run.live))
         m.compute_latency.observe(run.compute_s)
-        # Admission estimates what images cost to score. A batch that also decoded explanations took far longer;
-        # counting it would refuse plain requests for a while after every ?explain=1.
-        if not any(result.explanation is not None for result in run.results):
+        # Admission estimates what images cost to score. A batch that also decoded explanations took far longer,
+        # and a retried one ran several times; counting them would refuse plain requests for a while after.
+        computed = [r for r in run.results if not isinstance(r, BaseException)]
+        if not run.retried and not any(result.explanation is not None for result in computed):
             per_image_s = run.compute_s / len(run.live)
             self.image_cost_s = per_image_s if self.image_cost_s is None else \
                 self.image_cost_s + COST_SMOOTHING * (per_image_s - self.image_cost_s)
-        if run.error is not None:
-            for item in run.live:
-                if not item.future.done() and item.dropped is None:
-                    item.future.set_exception(InferenceFailed(f"model failed on this batch: {run.error}"))
-            return
-        assert len(run.results) == len(run.live), "Engine.predict must return one result per image"
         for item, result in zip(run.live, run.results):
             wait_s = run.started_at - item.enqueued_at
             m.queue_wait.observe(wait_s)
-            m.stage_exits.labels(result.stage).inc()
-            if result.degraded:
-                m.degraded.inc()
-            if not item.future.done() and item.dropped is None:
+            if item.future.done() or item.dropped is not None:
+                continue
+            if isinstance(result, InputError):
+                item.future.set_exception(result)
+            elif isinstance(result, BaseException):
+                item.future.set_exception(InferenceFailed(result))
+            else:
+                m.stage_exits.labels(result.stage).inc()
+                if result.degraded:
+                    m.degraded.inc()
                 item.future.set_result(Computed(result, wait_s, run.compute_s, len(run.live)))

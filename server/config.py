@@ -31,9 +31,17 @@ class ServerConfig:
     queue_size: int = 1024                # images being decoded or waiting for a batch; beyond this: 503
     timeout_s: float = 9.0                # per-request deadline (the validator's timeout)
     max_body_mb: float = 32.0
-    max_pixels: int = 40_000_000          # decoded width*height limit (422 above)
+    body_memory_mb: float = 256.0         # request bodies being read and parsed at once; beyond: 503
+    max_pixels: int = 16_777_216          # decoded width*height limit (422 above; big JPEGs decode reduced)
+    max_aspect_ratio: float = 20.0        # longer side / shorter side (422 above)
+    max_jpeg_scans: int = 64              # scans in one JPEG (422 above)
+    decode_memory_mb: float = 1024.0      # decodes' estimated peaks + queued images' arrays; beyond: 503
     max_batch_images: int = 256           # images in one /v1/predict/batch request (413 above)
     decode_threads: int = 4
+    max_explanations: int = 4             # explanations being decoded at once; beyond: 503
+    keepalive_timeout_s: float = 5.0      # idle connections, and requests whose headers do not arrive, close
+    max_connections: int = 1024           # open connections in all; beyond, new ones get 503 and are closed
+    max_connections_per_ip: int = 128     # open connections from one client address
     cache_entries: int = 100_000          # 0 disables the result cache
     cache_mb: float = 64.0
     cache_ttl_s: float = 3600.0
@@ -48,7 +56,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
-                    "decode_threads", "redis_ttl_s", "redis_timeout_ms")
+                    "decode_threads", "body_memory_mb", "max_jpeg_scans", "decode_memory_mb", "max_explanations",
+                    "keepalive_timeout_s", "max_connections", "max_connections_per_ip",
+                    "redis_ttl_s", "redis_timeout_ms")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -65,6 +75,11 @@ class ServerConfig:
             raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if self.redis_url is not None and not re.match(r"(redis|rediss|unix)://", self.redis_url):
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        if self.body_memory_mb < self.max_body_mb:
+            raise ValueError(f"body_memory_mb ({self.body_memory_mb}) must be >= max_body_mb ({self.max_body_mb}): "
+                             f"the largest allowed body must fit")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.hardcases_rules is not None and self.hardcases is None:
@@ -81,6 +96,14 @@ class ServerConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+    @property
+    def body_memory_bytes(self) -> int:
+        return int(self.body_memory_mb * 2**20)
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return int(self.decode_memory_mb * 2**20)
 
     @property
     def cache_bytes(self) -> int:
@@ -104,14 +127,28 @@ _HELP = {
     "queue_size": "images admitted at once (being decoded or waiting for a batch); beyond it requests get 503 "
                   "with Retry-After at once (default 1024)",
     "timeout_s": "per-request deadline in seconds; work not started by then is dropped with 504 (default 9)",
-    "max_body_mb": "largest request body in MiB; larger answers 413 (default 32)",
-    "max_pixels": "largest decoded image, width*height; larger answers 422 (default 40000000)",
+    "max_body_mb": "largest request body in MiB; larger answers 413 before it is read (default 32)",
+    "body_memory_mb": "request bodies being read and parsed at once, in MiB (Content-Length, or max-body-mb when "
+                      "chunked); beyond it requests get 503 with Retry-After before their body is read (default 256)",
+    "max_pixels": "largest decoded image, width*height; JPEGs above it decode at 1/2, 1/4 or 1/8 scale when that "
+                  "fits, others answer 422 (default 16777216: phones' 12 MP fit)",
+    "max_aspect_ratio": "largest longer-side/shorter-side ratio of an image; above it answers 422 (default 20)",
+    "max_jpeg_scans": "most scans in one JPEG (each is a pass over the whole image); more answers 422 (default 64)",
+    "decode_memory_mb": "images admitted at once, in MiB: each decode's peak estimated from its header, then its "
+                        "decoded array until its batch is done; beyond it requests get 503 (default 1024)",
     "max_batch_images": "most images in one /v1/predict/batch request; more answers 413 (default 256)",
     "decode_threads": "threads decoding images (default 4)",
+    "max_explanations": "explanations (explain=1, /v1/predict/stream) decoding at once; more get 503 with "
+                        "Retry-After (default 4)",
+    "keepalive_timeout_s": "seconds an idle connection stays open, and the longest a request's headers may take to "
+                           "arrive; the body must arrive within the request deadline (default 5)",
+    "max_connections": "open connections in all; new ones beyond it get 503 and are closed (default 1024)",
+    "max_connections_per_ip": "open connections from one client address; beyond it 503 and closed (default 128)",
     "cache_entries": "result cache entries; 0 disables the cache (default 100000)",
     "cache_mb": "result cache size bound in MiB (default 64)",
     "cache_ttl_s": "seconds a cached result stays valid (default 3600)",
-    "shutdown_timeout_s": "seconds SIGTERM waits for in-flight requests (default 30)",
+    "shutdown_timeout_s": "seconds SIGTERM may take in all: in-flight requests, then the decode and inference "
+                          "threads; past it the process exits anyway (default 30)",
     "redis_url": "shared result cache behind the in-process one, e.g. redis://127.0.0.1:6379/0; answers are "
                  "keyed by the bundle's content digest, so every replica of one bundle shares them (default: none)",
     "redis_ttl_s": "seconds a shared (Redis) result stays valid (default 3600)",

@@ -13,6 +13,7 @@ class ApiError(Exception):
     code: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    close: bool = False  # close the connection after answering: the request body is left unread
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -26,8 +27,14 @@ def json_response(payload: object, status: int = 200, headers: dict[str, str] | 
                         content_type="application/json")
 
 
-def error_response(error: ApiError) -> web.Response:
-    return json_response(error.body(), status=error.status, headers=error.headers or None)
+def error_response(error: ApiError, request_id: str | None = None) -> web.Response:
+    body = error.body()
+    if request_id is not None:
+        body["error"]["request_id"] = request_id
+    response = json_response(body, status=error.status, headers=error.headers or None)
+    if error.close:
+        response.force_close()
+    return response
 
 
 # Codes for errors aiohttp raises itself (routing, body size), so they share the JSON error format.

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from server.body import read_body
 from server.errors import ApiError, from_http_exception
 from server.payload import decode_base64_image, parse_json_object
 
@@ -270,9 +271,9 @@ def add_kserve_routes(app: web.Application, service: Service) -> None:
         start = time.monotonic()
         model = model_of(request)  # an unknown model is no failure of this one
         try:
-            body = await request.read()
-            parsed = await service.offload(len(body), parse_infer, body, request.headers.get(HEADER_LENGTH),
-                                           service.config.max_batch_images)
+            async with read_body(request, service, start + service.config.timeout_s) as body:
+                parsed = await service.offload(len(body), parse_infer, body, request.headers.get(HEADER_LENGTH),
+                                               service.config.max_batch_images)
             timeout_s = service.config.timeout_s if parsed.timeout_s is None else \
                 min(service.config.timeout_s, parsed.timeout_s)
             answers = await service.predict(parsed.images, start, start + timeout_s, detail=False,

@@ -93,6 +93,13 @@ class ServerMetrics:
         self.streams = Counter("roadwork_streams", "/v1/predict/stream responses once streaming began, by outcome "
                                "(completed, client_disconnected, or the code of the error event that ended it)",
                                ["outcome"], registry=r)
+        self.admitted_bytes = Gauge("roadwork_admitted_bytes", "Decode memory held against --decode-memory-mb: "
+                                    "decodes' estimated peaks and queued images' arrays", registry=r)
+        self.body_bytes = Gauge("roadwork_body_bytes", "Request body bytes being read and parsed "
+                                "(--body-memory-mb)", registry=r)
+        self.connections = Gauge("roadwork_connections", "Open client connections (--max-connections)", registry=r)
+        self.explanations = Gauge("roadwork_explanations", "Explanations being decoded (--max-explanations)",
+                                  registry=r)
         self.vlm = VLMCollector()
         r.register(self.vlm)
         self.hardcases_matched = Counter("roadwork_hardcases_matched", "Answered images matching a hard-case "

@@ -217,3 +217,51 @@ def test_pillow_bomb_checks_never_leak():
         warnings.simplefilter("error")
         expect_error(png_header_only(10000, 10000), "image_too_large", "limit is 50000000", max_pixels=50_000_000)
         expect_error(png_header_only(15000, 15000), "image_too_large", "= 225000000 pixels")
+
+
+# --- bounds on what one image may cost (issue 13) -------------------------------------------------------------
+
+def test_extreme_aspect_ratio_is_refused_from_the_header():
+    from fixtures.hostile import strip_png
+    expect_error(strip_png(400_000), "image_refused", "aspect ratio of 4e+05:1; the limit is 20:1")
+    check_rgb(decode_image(encode(random_rgb(2, 40), "PNG")), 2, 40)  # 20:1 is allowed
+
+
+def test_jpeg_with_too_many_scans_is_refused_before_decoding():
+    from fixtures.hostile import scan_bomb
+    from runtime.image_decode import DecodeLimits
+    bomb = scan_bomb(200, (256, 256))
+    start = time.perf_counter()
+    expect_error(bomb, "image_refused", "scans; the limit is 64")
+    assert time.perf_counter() - start < 0.5
+    check_rgb(decode_image(bomb, limits=DecodeLimits(max_jpeg_scans=1000)), 256, 256)
+
+
+def test_decode_stops_at_its_deadline():
+    from runtime.image_decode import DecodeTimeout
+    data = encode(smooth_rgb(1536, 2048), "JPEG", quality=95)
+    with pytest.raises(DecodeTimeout):
+        decode_image(data, deadline=time.monotonic() - 1)
+    check_rgb(decode_image(data, deadline=time.monotonic() + 60), 1536, 2048)
+
+
+def test_oversized_baseline_jpeg_decodes_reduced_and_close_to_a_resize():
+    """Draft mode: the IDCT scales by 1/2; the result is within JPEG noise of decoding fully and box-reducing."""
+    from runtime.image_decode import DecodeLimits, probe_image
+    data = encode(smooth_rgb(512, 768), "JPEG", quality=90)
+    info = probe_image(data, DecodeLimits(max_pixels=512 * 768 // 4))
+    assert (info.scale, info.decoded_pixels) == (2, 256 * 384)
+    reduced = decode_image(data, max_pixels=512 * 768 // 4)
+    check_rgb(reduced, 256, 384)
+    full = Image.open(io.BytesIO(data)).convert("RGB").reduce(2)
+    assert np.abs(reduced.astype(int) - np.asarray(full).astype(int)).mean() < 3.0
+    progressive = encode(smooth_rgb(512, 768), "JPEG", quality=90, progressive=True)
+    expect_error(progressive, "image_too_large", "limit is 98304", max_pixels=512 * 768 // 4)
+
+
+def test_cost_estimate_covers_the_decoded_array():
+    from runtime.image_decode import probe_image
+    for im, fmt in ((random_rgb(40, 30), "PNG"), (random_rgb(40, 30).convert("RGBA"), "PNG"),
+                    (smooth_rgb(40, 30), "JPEG"), (random_rgb(40, 30), "WEBP")):
+        data = encode(im, fmt)
+        assert probe_image(data).cost_bytes >= decode_image(data).nbytes * 2, fmt

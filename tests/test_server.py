@@ -18,7 +18,7 @@ from runtime.cascade.engine import Engine
 from server.app import Service
 from server.config import CPU_BATCH
 from fixtures.checkpoints import make_vit
-from fixtures.images import b64, jpeg
+from fixtures.images import b64, jpeg, png
 from fixtures.serving import MAX_BATCH, serving
 
 TOL = 1e-5  # same weights, fp32; only the batch composition differs between server and direct calls
@@ -75,7 +75,7 @@ def test_predict_forms_match_engine(engine, model_dir):
 
 def test_batch_mixes_good_and_bad_images_in_order(engine, model_dir):
     good = [jpeg(10 + i) for i in range(5)]
-    huge = jpeg(99, size=(400, 300))  # 120k pixels: over the limit below
+    huge = png(jpeg(99, size=(400, 300)))  # 120k pixels: over the limit below
     expected = direct(engine, good)
 
     async def scenario():
@@ -173,7 +173,7 @@ def test_error_statuses(engine, model_dir):
                 "text": await s.post("/v1/predict", data=b"hello", content_type="text/plain"),
                 "batch_raw": await s.post("/v1/predict/batch", data=image, content_type="image/jpeg"),
                 "not_image": await s.post("/v1/predict", data=b"GIF89a....", content_type="image/gif"),
-                "pixels": await s.post("/v1/predict", data=jpeg(51, size=(64, 64)), content_type="image/jpeg"),
+                "pixels": await s.post("/v1/predict", data=png(jpeg(51, size=(64, 64))), content_type="image/png"),
                 "no_route": await s.post("/v2/predict", {"image": b64(image)}),
                 "method": await s.post("/v1/predict", {"image": b64(image)}, method="PUT"),
             }
@@ -208,8 +208,8 @@ def test_full_queue_rejects_at_once(engine, model_dir):
             rejected = await s.post("/v1/predict", {"image": b64(images[2])})
             batch_rejected = await s.post("/v1/predict/batch", {"images": [b64(images[3])]})
             rejected_early = not any(task.done() for task in waiting)  # answered before the queued batch ran
-            never_fits = await s.post("/v1/predict/batch", {"images": [b64(jpeg(64 + i)) for i in range(3)]})
             queued = await asyncio.gather(*waiting)
+            never_fits = await s.post("/v1/predict/batch", {"images": [b64(jpeg(64 + i)) for i in range(3)]})
             return rejected, batch_rejected, rejected_early, never_fits, queued, \
                 await s.metric("roadwork_queue_dropped_total", reason="queue_full")
 
@@ -368,7 +368,11 @@ def test_models_describes_engine_and_settings(engine, model_dir):
     described = orjson.loads(body)
     assert status == 200 and content_type.startswith("application/json")
     assert described["ready"] is True
-    assert described["engine"] == orjson.loads(orjson.dumps(engine.describe()))
+    # Paths relative to the bundle: clients learn which model is served, not where the server's files lie.
+    assert described["engine"]["model_dir"] == "."
+    assert str(model_dir) not in body.decode()
+    assert {k: v for k, v in described["engine"].items() if k not in ("model_dir", "stages")} == \
+        {k: v for k, v in orjson.loads(orjson.dumps(engine.describe())).items() if k not in ("model_dir", "stages")}
     assert described["server"]["queue_size"] == 77 and described["server"]["max_batch"] == MAX_BATCH
 
 

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import aiohttp
-import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,7 +17,7 @@ from runtime.cascade.engine import Engine
 from fixtures.checkpoints import make_vit
 from fixtures.bundles import classifier_stage, detector_stage, vlm_stage, write_bundle
 from fixtures.images import b64, jpeg
-from fixtures.serving import Running, serving
+from fixtures.serving import Running, read_events, serving
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,22 +50,6 @@ def vit_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_engine(vit_dir):
     return Engine.load(vit_dir, "cpu", "float32", max_batch=4)
-
-
-async def read_events(response: aiohttp.ClientResponse, until: str | None = None) -> list[tuple[str, dict]]:
-    """(event, data) pairs of a text/event-stream, to its end or through the first `until` event."""
-    events, name = [], None
-    async for raw in response.content:
-        line = raw.decode().rstrip("\n")
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            events.append((name, orjson.loads(line.removeprefix("data: "))))
-            if name == until:
-                break
-        else:
-            assert line == "", line
-    return events
 
 
 async def stream(s: Running, image: bytes, query: str = "") -> tuple[int, str, list[tuple[str, dict]]]:
@@ -152,8 +135,9 @@ def test_explain_on_predict_and_batch_and_the_cache(engine, bundle):
             plain = await answer("/v1/predict?detail=1", {"image": b64(first)})
             cost_s = s.service.batcher.image_cost_s
             explained = await answer("/v1/predict?explain=1", {"image": b64(first)})  # the cached answer lacks it
-            # Decoding an explanation is not what scoring an image costs: admission's estimate ignores it.
-            assert s.service.batcher.image_cost_s == cost_s
+            # The explanation decodes on the VLM loop thread, not in the batch: admission's per-image estimate
+            # measures scoring only (the recomputed score moves it by one smoothed sample at most).
+            assert s.service.batcher.image_cost_s < 3 * cost_s
             again = await answer("/v1/predict?explain=true", {"image": b64(first)})
             unasked = await answer("/v1/predict", {"image": b64(first)})
             batch = await answer("/v1/predict/batch?explain=1&detail=1", {"images": [b64(first), b64(second)]})

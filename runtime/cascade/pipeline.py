@@ -28,6 +28,7 @@ from graphs.nvtx import nvtx_range
 from runtime.cascade.classifier_stage import ClassifierStage, image_tensor
 from runtime.cascade.results import ImageResult, OnStage, StageAnswer, add_tokens, fold_answers
 from runtime.cascade.stage import ChunkImages, GraphPools, Stage
+from runtime.errors import InputError
 from runtime.cascade.vlm_stage import VLMStage
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class Cascade:
         start = time.perf_counter()
         try:
             answers = stage.run(pending, images, want_boxes)
+        except InputError:
+            raise  # the image's fault, not the stage's: no breaker count; the server isolates that image
         except Exception:
             log.exception("stage '%s' failed on %d image(s); they keep the previous stage's answer",
                           stage.name, len(pending))

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 GIB = 2 ** 30
 MAX_MODEL_LEN = 4096  # prompt + explanation tokens of one sequence (at most the model's max_position_embeddings)
 WARMUP_IMAGE = (224, 224)  # the validators' image size
+SCORE_TIMEOUT_S = 9.0  # the validators' timeout: the longest scoring may block the inference worker
 
 
 @dataclass(frozen=True)
@@ -181,12 +182,19 @@ class VLMStage:
         return [StageAnswer(a.p, tokens=a.tokens) for a in self.score(host, [image_digest(x) for x in host])]
 
     def score(self, images: list[torch.Tensor], digests: list[int] | None = None) -> list[VLMAnswer]:
-        """P(roadwork) of each (H, W, 3) uint8 image, with its token counts; blocks until all are scored.
-        digests: their image_digest, if the caller has them (else they are computed here, on this thread)."""
+        """P(roadwork) of each (H, W, 3) uint8 image, with its token counts; blocks until all are scored, at most
+        the stage's time budget (else SCORE_TIMEOUT_S): past it the requests are cancelled and TimeoutError
+        raised, so a VLM swamped by explanations cannot hold the inference worker. digests: their image_digest,
+        if the caller has them (else they are computed here, on this thread)."""
         digests = digests or [image_digest(image) for image in images]
         ready = handover(images)
-        return self._call(lambda: self._submit(self.spec.prompt, self._adopt(images, ready), None,
-                                               digests)).result()
+        done = self._call(lambda: self._submit(self.spec.prompt, self._adopt(images, ready), None, digests))
+        try:
+            return done.result(timeout=self.time_budget_s or SCORE_TIMEOUT_S)
+        except TimeoutError:
+            self._call(lambda: [self.engine.cancel(i) for i in done.request_ids])
+            raise TimeoutError(f"vlm stage '{self.name}': scoring {len(images)} image(s) took over "
+                               f"{self.time_budget_s or SCORE_TIMEOUT_S:g} s") from None
 
     def explain(self, images: list[torch.Tensor], sampling: SamplingParams | None = None,
                 digests: list[int] | None = None) -> list[VLMAnswer]:
@@ -357,6 +365,7 @@ class VLMStage:
                 digests: list[int]) -> Future:
         """Queue one request per image (sampling None: scoring); the future resolves when all have finished."""
         done: Future = Future()
+        done.request_ids = []  # score() cancels these when it stops waiting
         if not images:
             done.set_result([])
             return done
@@ -379,6 +388,7 @@ class VLMStage:
             for image, digest in zip(images, digests):
                 ids.append(self.engine.add_request(prompt, [image], sampling=sampling, score=sampling is None,
                                                    on_output=collect, digests=[digest]))
+            done.request_ids = ids
         except Exception as e:
             done.set_exception(e)  # first: the cancellations below must not resolve it otherwise
             for request_id in ids:

@@ -20,7 +20,7 @@ import torch
 
 from kernels.vlm_preprocess import VisionPreprocessSpec, vision_input
 from runtime.config import read_json
-from runtime.errors import ModelLoadError
+from runtime.errors import InputError, ModelLoadError
 from runtime.models.preprocessor import read_vision_preprocess
 from runtime.vlm.kv_cache import BlockManager, KVCacheSpec
 from runtime.models.qwen3_vl import Qwen3VL, load_qwen3_vl, mrope_positions
@@ -198,7 +198,10 @@ class VLMEngine:
                 keys.append(token)
                 continue
             image = next(image_iter)
-            rows, grid = vision_input(image, self.image_spec, self.dtype, self.device)
+            try:
+                rows, grid = vision_input(image, self.image_spec, self.dtype, self.device)
+            except ValueError as e:  # a shape the vision tower cannot take (aspect ratio): this image's fault
+                raise InputError(str(e)) from e
             n = grid[0] * grid[1] * grid[2] // self.image_spec.merge_size ** 2
             digest = next(digest_iter) if digest_iter is not None else image_digest(image)
             placed.append(ImageInput(rows, grid, digest, start=len(tokens), num_tokens=n))

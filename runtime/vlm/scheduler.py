@@ -2,6 +2,8 @@
 prefills of waiting ones, so requests join and leave between steps.
 
   * decode first, oldest first: a stream in progress is never starved by new arrivals;
+  * scoring before explaining: a waiting yes/no scoring request (one prefill, the answer a client is waiting
+    for) is admitted ahead of waiting explanations, however many explanations queued before it;
   * when a decoding sequence needs a block and none is free, the newest running sequence is preempted by
     recompute: its blocks are freed (their prefix-cache entries survive until reused) and it goes back to the
     front of the queue, to be prefilled again with its generated tokens;
@@ -54,7 +56,14 @@ class Scheduler:
         if len(seq) > self.max_model_len:
             raise ValueError(f"prompt of {len(seq)} tokens exceeds max_model_len {self.max_model_len}")
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if seq.score_token_ids is None:
+            self.waiting.append(seq)
+            return
+        first_generating = next((i for i, w in enumerate(self.waiting) if w.score_token_ids is None), None)
+        if first_generating is None:
+            self.waiting.append(seq)
+        else:
+            self.waiting.insert(first_generating, seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
