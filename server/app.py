@@ -80,10 +80,10 @@ class Service:
         self.metrics.connections.set_function(lambda: self.connections.total)
         self.metrics.explanations.set_function(lambda: self.explanations)
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
-                           engine.stage_states, engine.vlm_stats)
-        precision = getattr(engine, "precision", None)  # runtime.models.precision.PrecisionChoice
-        self.metrics.report_precision(None if precision is None else precision.describe())
+                           engine.stage_states, engine.vlm_stats, engine.stage_timings)
+        self.metrics.report_precision(None if engine.precision is None else engine.precision.describe())
         self.has_vlm = engine.vlm_stats() is not None
+        self.explain_above = engine.explain_above  # the bundle's rule: results above it are explained unasked
         self.hardcases = hard_case_capture(engine, config, self.metrics)  # None without --hardcases
         self.shared = shared_cache(engine, config, self.metrics)
         self.ready = False
@@ -256,8 +256,15 @@ class Service:
         computed: dict[int, Any] = {}  # index -> ImageResult of the images computed here
         if items:
             await self._await_items(to_run, items, keys, answers, computed, start, deadline, detail)
+        unasked = [] if explain else [i for i, result in computed.items() if self.explains_unasked(result)]
         if explain:
-            await self._explain_answers(to_run, keys, answers, computed, deadline, detail, slots)
+            await self._explain_answers(list(computed), keys, to_run, answers, computed, deadline, detail, slots,
+                                        asked=True)
+        elif unasked:
+            with self.spare_explanations(len(unasked)) as spare:
+                if spare:
+                    await self._explain_answers(unasked, keys, to_run, answers, computed, deadline, detail, spare,
+                                                asked=False)
         results.update(computed)
         for answer in answers:
             self.count_image(answer)
@@ -300,6 +307,21 @@ class Service:
                        f"server is overloaded: {message}", {"Retry-After": RETRY_AFTER_S},
                        close=length is None or length > DRAIN_BELOW_BYTES)
 
+    def explains_unasked(self, result: Any) -> bool:
+        """The bundle's explain_above rule names this result for an explanation nobody asked for."""
+        return self.explain_above is not None and result.explanation is None and result.prediction > self.explain_above
+
+    @contextlib.contextmanager
+    def spare_explanations(self, wanted: int):
+        """Hold as many max_explanations slots as are free, up to `wanted` (maybe none): explanations nobody asked
+        for never take a slot from one that was asked for, and never fail the request."""
+        count = max(0, min(wanted, self.config.max_explanations - self.explanations))
+        self.explanations += count
+        try:
+            yield count
+        finally:
+            self.explanations -= count
+
     @contextlib.contextmanager
     def explaining(self, count: int):
         """Hold `count` of the max_explanations slots (503 beyond it) while explanations decode."""
@@ -328,32 +350,35 @@ class Service:
         [item] = self.batcher.submit([image], deadline, on_stage=on_stage)
         return item, image, decode_s, info.scale
 
-    async def _explain_answers(self, to_run: list[tuple[int, Any, float, int]], keys: dict[int, bytes],
-                               answers: list, computed: dict[int, Any], deadline: float, detail: bool,
-                               slots: int) -> None:
-        """explain=1: each computed answer's explanation, decoded on the VLM loop thread (never on the inference
-        worker, so explanations never hold up scoring), `slots` at a time (the request's share of
-        max_explanations), within the request's deadline."""
+    async def _explain_answers(self, indexes: list[int], keys: dict[int, bytes],
+                               to_run: list[tuple[int, Any, float, int]], answers: list, computed: dict[int, Any],
+                               deadline: float, detail: bool, slots: int, asked: bool) -> None:
+        """The explanations of the computed answers at `indexes`, decoded on the VLM loop thread (never on the
+        inference worker, so explanations never hold up scoring), `slots` at a time, within the request's deadline.
+        `asked` (explain=1): a failed explanation fails its answer; else (the bundle's explain_above rule) the
+        answer goes without one."""
         concurrent = asyncio.Semaphore(slots)
-        wanted = [(i, image) for i, image, _, _ in to_run if i in computed and computed[i].explanation is None]
+        images = {i: image for i, image, _, _ in to_run}
+        wanted = [i for i in indexes if i in computed and computed[i].explanation is None]
 
-        async def explain_one(i: int, image: np.ndarray) -> None:
-            result = computed[i]
+        async def explain_one(i: int) -> None:
             try:
                 async with concurrent, asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    explained = await _stream_explanation(self, None, keys[i], image, result)
+                    explained = await _stream_explanation(self, None, keys[i], images[i], computed[i])
             except TimeoutError:
-                answers[i] = ApiError(504, "deadline_exceeded", "the explanation did not finish within the "
-                                                                f"{self.config.timeout_s:g} s deadline")
+                if asked:
+                    answers[i] = ApiError(504, "deadline_exceeded", "the explanation did not finish within the "
+                                                                    f"{self.config.timeout_s:g} s deadline")
                 return
             except ApiError as e:
-                answers[i] = e
+                if asked:
+                    answers[i] = e
                 return
             answers[i]["explanation"] = explained.explanation
             if detail:
                 answers[i]["tokens"] = explained.tokens
 
-        await asyncio.gather(*(explain_one(i, image) for i, image in wanted))
+        await asyncio.gather(*(explain_one(i) for i in wanted))
 
     async def _await_items(self, to_run: list[tuple[int, Any, float, int]], items: list[WorkItem],
                            keys: dict[int, bytes], answers: list, computed: dict[int, Any], start: float,
@@ -375,7 +400,8 @@ class Service:
             if isinstance(outcome, ApiError):
                 answers[i] = outcome
                 continue
-            self.remember(keys[i], outcome.result)
+            if not self.explains_unasked(outcome.result):  # else remembered once explained
+                self.remember(keys[i], outcome.result)
             answers[i] = _answer(outcome.result, False, detail, False, total_s=time.monotonic() - start,
                                  decode_s=decode_s, queue_s=outcome.queue_wait_s, compute_s=outcome.compute_s,
                                  scale=scale)
@@ -392,13 +418,12 @@ def shared_cache(engine: Any, config: ServerConfig, metrics: ServerMetrics) -> R
     """The Redis cache when --redis-url is set; its keys name the bundle's content and dtype (the answer's model)."""
     if config.redis_url is None:
         return None
-    # Imported only when asked for: redis is an optional dependency, and runtime.cascade loads torch.
+    # Imported only when asked for: redis is an optional dependency.
     try:
         from server.redis_cache import RedisCache, RedisSettings
     except ImportError as e:
         raise RuntimeError(f"--redis-url needs the redis package ({e}): pip install 'roadwork-cascade[redis]'") from e
-    from runtime.cascade.bundle_digest import bundle_digest
-    model_id = f"{bundle_digest(engine.bundle)[:32]}-{str(engine.dtype).removeprefix('torch.')}"
+    model_id = engine.content_digest[:32]
     settings = RedisSettings(config.redis_url, config.redis_ttl_s, config.redis_timeout_ms / 1000)
     return RedisCache(settings, model_id, metrics.registry)
 
@@ -580,6 +605,8 @@ async def _predict_stream(request: web.Request, service: Service, start: float, 
                                                     detail, explain)
         answer["tokens"] = result.tokens
         service.count_image(answer)
+        if service.hardcases is not None:
+            service.hardcases.offer(data, result, _flag(request, "capture"))
         await events.send("result", answer)
         await events.close()
     except ApiError as e:
@@ -625,11 +652,14 @@ async def _stream_computed(service: Service, events: EventStream, key: bytes,
     if isinstance(computed, ApiError):
         raise computed
     result = computed.result
-    service.remember(key, result)
-    if result.explanation is not None:  # the bundle's explain_above rule explained it already
-        await events.send("token", {"text": result.explanation})
-    elif explain:
+    if not service.explains_unasked(result):  # else remembered once explained
+        service.remember(key, result)
+    if explain:
         result = await _stream_explanation(service, events, key, image, result)
+    elif service.explains_unasked(result):
+        with service.spare_explanations(1) as spare:
+            if spare:
+                result = await _stream_explanation(service, events, key, image, result)
     return result, _answer(result, False, detail, explain, total_s=time.monotonic() - start, decode_s=decode_s,
                            queue_s=computed.queue_wait_s, compute_s=computed.compute_s, scale=scale)
 

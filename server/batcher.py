@@ -66,7 +66,6 @@ class WorkItem:
     deadline: float                     # time.monotonic() after which nobody wants the answer
     enqueued_at: float
     future: asyncio.Future
-    explain: bool = False               # decode an explanation for this image (?explain=1)
     on_stage: StageListener | None = None  # hears each stage's decision as it happens (the stream endpoint)
     dropped: str | None = None          # why the requester gave up; written on the loop, read by the worker
     nbytes: int = 0                     # the decoded array's bytes, held against the admission budget
@@ -177,14 +176,14 @@ class Batcher:
         self._bytes -= nbytes
         assert self._admitted >= 0 and self._bytes >= 0, (self._admitted, self._bytes)
 
-    def submit(self, images: list[np.ndarray], deadline: float, explain: bool = False,
+    def submit(self, images: list[np.ndarray], deadline: float,
                on_stage: StageListener | None = None) -> list[WorkItem]:
         """Queue decoded images; they wait for a batch, their arrays' bytes held until it resolves. Images of
-        different requests share batches, each keeping its own `explain` and `on_stage`. The caller releases the
-        images' admission when their decode threads end."""
+        different requests share batches, each keeping its own `on_stage`. The caller releases the images'
+        admission when their decode threads end."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [WorkItem(image, deadline, now, loop.create_future(), explain, on_stage, nbytes=image.nbytes)
+        items = [WorkItem(image, deadline, now, loop.create_future(), on_stage, nbytes=image.nbytes)
                  for image in images]
         self._bytes += sum(item.nbytes for item in items)
         self._queue.extend(items)
@@ -265,13 +264,12 @@ class Batcher:
         """One Engine.predict call; when it raises, each half again, down to single images: one ImageResult or
         exception per item, so an image the model cannot take fails alone, not its batch neighbours (whose
         requests may be other clients')."""
-        explain = [item.explain for item in live]
         listening = any(item.on_stage is not None for item in live)
         try:
             # Boxes cost only a post-processing step for detector-decided images; `?detail=1` shows them.
+            # Explanations are decoded on the VLM's loop thread (server/app.py), never in the batch.
             return self.engine.predict([item.image for item in live], boxes=True,
-                                       explain=explain if any(explain) else None,
-                                       on_stage=self._stage_relay(live) if listening else None)
+                                       on_stage=self._stage_relay(live) if listening else None, auto_explain=False)
         except Exception as e:  # a model failure fails the failing image only; the server keeps serving
             if len(live) == 1:
                 log.warning("Engine.predict failed on one image (%dx%d): %r", live[0].image.shape[1],

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from runtime.cascade.bundle_digest import bundle_digest
 from server.hardcase_store import HardCaseStore
 
 if TYPE_CHECKING:
@@ -279,7 +278,7 @@ class HardCaseCapture:
 
 def engine_digest(engine: Engine) -> str:
     """The content digest of the bundle an Engine was loaded from (the shared cache keys answers by it too)."""
-    return "sha256:" + bundle_digest(engine.bundle)
+    return "sha256:" + engine.content_digest
 
 
 def vlm_stage_name(engine: Any) -> str | None:

@@ -48,6 +48,28 @@ class VLMCollector:
                                   "KV blocks ran out", value=stats["preemptions"])
 
 
+class StageCollector:
+    """Each cascade stage's cumulative wall time, calls and images, read from Engine.stage_timings() at scrape time
+    (the first stage's time includes preprocessing): rate(seconds) / rate(calls) is a stage's latency per batch."""
+
+    def __init__(self) -> None:
+        self.timings: Callable[[], dict] = dict
+
+    def collect(self) -> Iterator[Metric]:
+        timings = self.timings()
+        families = {
+            "seconds": CounterMetricFamily("roadwork_stage_seconds", "Wall time the inference worker spent in each "
+                                           "cascade stage (the first stage's includes preprocessing)",
+                                           labels=["stage"]),
+            "calls": CounterMetricFamily("roadwork_stage_calls", "Batches each cascade stage ran", labels=["stage"]),
+            "images": CounterMetricFamily("roadwork_stage_images", "Images each cascade stage saw", labels=["stage"]),
+        }
+        for stage, timing in timings.items():
+            for field, family in families.items():
+                family.add_metric([stage], getattr(timing, field))
+        yield from families.values()
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -102,6 +124,8 @@ class ServerMetrics:
                                   registry=r)
         self.vlm = VLMCollector()
         r.register(self.vlm)
+        self.stages = StageCollector()
+        r.register(self.stages)
         self.hardcases_matched = Counter("roadwork_hardcases_matched", "Answered images matching a hard-case "
                                          "capture rule (--hardcases), by rule; one image can match several",
                                          ["rule"], registry=r)
@@ -126,13 +150,14 @@ class ServerMetrics:
 
     def track(self, queue_depth: Callable[[], int], cache_entries: Callable[[], int],
               cache_bytes: Callable[[], int], stage_states: Callable[[], dict[str, str]],
-              vlm_stats: Callable[[], dict | None]) -> None:
+              vlm_stats: Callable[[], dict | None], stage_timings: Callable[[], dict]) -> None:
         """Gauges read live values at scrape time instead of being updated on every change."""
         self.queue_depth.set_function(queue_depth)
         self.cache_entries.set_function(cache_entries)
         self.cache_bytes.set_function(cache_bytes)
         self.stage_states = stage_states
         self.vlm.stats = vlm_stats
+        self.stages.timings = stage_timings
 
     def render(self) -> tuple[bytes, str]:
         for stage, current in self.stage_states().items():

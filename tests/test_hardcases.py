@@ -23,7 +23,7 @@ from runtime.cascade.results import Box, ImageResult
 from runtime.image_decode import decode_image
 from fixtures.checkpoints import make_vit
 from fixtures.images import b64, jpeg
-from fixtures.serving import serving
+from fixtures.serving import read_events, serving
 from tools import hardcases as cli
 from server.hardcase_capture import CaptureConfig, HardCaseCapture, RateCaps, matched_rules
 from server.hardcase_store import CLASSES, DETECTIONS, INDEX, LABELS, HardCaseStore, image_id, read_index
@@ -261,7 +261,7 @@ def test_server_captures_by_rule_with_boxes_and_metrics(bundle_engine, tmp_path)
     rules = tmp_path / "rules.toml"
     rules.write_text("band = 0.1\nper_minute = 100\n[rates]\nband = 1.0\nvlm = 1.0\ndisagree = 1.0\n")
     images = [p.read_bytes() for p in SAMPLES]
-    extra = jpeg(123, (224, 224))
+    extra, streamed = jpeg(123, (224, 224)), jpeg(124, (224, 224))
 
     async def scenario():
         async with serving(bundle_engine, BUNDLE, hardcases=tmp_path / "hc", hardcases_rules=rules,
@@ -270,14 +270,17 @@ def test_server_captures_by_rule_with_boxes_and_metrics(bundle_engine, tmp_path)
             requested = (await s.post("/v1/predict?capture=1&detail=1", {"image": b64(extra)}))[1]
             batch = (await s.post("/v1/predict/batch?capture=yes", {"images": [b64(images[0])]}))[0]
             assert batch == 200
+            async with s.client.post(s.url + "/v1/predict/stream?capture=1&detail=1&explain=0", data=streamed,
+                                     headers={"Content-Type": "image/jpeg"}) as response:
+                stream_answer = dict((await read_events(response)))["result"]
             give_up = time.monotonic() + 20
             while s.service.hardcases.queue.qsize() and time.monotonic() < give_up:
                 await asyncio.sleep(0.05)
             metrics = {rule: await s.metric("roadwork_hardcases_captured_total", rule=rule)
                        for rule in ("band", "vlm", "disagree", "requested")}
-            return answers, requested, metrics
+            return answers, requested, stream_answer, metrics
 
-    answers, requested, metrics = asyncio.run(scenario())
+    answers, requested, stream_answer, metrics = asyncio.run(scenario())
     expect = {}
     for image, a in zip(images, answers):
         r = result(a["prediction"], a["scores"], a["stage"], a["degraded"])
@@ -286,6 +289,8 @@ def test_server_captures_by_rule_with_boxes_and_metrics(bundle_engine, tmp_path)
             expect[image_id(image)] = rules_hit
     expect[image_id(extra)] = matched_rules(result(requested["prediction"], requested["scores"], requested["stage"]),
                                             True, 0.1, "vlm")
+    expect[image_id(streamed)] = matched_rules(result(stream_answer["prediction"], stream_answer["scores"],
+                                                      stream_answer["stage"]), True, 0.1, "vlm")
     expect.setdefault(image_id(images[0]), ["requested"])  # the batch asked for it
     assert any("vlm" in r for r in expect.values()) and any("disagree" in r for r in expect.values())
     samples = {s.id: s for s in read_index(tmp_path / "hc")}

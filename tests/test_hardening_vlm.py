@@ -75,3 +75,39 @@ def test_explanations_beyond_the_cap_are_refused_with_retry_after(engine, bundle
         assert status == 503 and body["error"]["code"] == "explanations_busy", body
         assert int(headers["Retry-After"]) >= 1
     assert plain[0] == 200
+
+
+def test_explain_above_explanations_decode_off_the_inference_worker(vlm_cascade_models, tmp_path):
+    """The bundle's explain_above rule explains unasked, on the VLM's loop thread: the batch's Engine.predict call
+    never decodes one (auto_explain=False), and the answer still carries it; with no explanation slot free, the
+    answer goes without one instead of failing."""
+    models = vlm_cascade_models
+    root = write_bundle(tmp_path, classifier_stage(models, 0.0, 1.0)
+                        + detector_stage(models, 0.5, None, extra="exit_below = 0.0\nexit_above = 1.0")
+                        + vlm_stage(models, "explain_above = 0.0\nmax_explain_tokens = 4"))
+    engine = Engine.load(root, "cpu", "float32", max_batch=4)
+    calls = []
+    predict = engine.predict
+
+    def recording_predict(images, **kwargs):
+        if kwargs.get("boxes"):  # the batcher's calls (warmup's has no boxes)
+            calls.append(kwargs.get("auto_explain", True))
+        return predict(images, **kwargs)
+
+    engine.predict = recording_predict
+
+    async def scenario():
+        async with serving(engine, root) as s:
+            explained = await s.post("/v1/predict", {"image": b64(jpeg(41))})
+            s.service.explanations = s.service.config.max_explanations  # every slot taken by asked explanations
+            without = await s.post("/v1/predict", {"image": b64(jpeg(42))})
+            s.service.explanations = 0
+            return explained, without
+
+    try:
+        explained, without = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert explained[0] == 200 and explained[1]["stage"] == "vlm" and explained[1]["explanation"]
+    assert without[0] == 200 and "explanation" not in without[1]
+    assert calls and not any(calls)

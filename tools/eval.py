@@ -14,7 +14,6 @@ import logging
 import math
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -120,34 +119,18 @@ def list_labeled(root: str | Path) -> LabeledSet:
 
 
 class StageClock:
-    """Wall time spent in each stage of an Engine's cascade, per chunk: stage 1 is preprocessing plus the
-    classifier segment; a later stage is its call (preprocessing of its own, detectors, vote)."""
+    """Wall time per stage over a run, from the cascade's cumulative stage timings: stage 1 is preprocessing plus
+    the classifier segment; a later stage is its call (preprocessing of its own, detectors, vote)."""
 
     def __init__(self, engine):
-        cascade = engine.cascade
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.images: dict[str, int] = {stage.name: 0 for stage in cascade.stages}  # also stages no image reached
-        first = cascade.first
-        load, call = first.load, cascade.call
+        self.engine = engine
+        self.before = engine.stage_timings()
 
-        def timed_load(images):
-            start = time.perf_counter()
-            out = load(images)
-            self.seconds[first.name] += time.perf_counter() - start
-            return out
-
-        def timed_call(stage, pending, images, want_boxes):
-            start = time.perf_counter()
-            out = call(stage, pending, images, want_boxes)
-            self.seconds[stage.name] += time.perf_counter() - start
-            self.images[stage.name] += len(pending)
-            return out
-
-        first.load, cascade.call = timed_load, timed_call
-
-    def ms_per_image(self, stage: str) -> float:
-        """Milliseconds per image that reached `stage`."""
-        return 1e3 * self.seconds[stage] / self.images[stage] if self.images[stage] else 0.0
+    def totals(self) -> dict[str, tuple[float, int]]:
+        """(seconds, images) per stage since the clock started, every stage included, also one no image reached."""
+        now = self.engine.stage_timings()
+        return {name: (t.seconds - self.before[name].seconds, t.images - self.before[name].images)
+                for name, t in now.items()}
 
 
 @dataclass
@@ -180,11 +163,12 @@ def run_engine(engine, data: LabeledSet, progress: bool = True) -> Scored:
         seconds += time.perf_counter() - began
         bar.update(len(images))
     bar.close()
-    stage_names = list(clock.images)
+    totals = clock.totals()
     return Scored(data.labels, data.levels, np.array([r.prediction for r in results], np.float64),
                   [r.stage for r in results], [r.scores for r in results], [r.detector_scores for r in results],
                   np.array([r.degraded for r in results], bool), seconds,
-                  {s: clock.ms_per_image(s) for s in stage_names}, {s: clock.images[s] for s in stage_names})
+                  {s: 1e3 * sec / n if n else 0.0 for s, (sec, n) in totals.items()},
+                  {s: n for s, (_, n) in totals.items()})
 
 
 def report(scored: Scored, model: str, data: str, device: str, dtype: str) -> dict:

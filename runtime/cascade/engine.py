@@ -5,6 +5,8 @@ left undecided, then a VLM for what is still undecided; docs/bundle.md) or a sin
 directory (a one-stage cascade), and runs it through runtime/cascade/pipeline.py."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import threading
 from functools import partial
@@ -17,8 +19,9 @@ import torch
 from runtime.cascade.bundle import (Bundle, ClassifierStageSpec, load_bundle, quantize_settings, resolved_quantize,
                                     with_quantize, with_unset_quantize)
 from runtime.cascade.build import build_cascade
+from runtime.cascade.bundle_digest import bundle_digest
 from runtime.cascade.classifier_stage import image_tensor
-from runtime.cascade.results import Box, ImageResult, OnStage
+from runtime.cascade.results import Box, ImageResult, OnStage, StageTiming
 from runtime.errors import ModelLoadError
 from runtime.cascade.vlm_stage import VLMOutput, VLMStage
 from runtime.models import precision
@@ -160,13 +163,15 @@ class Engine:
             self.cascade.warmup()
 
     def predict(self, images: list[np.ndarray], boxes: bool = False, explain: Sequence[bool] | None = None,
-                on_stage: OnStage | None = None) -> list[ImageResult]:
+                on_stage: OnStage | None = None, auto_explain: bool = True) -> list[ImageResult]:
         """Decoded RGB uint8 images (H, W, 3), any sizes and count; results in the same order.
 
         `boxes`: also return the roadwork boxes of images the detectors scored. `explain`: per image, have the VLM
-        explain it (besides the bundle's explain_above rule; ignored without a VLM stage). `on_stage(index, stage,
-        p, decided)`: called on this thread once per image per stage it reached, as soon as the stage answered
-        its chunk and before later stages run."""
+        explain it (ignored without a VLM stage). `auto_explain`: also explain the images the bundle's
+        explain_above rule names (the server turns it off and explains on the VLM's loop thread instead, so
+        decoding never holds the inference worker). `on_stage(index, stage, p, decided)`: called on this thread
+        once per image per stage it reached, as soon as the stage answered its chunk and before later stages
+        run."""
         if explain is not None and len(explain) != len(images):
             raise ValueError(f"explain has {len(explain)} entries for {len(images)} images")
         results: list[ImageResult] = []
@@ -175,7 +180,7 @@ class Engine:
                 shifted = None if on_stage is None else partial(on_chunk_stage, on_stage, start)
                 results.extend(self.cascade.run(images[start:start + count], boxes,
                                                 None if explain is None else list(explain[start:start + count]),
-                                                shifted))
+                                                shifted, auto_explain))
         return results
 
     def explain_stream(self, image: np.ndarray, on_output: Callable[[VLMOutput], None]) -> int:
@@ -186,6 +191,19 @@ class Engine:
     def cancel(self, request_id: int) -> bool:
         """End an explain_stream request; its KV blocks are free when this returns. False if unknown or done."""
         return self._vlm().cancel(request_id)
+
+    @functools.cached_property
+    def content_digest(self) -> str:
+        """sha256 (hex) of the bundle as written on disk (runtime/cascade/bundle_digest.py): replicas of one bundle
+        agree on it whatever precision each one's `auto` measured, so they share cached answers (auto keeps every
+        precision within 0.02 of fp32). Reads every model file once, on first use."""
+        return bundle_digest(load_bundle(self.model_dir))
+
+    @property
+    def explain_above(self) -> float | None:
+        """The bundle's explain_above: results with a higher final P(roadwork) get an explanation; None without a
+        VLM stage."""
+        return None if self.cascade.vlm is None else self.cascade.vlm.spec.explain_above
 
     def vlm_stats(self) -> dict | None:
         """KV blocks (total/free/used), cumulative prompt/cached/generated tokens, running/waiting sequences and
@@ -200,6 +218,11 @@ class Engine:
         if self.cascade.vlm is None:
             raise RuntimeError("this bundle has no vlm stage")
         return self.cascade.vlm
+
+    def stage_timings(self) -> dict[str, StageTiming]:
+        """Cumulative wall time, calls and images of every stage since load (the first stage's time includes
+        preprocessing); a copy, safe to read from any thread."""
+        return {name: dataclasses.replace(t) for name, t in self.cascade.timings.items()}
 
     def stage_states(self) -> dict[str, str]:
         """Breaker state ("closed", "open", "half_open") of every stage after the first."""

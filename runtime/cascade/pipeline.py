@@ -26,7 +26,7 @@ import numpy as np
 
 from graphs.nvtx import nvtx_range
 from runtime.cascade.classifier_stage import ClassifierStage, image_tensor
-from runtime.cascade.results import ImageResult, OnStage, StageAnswer, add_tokens, fold_answers
+from runtime.cascade.results import ImageResult, OnStage, StageAnswer, StageTiming, add_tokens, fold_answers
 from runtime.cascade.stage import ChunkImages, GraphPools, Stage
 from runtime.errors import InputError
 from runtime.cascade.vlm_stage import VLMStage
@@ -39,6 +39,7 @@ class Cascade:
         assert vlm is None or later[-1] is vlm, "the VLM is the last stage"
         self.first, self.later, self.vlm = first, later, vlm
         self.stages: list[Stage] = [first, *later]
+        self.timings = {stage.name: StageTiming() for stage in self.stages}  # written by the worker thread only
 
     def warmup(self) -> None:
         """Every bucket of every segment once; on CUDA the captures of one device share a memory pool, which is
@@ -51,19 +52,26 @@ class Cascade:
         return self.first.runner.chunks(n)
 
     def run(self, images: list[np.ndarray], want_boxes: bool = False, explain: list[bool] | None = None,
-            on_stage: OnStage | None = None) -> list[ImageResult]:
+            on_stage: OnStage | None = None, auto_explain: bool = True) -> list[ImageResult]:
         """One chunk (at most max_batch images) through every stage. `explain`: per image, ask the VLM for an
         explanation; `on_stage` is called once per image per stage it reached, as soon as that stage answered."""
+        began = time.perf_counter()
         with nvtx_range("preprocess"):
             chunk = self.first.load(images)
+        preprocess_s = time.perf_counter() - began  # counted as the first stage's time
         pending = list(range(len(images)))
         answers: list[list[tuple[str, StageAnswer]]] = [[] for _ in images]
         degraded: set[int] = set()
         for stage in self.stages:
             if not pending:
                 break
+            began = time.perf_counter()
             with nvtx_range(stage.name):
                 got = self.call(stage, pending, chunk, want_boxes)
+            timing = self.timings[stage.name]
+            timing.seconds += time.perf_counter() - began + (preprocess_s if stage is self.first else 0.0)
+            timing.calls += 1
+            timing.images += len(pending)
             if got is None:
                 degraded.update(pending)
                 break
@@ -74,15 +82,17 @@ class Cascade:
             pending = [i for i, answer in zip(pending, got) if answer.goes_on]
         results = [fold_answers(reached, i in degraded) for i, reached in enumerate(answers)]
         if self.vlm is not None:
-            self.explain(results, images, explain)
+            self.explain(results, images, explain, auto_explain)
         return results
 
-    def explain(self, results: list[ImageResult], images: list[np.ndarray], explain: list[bool] | None) -> None:
-        """Explanations of the images asked for and of those whose final p > explain_above, under the VLM's
-        breaker (no time budget: decoding takes longer than scoring). A failure leaves explanation None."""
+    def explain(self, results: list[ImageResult], images: list[np.ndarray], explain: list[bool] | None,
+                auto_explain: bool) -> None:
+        """Explanations of the images asked for and (with auto_explain) of those whose final p > explain_above,
+        under the VLM's breaker (no time budget: decoding takes longer than scoring). A failure leaves explanation
+        None."""
         vlm = self.vlm
         wanted = [i for i, r in enumerate(results)
-                  if (explain is not None and explain[i]) or r.prediction > vlm.spec.explain_above]
+                  if (explain is not None and explain[i]) or (auto_explain and r.prediction > vlm.spec.explain_above)]
         if not wanted or not vlm.breaker.allow():
             return
         try:

@@ -66,4 +66,13 @@ def fold_answers(answers: list[tuple[str, StageAnswer]], degraded: bool) -> Imag
     return result
 
 
+@dataclass
+class StageTiming:
+    """Cumulative wall time of one stage's calls on the inference worker (the first stage's includes
+    preprocessing), the calls, and the images they carried."""
+    seconds: float = 0.0
+    calls: int = 0
+    images: int = 0
+
+
 OnStage = Callable[[int, str, float, bool], None]  # (image index, stage name, p, decided here)
