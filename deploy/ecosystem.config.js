@@ -35,6 +35,8 @@ module.exports = {
       env: {
         ROADWORK_PORT: String(basePort + i),
         ROADWORK_DEVICE: device,
+        // Behind nginx every connection comes from the proxy: nginx's limit_req caps each client instead.
+        ROADWORK_MAX_CONNECTIONS_PER_IP: env.ROADWORK_MAX_CONNECTIONS_PER_IP || "1024",
         OMP_NUM_THREADS: env.OMP_NUM_THREADS || (device === "cpu" ? cpuThreads : "1"),
       },
       autorestart: true,

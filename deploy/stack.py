@@ -27,6 +27,9 @@ class StackError(RuntimeError):
     pass
 
 
+PROXIED_CONNECTIONS_PER_IP = "1024"  # the server's --max-connections default: no tighter cap per proxy
+
+
 @dataclass(frozen=True)
 class StackSpec:
     run_dir: Path                              # configs, logs, pid files, Prometheus data
@@ -163,8 +166,10 @@ class Stack:
 
     def _replica(self, i: int) -> Child:
         spec = self.spec
+        # Behind nginx every connection comes from the proxy's address: the per-address cap is nginx's limit_req.
         argv = [sys.executable, "-m", "server", "--model", str(spec.model), "--host", spec.host,
-                "--port", str(spec.replica_port + i), *spec.server_args]
+                "--port", str(spec.replica_port + i), "--max-connections-per-ip", PROXIED_CONNECTIONS_PER_IP,
+                *spec.server_args]
         if spec.redis:
             argv += ["--redis-url", self.redis_url]
         threads = spec.torch_threads or os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) //
