@@ -56,6 +56,15 @@ def wait_answered(loop: ClosedLoop, count: int, timeout_s: float = 60.0) -> None
         time.sleep(0.05)
 
 
+def wait_served_by(stack: Stack, i: int, timeout_s: float = 60.0) -> None:
+    """Until nginx routes requests to replica i again: a restarted replica stays marked failed by the passive health
+    check for fail_timeout after its last failure, and a rolling restart must not stop the next one before."""
+    deadline = time.monotonic() + timeout_s
+    while metric(stack.replica_url(i), "roadwork_images_total") == 0:
+        assert time.monotonic() < deadline, f"nginx sent replica {i} nothing within {timeout_s:g} s of its restart"
+        time.sleep(0.1)
+
+
 def replicas_total(stack: Stack, name: str, labels: dict[str, str] | None = None) -> float:
     return sum(metric(stack.replica_url(i), name, labels) for i in range(REPLICAS))
 
@@ -124,6 +133,7 @@ def test_rolling_sigterm_restart_under_load_loses_no_request(stack, images):
             assert stack.replicas[i].stop(signal.SIGTERM, timeout_s=40) == 0  # drained and exited cleanly
             wait_answered(loop, 10)
             stack.start_replica(i)
+            wait_served_by(stack, i)
             wait_answered(loop, 15)
     finally:
         result = loop.stop()
