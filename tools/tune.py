@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from kernels.vote import vote_reference
-from runtime.cascade.bundle import BUNDLE_FILE, Bundle, ClassifierStageSpec, DetectorStageSpec, VLMStageSpec, read_bundle
+from runtime.cascade.bundle import (BUNDLE_FILE, Bundle, ClassifierStageSpec, DetectorStageSpec, VLMStageSpec,
+                                    read_bundle)
 from tools.eval import Confusion, LabeledSet, list_labeled, run_engine
 
 log = logging.getLogger(__name__)

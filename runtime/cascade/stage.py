@@ -13,6 +13,7 @@ from graphs.runner import BucketGraphs
 from runtime.cascade.breaker import Breaker
 from runtime.cascade.results import StageAnswer
 
+
 @dataclass
 class ChunkImages:
     """The images of one chunk, as every stage may want them."""

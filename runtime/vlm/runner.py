@@ -2,9 +2,9 @@
 metadata, and the image features of the images whose placeholders are not cached. Returns each sequence's
 last-position logits.
 
-Decode attention goes through a planned backend (runtime/vlm/attention.py: flashinfer, Triton or the torch reference).
-With decode graphs on, a decode-only step runs padded to a batch bucket through static buffers (runtime/vlm/decode_graphs.py),
-captured as CUDA graphs on CUDA; steps with prefills run eagerly.
+Decode attention goes through a planned backend (runtime/vlm/attention.py: flashinfer, Triton or the torch
+reference). With decode graphs on, a decode-only step runs padded to a batch bucket through static buffers
+(runtime/vlm/decode_graphs.py), captured as CUDA graphs on CUDA; steps with prefills run eagerly.
 
 Vision-tower outputs are kept in a small LRU keyed by image content, so an image whose prompt is only partly
 cached (same image, another question) does not run the vision tower again."""
@@ -18,8 +18,8 @@ import torch
 from graphs.nvtx import nvtx_range
 from runtime.vlm.decode_graphs import DecodeGraphs, decode_inputs
 from graphs.runner import default_buckets
-from runtime.vlm.attention import (FLASHINFER_WORKSPACE_BYTES, DecodeAttention, DecodeAttentionSpec, choose_decode_backend,
-                               flashinfer_module, flashinfer_unusable, make_decode_attention)
+from runtime.vlm.attention import (FLASHINFER_WORKSPACE_BYTES, DecodeAttention, DecodeAttentionSpec,
+                                   choose_decode_backend, flashinfer_module, flashinfer_unusable, make_decode_attention)
 from runtime.models.qwen3_vl import Qwen3VL
 from runtime.models.qwen3_vl_text import AttentionMetadata
 from runtime.vlm.scheduler import ScheduledBatch
