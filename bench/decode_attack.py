@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
 
-from bench.load import make_jpegs, wait_ready
+from bench.load import make_jpegs, start_listening, wait_ready
 from fixtures.hostile import scan_bomb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,18 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 async def attack(tree: Path) -> dict:
     bomb, normal = scan_bomb(1500, (4096, 4096)), make_jpegs(1, 224)[0]
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "server", "--port", "0", "--cache-entries", "0",
-                                                cwd=tree, stderr=asyncio.subprocess.PIPE)
+    proc, url = await start_listening([sys.executable, "-m", "server", "--port", "0", "--cache-entries", "0"],
+                                      cwd=tree)
     try:
-        while not (found := re.search(r"listening on (http://\S+)", (await proc.stderr.readline()).decode())):
-            pass
-        url = found.group(1)
-
-        async def drain() -> None:
-            while await proc.stderr.readline():
-                pass
-
-        drainer = asyncio.create_task(drain())
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as client:
             await wait_ready(client, url)
 
@@ -52,7 +42,6 @@ async def attack(tree: Path) -> dict:
             finished = [b.result() for b in bombs if b.done()]
             for b in bombs:
                 b.cancel()
-        drainer.cancel()
     finally:
         proc.terminate()
         await proc.wait()

@@ -96,29 +96,40 @@ def offline_throughput(args: argparse.Namespace, images: list[bytes]) -> dict:
             "engine": engine.describe()}
 
 
+async def start_listening(command: list[str], timeout_s: float = 120,
+                          cwd: Path = REPO) -> tuple[asyncio.subprocess.Process, str]:
+    """Start a server process (`command`) and return it with the URL it logs as "listening on URL"; its stderr is
+    drained from then on. Raises RuntimeError when it exits first or says nothing within timeout_s."""
+    proc = await asyncio.create_subprocess_exec(*command, cwd=cwd, stderr=asyncio.subprocess.PIPE)
+    lines: list[str] = []
+    give_up = time.monotonic() + timeout_s
+    while True:
+        try:
+            line = (await asyncio.wait_for(proc.stderr.readline(), max(1.0, give_up - time.monotonic()))).decode()
+        except asyncio.TimeoutError:
+            proc.kill()
+            raise RuntimeError(f"{command[2]} did not start listening within {timeout_s:.0f} s") from None
+        if not line:
+            raise RuntimeError(f"{command[2]} exited before listening:\n" + "".join(lines[-20:]))
+        lines.append(line)
+        found = re.search(r"listening on (http://\S+)", line)
+        if found:
+            asyncio.get_running_loop().create_task(_drain(proc.stderr))
+            return proc, found.group(1)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
 async def start_server(args: argparse.Namespace) -> tuple[asyncio.subprocess.Process, str]:
     command = [sys.executable, "-m", "server", "--model", str(args.model), "--host", "127.0.0.1", "--port", "0",
                "--device", args.device, "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
                "--cache-entries", "0", "--queue-size", str(args.queue_size), "--log-level", "info"]
     if args.dtype:
         command += ["--dtype", args.dtype]
-    proc = await asyncio.create_subprocess_exec(*command, cwd=REPO, stderr=asyncio.subprocess.PIPE)
-    lines = []
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 120)).decode()
-        if not line:
-            raise RuntimeError("server exited before listening:\n" + "".join(lines))
-        lines.append(line)
-        found = re.search(r"listening on (http://\S+)", line)
-        if found:
-            break
-    asyncio.get_running_loop().create_task(_discard(proc.stderr))
-    return proc, found.group(1)
-
-
-async def _discard(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
+    return await start_listening(command)
 
 
 async def wait_ready(client: aiohttp.ClientSession, url: str, timeout_s: float = 300) -> None:

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import gc
 import os
-import re
 import signal
 import statistics
 import sys
@@ -42,6 +41,7 @@ import numpy as np
 import orjson
 
 from bench.common import PRESETS, jpeg_images, make_checkpoint, print_table, write_json
+from bench.load import start_listening
 from server.config import CPU_BATCH
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,30 +136,6 @@ async def wait_answering(url: str, path: str, timeout_s: float) -> None:
             await asyncio.sleep(0.05)
 
 
-async def start(command: list[str], timeout_s: float) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(*command, cwd=REPO, stderr=asyncio.subprocess.PIPE)
-    lines: list[str] = []
-    give_up = time.monotonic() + timeout_s
-    while True:
-        try:
-            line = (await asyncio.wait_for(proc.stderr.readline(), max(1.0, give_up - time.monotonic()))).decode()
-        except asyncio.TimeoutError:
-            proc.kill()
-            raise RuntimeError(f"{command[2]} did not start listening within {timeout_s:.0f} s") from None
-        if not line:
-            raise RuntimeError(f"{command[2]} exited before listening:\n" + "".join(lines[-20:]))
-        lines.append(line)
-        found = re.search(r"listening on (http://\S+)", line)
-        if found:
-            asyncio.get_running_loop().create_task(_drain(proc.stderr))
-            return proc, found.group(1)
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
-
-
 def server_command(name: str, model: Path, args: argparse.Namespace) -> list[str]:
     if name == "baseline":
         return [sys.executable, "-m", "bench.miner_baseline", "--model", str(model), "--port", "0"]
@@ -169,7 +145,7 @@ def server_command(name: str, model: Path, args: argparse.Namespace) -> list[str
 
 async def measure_server(name: str, model: Path, bodies: list[bytes], args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    proc, url = await start(server_command(name, model, args), args.start_timeout)
+    proc, url = await start_listening(server_command(name, model, args), args.start_timeout)
     try:
         await wait_answering(url, "/readyz", args.start_timeout)
         ready_s = time.perf_counter() - started

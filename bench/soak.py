@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import re
 import signal
 import socket
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from bench.load import make_jpegs, offline_throughput, wait_ready
+from bench.load import make_jpegs, offline_throughput, start_listening, wait_ready
 from fixtures.hostile import flat_webp, png_header_only, scan_bomb, strip_png
 
 log = logging.getLogger("bench.soak")
@@ -218,26 +217,7 @@ async def start_server(args: argparse.Namespace) -> tuple[asyncio.subprocess.Pro
     command = [sys.executable, "-m", "server", "--model", str(args.model), "--host", "127.0.0.1", "--port", "0",
                "--cache-entries", "0", "--log-level", "info", "--max-batch", str(args.max_batch),
                "--keepalive-timeout-s", "5", "--queue-size", str(args.queue_size)]
-    proc = await asyncio.create_subprocess_exec(*command, cwd=REPO, stderr=asyncio.subprocess.PIPE)
-    try:
-        while True:
-            line = (await asyncio.wait_for(proc.stderr.readline(), 300)).decode()
-            if not line:
-                raise RuntimeError("server exited before listening")
-            found = re.search(r"listening on (http://\S+)", line)
-            if found:
-                break
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-
-    async def drain() -> None:
-        while await proc.stderr.readline():
-            pass
-
-    asyncio.get_running_loop().create_task(drain())
-    return proc, found.group(1)
+    return await start_listening(command, 300)
 
 
 async def run(args: argparse.Namespace, traffic: Traffic) -> dict:

@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from runtime.cascade.results import Box, ImageResult
 from runtime.image_decode import decode_image
 from fixtures.checkpoints import make_vit
 from fixtures.images import b64, jpeg
-from fixtures.serving import read_events, serving
+from fixtures.serving import ServerProcess, read_events, serving
 from tools import hardcases as cli
 from server.hardcase_capture import CaptureConfig, HardCaseCapture, RateCaps, matched_rules
 from server.hardcase_store import CLASSES, DETECTIONS, INDEX, LABELS, HardCaseStore, image_id, read_index
@@ -315,27 +314,8 @@ def test_kill_9_mid_capture_leaves_a_loadable_dataset(tmp_path):
     rules = tmp_path / "rules.toml"
     rules.write_text("per_minute = 0\nper_hour = 0\nper_day = 0\ncompact_every_s = 0.2\nqueue_size = 1000\n")
     hc = tmp_path / "hc"
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model), "--port", "0", "--dtype",
-                             "float32", "--cache-entries", "0", "--hardcases", str(hc), "--hardcases-rules",
-                             str(rules)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    try:
-        url = None
-        give_up = time.monotonic() + 120
-        while url is None:
-            assert time.monotonic() < give_up, "server did not start"
-            line = proc.stderr.readline()
-            assert line, "server exited before listening"
-            found = re.search(r"listening on (http://\S+)", line)
-            url = found.group(1) if found else None
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < give_up, "server never became ready"
-            time.sleep(0.05)
+    with ServerProcess(model, "--hardcases", str(hc), "--hardcases-rules", str(rules)) as server:
+        url, proc, give_up = server.url, server.proc, time.monotonic() + 120
         stop = threading.Event()
 
         def keep_sending() -> None:  # requests in flight, and captures queued, when the kill comes
@@ -359,11 +339,6 @@ def test_kill_9_mid_capture_leaves_a_loadable_dataset(tmp_path):
         proc.wait(30)
         stop.set()
         sender.join(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        proc.stderr.close()
 
     assert proc.returncode == -signal.SIGKILL
     check_fiftyone_layout(hc)  # as the crash left it: possibly behind the index, never naming a missing file

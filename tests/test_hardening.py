@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,70 +21,13 @@ from fixtures.hostile import flat_webp, png_header_only, scan_bomb, strip_png, s
 from runtime.cascade.engine import Engine
 from runtime.vlm.scheduler import Scheduler
 from fixtures.images import b64, jpeg
-from fixtures.serving import serving
-
-REPO = Path(__file__).resolve().parents[1]
-
+from fixtures.serving import ServerProcess, serving
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_vit")
     make_vit(path, seed=5)
     return path
-
-
-class ServerProcess:
-    """`python -m server` on 127.0.0.1 with a free port; stopped (SIGTERM, then SIGKILL) when the block ends."""
-
-    def __init__(self, model_dir: Path, *args: str) -> None:
-        self.args = [sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-                     "--dtype", "float32", "--cache-entries", "0", *args]
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.port = 0
-
-    def __enter__(self) -> ServerProcess:
-        self.proc = subprocess.Popen(self.args, cwd=REPO, stderr=subprocess.PIPE, text=True)
-        give_up = time.monotonic() + 120
-        while not self.url:
-            line = self.proc.stderr.readline()
-            assert line and time.monotonic() < give_up, "server exited or never listened"
-            found = re.search(r"listening on http://([\d.]+):(\d+)", line)
-            if found:
-                self.port = int(found.group(2))
-                self.url = f"http://127.0.0.1:{self.port}"
-        self.log_thread = __import__("threading").Thread(target=self.proc.stderr.read, daemon=True)
-        self.log_thread.start()  # keep the pipe drained
-        while True:
-            try:
-                with urlopen(self.url + "/readyz") as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < give_up, "server never became ready"
-            time.sleep(0.05)
-        return self
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def urlopen(url: str):
-    import urllib.request
-    return urllib.request.urlopen(url, timeout=10)
 
 
 async def post(client: aiohttp.ClientSession, url: str, data: bytes, content_type: str = "image/jpeg",

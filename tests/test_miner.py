@@ -9,7 +9,6 @@ import base64
 import contextlib
 import json
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -36,6 +35,7 @@ from miner.policy import AccessPolicy  # noqa: E402
 from miner.protocol import ImageSynapse  # noqa: E402
 from fixtures.checkpoints import make_vit  # noqa: E402
 from fixtures.images import jpeg  # noqa: E402
+from fixtures.serving import ServerProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -140,42 +140,11 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def server_process(model_dir: Path):
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model_dir), "--host", LOOPBACK, "--port",
-                             "0", "--dtype", "float32", "--log-level", "info"], cwd=REPO, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        lines, url, give_up = [], None, time.monotonic() + 120
-        while url is None:
-            assert time.monotonic() < give_up, "server did not listen within 120 s:\n" + "".join(lines)
-            if select.select([proc.stderr], [], [], 1.0)[0]:
-                line = proc.stderr.readline()
-                assert line, "server exited before listening:\n" + "".join(lines)
-                lines.append(line)
-                found = re.search(r"listening on (http://\S+)", line)
-                url = found.group(1) if found else None
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
-        while True:
-            assert time.monotonic() < give_up, "server did not become ready within 120 s"
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(url + "/readyz", timeout=5).status == 200:
-                    break
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server_url(model_dir):
-    with server_process(model_dir) as url:
-        yield url
+    # The result cache on, as a miner's server runs: a re-asked image gets the very answer the miner forwarded.
+    with ServerProcess(model_dir, cache=True) as server:
+        yield server.url
 
 
 def server_prediction(url: str, image: bytes) -> float:
