@@ -205,3 +205,27 @@ def test_vit_b16_natix_reference_architecture(tmp_path):
         ref_logits = ref(pixel_values=x).logits
         assert rel_err(ours(x)[1], ref_logits) <= 1e-4
     check_bf16_drift(tmp_path, lambda dtype: ref.to(dtype)(pixel_values=x.to(dtype)).logits, x)
+
+
+def test_skip_random_init_skips_only_random_fills_and_only_in_its_thread():
+    """Loading builds modules under skip_random_init (the random fill of a ViT-B costs more than reading it):
+    computed tensors are still computed, and a thread building modules meanwhile still gets its random init."""
+    import threading
+
+    from runtime.models.weights import skip_random_init
+
+    other = []
+    with skip_random_init():
+        layer = torch.nn.Linear(64, 64)
+        torch.nn.init.zeros_(layer.bias)  # not random: still done
+        skipped = torch.zeros(8)
+        torch.nn.init.kaiming_uniform_(skipped.view(2, 4))
+        skipped.normal_()
+        frequencies = 1 / 100.0 ** torch.arange(0, 1, 0.25)
+        thread = threading.Thread(target=lambda: other.append(torch.nn.Linear(64, 64).weight.detach().clone()))
+        thread.start()
+        thread.join()
+    assert torch.equal(skipped, torch.zeros(8))
+    assert torch.equal(layer.bias, torch.zeros(64)) and torch.allclose(frequencies[1], torch.tensor(100 ** -0.25))
+    reference = torch.nn.Linear(64, 64)  # outside: random as usual
+    assert reference.weight.std() > 0 and other[0].std() > 0 and other[0].abs().max() <= 1 / 8

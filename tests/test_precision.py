@@ -7,11 +7,13 @@ import logging
 import pytest
 import torch
 
-from fixtures.checkpoints import make_vit
+from fixtures.checkpoints import make_dinov3, make_vit
 from runtime.cascade import engine as engine_module
 from runtime.cascade.engine import Engine
 from runtime.models import precision
-from runtime.models.precision import FP32, Candidate, pick
+from runtime.models.classifier import load_classifier
+from runtime.models.precision import FP32, Calibration, Candidate, pick
+from runtime.models.preprocessor import read_preprocess
 from runtime.models.quant import PackedInt8Linear
 from server.config import ServerConfig, parse_config
 from server.metrics import ServerMetrics
@@ -89,8 +91,8 @@ def inject(monkeypatch, speeds: dict[Candidate, float | None]) -> list:
     """Replace the speed measurement; accuracy is really checked on the model."""
     measured = []
 
-    def measure_speed(candidates, shapes, rows, budget_s):
-        measured.append((list(candidates), shapes, rows))
+    def measure_speed(candidates, linears, rows, budget_s):
+        measured.append((list(candidates), linears, rows))
         return {c: speeds.get(c, 10.0) for c in candidates}
 
     monkeypatch.setattr(precision, "measure_speed", measure_speed)
@@ -108,7 +110,8 @@ def test_engine_auto_falls_back_to_fp32_and_reports_it(vit, monkeypatch, caplog)
         ("fp32", "auto", "float32", "none")
     assert {t["candidate"] for t in reported["trials"]} == {c.name for c in measured[0][0]}
     assert "precision auto: fp32" in caplog.text
-    shapes, rows = measured[0][1], measured[0][2]
+    shapes = [(layer.in_features, layer.out_features, count) for layer, count in measured[0][1]]
+    rows = measured[0][2]
     assert (64, 64, 8) in shapes and rows == 4 * 5  # the tiny ViT: 4 tokens + CLS, at max_batch
     metrics = ServerMetrics()
     metrics.report_precision(reported)
@@ -163,3 +166,59 @@ def test_server_defaults_are_auto():
     config = parse_config([], environ={})
     assert config.dtype == "auto" and config.quantize == "auto" and config == ServerConfig()
     assert parse_config(["--quantize", "int8-fbgemm", "--dtype", "float32"], environ={}).quantize == "int8-fbgemm"
+
+
+@pytest.mark.parametrize("maker", [make_vit, make_dinov3])
+def test_candidates_built_in_memory_equal_loading_them(maker, tmp_path):
+    """auto reads the checkpoint once: a candidate cast and quantized from the fp32 model gives the same outputs
+    as loading it in that precision, and building it leaves the fp32 model as it was."""
+    maker(tmp_path)
+    load = precision.load_in(tmp_path, torch.device("cpu"))
+    fp32 = load(FP32)
+    before = {name: t.clone() for name, t in fp32.state_dict().items()}
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for candidate in (BF16, FBGEMM, INTMM, Candidate(torch.bfloat16, "int8")):
+        loaded = load_classifier(tmp_path, candidate.dtype)
+        if candidate.quantize != "none":
+            precision.quantize_int8(loaded, backend=candidate.quantize)
+        with torch.inference_mode():
+            expected, _ = loaded(pixels.to(candidate.dtype))
+            got, _ = load(candidate)(pixels.to(candidate.dtype))
+        assert torch.equal(got, expected), candidate.name
+    assert all(torch.equal(before[name], t) for name, t in fp32.state_dict().items())
+
+
+def test_calibration_stops_at_the_first_chunk_that_fails(vit, monkeypatch):
+    """Drift is a maximum: a candidate over MAX_DRIFT on the first chunk is not run on the rest, and fp32's
+    reference is computed only as far as some candidate got."""
+    load = precision.load_in(vit, torch.device("cpu"))
+    reference_model = load(FP32)
+    calls = []
+    real = precision.probabilities
+
+    def probabilities(model, preprocess, images, dtype):
+        calls.append(("fp32 reference" if model is reference_model else dtype, len(images)))
+        p = real(model, preprocess, images, dtype)
+        return p + 0.5 if dtype == torch.bfloat16 else p  # bf16 made to drift
+
+    monkeypatch.setattr(precision, "probabilities", probabilities)
+    calibration = Calibration(load, read_preprocess(vit), reference_model)
+    worst, flips = calibration(BF16)
+    chunk = precision.CALIBRATION_CHUNK
+    assert worst > precision.MAX_DRIFT and calibration.images_checked[BF16] == chunk
+    assert calls == [("fp32 reference", chunk), (torch.bfloat16, chunk)]
+    assert calibration(FBGEMM)[0] <= precision.MAX_DRIFT
+    assert calibration.images_checked[FBGEMM] == precision.CALIBRATION_IMAGES
+    assert [what for what, _ in calls].count("fp32 reference") == len(calibration.chunks)  # each chunk once
+
+
+def test_an_early_rejection_is_reported_with_the_images_checked(vit, monkeypatch):
+    inject(monkeypatch, {FP32: 1.0, BF16: 0.5})
+    real = precision.probabilities
+    monkeypatch.setattr(precision, "probabilities", lambda model, preprocess, images, dtype:
+                        real(model, preprocess, images, dtype) + (0.5 if dtype == torch.bfloat16 else 0.0))
+    engine = Engine.load(vit, "cpu", "auto", max_batch=4, quantize="auto")
+    trials = {t["candidate"]: t for t in engine.describe()["precision"]["trials"]}
+    assert engine.dtype == torch.float32
+    assert trials["bf16"]["verdict"].endswith(
+        f"on {precision.CALIBRATION_CHUNK} of {precision.CALIBRATION_IMAGES} calibration images")

@@ -16,7 +16,7 @@ from runtime.config import read_json
 from runtime.models.dinov3 import DINOv3Config, DINOv3ViT
 from runtime.errors import ModelLoadError
 from runtime.models.vit import ViT, ViTConfig
-from runtime.models.weights import check_all_used, load_into, read_safetensors
+from runtime.models.weights import check_all_used, load_into, read_safetensors, skip_random_init
 
 SUPPORTED_MODEL_TYPES = ("vit", "dinov3_vit")
 
@@ -100,7 +100,8 @@ def load_classifier(model_dir: str | Path, dtype: torch.dtype, device: torch.dev
     source = str(model_dir / "config.json")
     cfg = read_json(model_dir / "config.json")
     labels = Labels.from_config(cfg, source)
-    model = Classifier(cfg.get("model_type"), build_backbone(cfg, source), len(labels.names), labels)
+    with skip_random_init():  # every persistent tensor is assigned below
+        model = Classifier(cfg.get("model_type"), build_backbone(cfg, source), len(labels.names), labels)
     tensors = read_safetensors(model_dir)
     where = str(model_dir)
     if model.model_type == "vit":

@@ -18,7 +18,7 @@ from runtime.models.deimv2_decoder import Decoder
 from runtime.models.deimv2_encoder import MLP, ConvNorm, DINOv3ConvEncoder, HybridEncoder, LiteEncoder, \
     RepVggBlock
 from runtime.errors import WeightError
-from runtime.models.weights import check_all_used, load_into, read_safetensors
+from runtime.models.weights import check_all_used, load_into, read_safetensors, skip_random_init
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ class Deimv2Detector(nn.Module):
         """Build from a transformers Deimv2ForObjectDetection directory (config.json + safetensors)."""
         model_dir = Path(model_dir)
         cfg = Deimv2Config.from_dict(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
-        detector = cls(cfg)
+        with skip_random_init():  # load_weights assigns every persistent tensor
+            detector = cls(cfg)
         detector.load_weights(read_safetensors(model_dir), dtype, source=str(model_dir), fold_batchnorm=fold_batchnorm)
         log.info("loaded DEIMv2 detector from %s: %d labels, %d queries, ViT layers %s", model_dir,
                  cfg.num_labels, cfg.num_queries, cfg.backbone_out_indices)

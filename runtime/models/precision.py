@@ -4,20 +4,26 @@ CPUs differ by two orders of magnitude on the same path: bf16 matmuls are 2-3x f
 slower without it; torch._int_mm is fast with VNNI and ~70x slower than fp32 on AVX2 (issue 14). So nothing is
 assumed from CPU flags; each candidate is measured:
 
-1. speed: the model's own Linear shapes (in, out, count), at min(max_batch x tokens, MAX_ROWS) rows, random
-   weights. A probe at PROBE_ROWS drops candidates more than PROBE_SLOWER x slower than fp32 there without
+1. speed: the model's own Linear layers, one per distinct shape weighted by how many share it, on random
+   activations of min(max_batch x tokens, MAX_ROWS) rows. A probe at PROBE_ROWS drops candidates more than PROBE_SLOWER x slower than fp32 there without
    running them at full size (bf16 without native support would take seconds per call). The rest run in
-   interleaved rounds for about `budget_s`; each keeps its best round (the least disturbed by other processes).
-2. accuracy: from the fastest down, only candidates faster than fp32 by MIN_SPEEDUP: the first stage's model is
-   loaded in the candidate's precision and scores a fixed calibration set (CALIBRATION_IMAGES synthetic street
-   images, seeded); it passes when max |P - P_fp32| <= MAX_DRIFT and no decision (P > 0.5) flips.
-The first that passes is chosen, else fp32: `auto` is never slower than fp32 at the measured shapes.
+   interleaved rounds for about SPEED_BUDGET_S; each keeps its best round (the least disturbed by other processes).
+   A candidate over DROP_SLOWER x slower than fp32 in its first full-size call, or in a round, runs no more.
+2. accuracy: from the fastest down, only candidates faster than fp32 by MIN_SPEEDUP: the first stage's model,
+   loaded once in fp32 and cast and quantized in memory as a load in the candidate's precision would be, scores
+   a fixed calibration set (CALIBRATION_IMAGES synthetic street images, seeded) CALIBRATION_CHUNK images at a
+   time; it passes when max |P - P_fp32| <= MAX_DRIFT and no decision (P > 0.5) flips. The maximum only grows,
+   so a candidate is rejected at the first chunk that fails, and fp32's reference is computed only as far as
+   some candidate gets.
+The first that passes is chosen, else fp32: `auto` is never slower than fp32 at the measured shapes. The whole
+measurement stays within STARTUP_BUDGET_S at ViT-B/16 on a 2-core CPU (BENCHMARKS.md section 12).
 
 An explicit setting is kept; it is measured against fp32 (speed only) and a warning is logged when slower.
 On CUDA `auto` is the engine's previous default (bf16 where supported, else fp16; no int8): not measured here.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,13 +40,17 @@ from runtime.models.quant import INT8_BACKENDS, Int8Linear, PackedInt8Linear, ba
 log = logging.getLogger(__name__)
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-MAX_ROWS = 1024  # GEMM rows measured: enough to reach the kernels' steady rate, small enough for ~1 s in all
+MAX_ROWS = 512  # GEMM rows measured: enough for the kernels' steady rate, few enough for many rounds
 PROBE_ROWS = 8
 PROBE_SLOWER = 4.0
+DROP_SLOWER = 2.0
 MIN_SPEEDUP = 1.05  # timing noise margin: a candidate must beat fp32 by this much to be considered
 MAX_DRIFT = 0.02
-CALIBRATION_IMAGES = 8
+CALIBRATION_IMAGES = 4
+CALIBRATION_CHUNK = 2
 MAX_ROUNDS = 20
+SPEED_BUDGET_S = 0.2
+STARTUP_BUDGET_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class Candidate:
 
 
 FP32 = Candidate(torch.float32)
+LoadModel = Callable[[Candidate], nn.Module]
 
 
 @dataclass
@@ -103,63 +114,62 @@ def candidates_for(dtype: torch.dtype | None, quantize: str | None) -> list[Cand
     return out
 
 
-def linear_shapes(model: nn.Module, exclude: tuple[str, ...] = ("classifier",)) -> list[tuple[int, int, int]]:
-    """(in_features, out_features, count) of the Linear layers quantize_int8 would convert."""
-    counts: dict[tuple[int, int], int] = {}
+def distinct_linears(model: nn.Module, exclude: tuple[str, ...] = ("classifier",)) -> list[tuple[nn.Linear, int]]:
+    """One Linear layer per distinct (in, out) shape that quantize_int8 would convert, with how many share it."""
+    layers: dict[tuple[int, int], list] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not name.startswith(exclude):
-            key = (module.in_features, module.out_features)
-            counts[key] = counts.get(key, 0) + 1
-    return [(k, n, c) for (k, n), c in counts.items()]
+            layers.setdefault((module.in_features, module.out_features), [module, 0])[1] += 1
+    return [(layer, count) for layer, count in layers.values()]
 
 
 class GemmSet:
-    """One layer per distinct shape in a candidate's precision; run() times each once, weighted by its count."""
+    """The model's Linear shapes in a candidate's precision; run(rows) times each layer once at that many rows,
+    weighted by its count."""
 
-    def __init__(self, candidate: Candidate, shapes: Sequence[tuple[int, int, int]], rows: int):
-        g = torch.Generator().manual_seed(0)
+    def __init__(self, candidate: Candidate, linears: Sequence[tuple[nn.Linear, int]], rows: Sequence[int]):
+        g = torch.Generator().manual_seed(1)
         self.layers = []
-        for k, n, count in shapes:
-            linear = nn.Linear(k, n)
-            with torch.no_grad():
-                linear.weight.copy_(torch.randn(n, k, generator=g) / k ** 0.5)
-            linear = linear.to(candidate.dtype)
+        for linear, count in linears:
+            layer = copy.deepcopy(linear).to(candidate.dtype)
             if candidate.quantize == "int8":
-                linear = Int8Linear(linear)
+                layer = Int8Linear(layer)
             elif candidate.quantize != "none":
-                linear = PackedInt8Linear(linear, candidate.quantize)
-            x = torch.randn(rows, k, generator=g).to(candidate.dtype)
-            self.layers.append((linear, x, count))
+                layer = PackedInt8Linear(layer, candidate.quantize)
+            inputs = {r: torch.randn(r, linear.in_features, generator=g).to(candidate.dtype) for r in rows}
+            self.layers.append((layer, inputs, count))
 
     @torch.inference_mode()
-    def run(self) -> float:
+    def run(self, rows: int) -> float:
         total = 0.0
-        for layer, x, count in self.layers:
+        for layer, inputs, count in self.layers:
             t0 = time.perf_counter()
-            layer(x)
+            layer(inputs[rows])
             total += (time.perf_counter() - t0) * count
         return total
 
 
-def measure_speed(candidates: Sequence[Candidate], shapes: Sequence[tuple[int, int, int]], rows: int,
+def measure_speed(candidates: Sequence[Candidate], linears: Sequence[tuple[nn.Linear, int]], rows: int,
                   budget_s: float) -> dict[Candidate, float | None]:
-    """Best seconds per candidate for the shapes once (None: dropped by the probe); FP32 must be listed."""
+    """Best seconds per candidate for the model's Linear layers once (distinct_linears: a layer per shape and its
+    count; None: dropped as too slow); FP32 must be listed."""
     assert FP32 in candidates
+    probe_rows = min(rows, PROBE_ROWS)
+    sets = {c: GemmSet(c, linears, sorted({probe_rows, rows})) for c in candidates}
     probe = {}
-    for c in candidates:
-        gemms = GemmSet(c, shapes, min(rows, PROBE_ROWS))
-        gemms.run()  # first call: kernel selection, primitive creation
-        probe[c] = gemms.run()
-    kept = [c for c in candidates if c == FP32 or probe[c] <= PROBE_SLOWER * probe[FP32]]
-    sets = {c: GemmSet(c, shapes, rows) for c in kept}
-    for gemms in sets.values():
-        gemms.run()
+    for c, gemms in sets.items():
+        gemms.run(probe_rows)  # first call: kernel selection, primitive creation
+        probe[c] = min(gemms.run(probe_rows), gemms.run(probe_rows))
+    sets = {c: g for c, g in sets.items() if c == FP32 or probe[c] <= PROBE_SLOWER * probe[FP32]}
     best: dict[Candidate, float | None] = {c: None for c in candidates}
+    best.update({c: gemms.run(rows) for c, gemms in sets.items()})  # the first call at full size, replaced below
     start = time.perf_counter()
     for round_ in range(MAX_ROUNDS):
+        # a candidate this much slower than fp32 cannot be chosen: the rounds go to the rest
+        sets = {c: g for c, g in sets.items() if c == FP32 or best[c] <= DROP_SLOWER * best[FP32]}
         for c, gemms in sets.items():
-            t = gemms.run()
-            best[c] = t if best[c] is None else min(best[c], t)
+            t = gemms.run(rows)
+            best[c] = t if round_ == 0 else min(best[c], t)
         if round_ >= 1 and time.perf_counter() - start >= budget_s:
             break
     return best
@@ -198,6 +208,36 @@ def drift(reference: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
     return float((p - reference).abs().max()), int(((p > 0.5) != (reference > 0.5)).sum())
 
 
+class Calibration:
+    """The drift check of `pick`: candidates score the calibration images CALIBRATION_CHUNK at a time against
+    fp32's probabilities, computed once per chunk and only when some candidate reaches it."""
+
+    def __init__(self, load: LoadModel, preprocess: PreprocessSpec, reference_model: nn.Module):
+        self.load, self.preprocess, self.reference_model = load, preprocess, reference_model
+        images = calibration_images()
+        self.chunks = [images[i:i + CALIBRATION_CHUNK] for i in range(0, len(images), CALIBRATION_CHUNK)]
+        self.references: list[torch.Tensor] = []
+        self.images_checked: dict[Candidate, int] = {}
+
+    def reference(self, index: int) -> torch.Tensor:
+        while len(self.references) <= index:
+            chunk = self.chunks[len(self.references)]
+            self.references.append(probabilities(self.reference_model, self.preprocess, chunk, torch.float32))
+        return self.references[index]
+
+    def __call__(self, candidate: Candidate) -> tuple[float, int]:
+        model = self.load(candidate)
+        worst, flips, checked = 0.0, 0, 0
+        for index, chunk in enumerate(self.chunks):
+            chunk_drift, chunk_flips = drift(self.reference(index),
+                                             probabilities(model, self.preprocess, chunk, candidate.dtype))
+            worst, flips, checked = max(worst, chunk_drift), flips + chunk_flips, checked + len(chunk)
+            if worst > MAX_DRIFT or flips:
+                break
+        self.images_checked[candidate] = checked
+        return worst, flips
+
+
 def pick(speeds: dict[Candidate, float | None], check: Callable[[Candidate], tuple[float, int]],
          eligible: Sequence[Candidate]) -> tuple[Candidate, list[Trial]]:
     """The fastest eligible candidate faster than fp32 whose drift passes, else fp32; one Trial per candidate.
@@ -234,9 +274,6 @@ def pick(speeds: dict[Candidate, float | None], check: Callable[[Candidate], tup
     return chosen, list(trials.values())
 
 
-LoadModel = Callable[[Candidate], nn.Module]
-
-
 def tokens_of(model: nn.Module, preprocess: PreprocessSpec) -> int:
     """Sequence length of a ViT-family Classifier at the preprocessed input size."""
     backbone = model.backbone
@@ -245,29 +282,28 @@ def tokens_of(model: nn.Module, preprocess: PreprocessSpec) -> int:
 
 
 def choose(load: LoadModel, preprocess: PreprocessSpec, max_batch: int, dtype: torch.dtype | None,
-           quantize: str | None, budget_s: float = 1.0) -> PrecisionChoice:
+           quantize: str | None, budget_s: float = SPEED_BUDGET_S) -> PrecisionChoice:
     """`auto` for the model `load(candidate)` builds (a Classifier, in that candidate's precision); dtype/quantize
     None = auto, else the explicit setting (then only measured against fp32, for the warning)."""
     start = time.perf_counter()
     reference_model = load(FP32)
     rows = min(max_batch * tokens_of(reference_model, preprocess), MAX_ROWS)
-    shapes = linear_shapes(reference_model)
     eligible = candidates_for(dtype, quantize)
     measured = list(dict.fromkeys([FP32, *eligible]))
-    speeds = measure_speed(measured, shapes, rows, budget_s)
-    images = calibration_images()
-    reference = probabilities(reference_model, preprocess, images, torch.float32)
-
-    def check(candidate: Candidate) -> tuple[float, int]:
-        return drift(reference, probabilities(load(candidate), preprocess, images, candidate.dtype))
-
+    speeds = measure_speed(measured, distinct_linears(reference_model), rows, budget_s)
     explicit = dtype is not None and quantize is not None
     if explicit:
         candidate = eligible[0]
         chosen, trials = candidate, [Trial(c, s, None if s is None else speeds[FP32] / s, verdict="measured")
                                      for c, s in speeds.items()]
     else:
-        chosen, trials = pick(speeds, check, eligible)
+        calibration = Calibration(load, preprocess, reference_model)
+        chosen, trials = pick(speeds, calibration, eligible)
+        total = sum(len(chunk) for chunk in calibration.chunks)
+        for t in trials:
+            checked = calibration.images_checked.get(t.candidate, total)
+            if checked < total:
+                t.verdict += f" on {checked} of {total} calibration images"
     choice = PrecisionChoice(chosen, "explicit" if explicit else "auto", trials, time.perf_counter() - start, rows)
     report(choice)
     return choice
@@ -287,14 +323,26 @@ def report(choice: PrecisionChoice) -> None:
                         "over %gx slower" % PROBE_SLOWER if chosen.seconds is None else f"x{chosen.speedup:.2f}")
 
 
+def in_precision(model: nn.Module, candidate: Candidate) -> nn.Module:
+    """A copy of the fp32 `model` as loading it in `candidate`'s precision gives: every persistent tensor cast as
+    weights.load_into casts it (non-persistent buffers such as RoPE frequencies stay as built), then quantized."""
+    model = copy.deepcopy(model, memo={id(t): t for t in model.state_dict().values()})  # modules, not weights
+    if candidate.dtype != torch.float32:
+        state = {name: t.to(candidate.dtype) for name, t in model.state_dict().items()}
+        model.load_state_dict(state, strict=True, assign=True)
+    if candidate.quantize != "none":
+        quantize_int8(model, backend=candidate.quantize)
+    return model.eval()
+
+
 def load_in(model_dir: Path, device: torch.device) -> LoadModel:
-    """A loader of the classifier in `model_dir` in a candidate's precision."""
+    """A loader of the classifier in `model_dir` in a candidate's precision: read from disk once, in fp32."""
     from runtime.models.classifier import load_classifier
+    fp32: list[nn.Module] = []
 
     def load(candidate: Candidate) -> nn.Module:
-        model = load_classifier(model_dir, candidate.dtype, device)
-        if candidate.quantize != "none":
-            quantize_int8(model, backend=candidate.quantize)
-        return model.eval()
+        if not fp32:
+            fp32.append(load_classifier(model_dir, torch.float32, device))
+        return fp32[0] if candidate == FP32 else in_precision(fp32[0], candidate)
 
     return load

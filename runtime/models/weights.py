@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from runtime.errors import WeightError
 
@@ -16,6 +17,23 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+class skip_random_init(TorchFunctionMode):
+    """Build modules without their random initialisation (`with skip_random_init(): model = Model(cfg)`).
+
+    Filling a ViT-B's 86 M weights with random numbers takes longer than reading its checkpoint, and load_into
+    then assigns every persistent tensor anyway (strictly: a missing one is an error). Only random fills are
+    skipped, so buffers computed in __init__ (RoPE frequencies, constants) are still right. A torch function
+    mode is per thread: other threads building modules meanwhile are unaffected."""
+
+    SKIPPED = frozenset({"uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                         "xavier_uniform_", "xavier_normal_", "orthogonal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
