@@ -50,13 +50,16 @@ def paged_prefill_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k = _gather_context(k_cache, block_tables[s], context).transpose(0, 1)
         v = _gather_context(v_cache, block_tables[s], context).transpose(0, 1)
         qs = q[start:end].transpose(0, 1)
+        # 4-D inputs: torch's CPU SDPA takes its slower math path for 3-D ones.
         if new == context:
-            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qs[None], k[None], v[None], is_causal=True, scale=scale,
+                                               enable_gqa=True)
         else:  # query i sits at position context - new + i and sees keys up to there
             visible = (torch.arange(new, device=q.device)[:, None] + (context - new)
                        >= torch.arange(context, device=q.device)[None, :])
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
-        out[start:end] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs[None], k[None], v[None], attn_mask=visible, scale=scale,
+                                               enable_gqa=True)
+        out[start:end] = o[0].transpose(0, 1)
     return out
 
 
@@ -97,18 +100,27 @@ def paged_prefill(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
 def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q: (seqs, heads, head_dim), one query per sequence at its last position. Rows with context_lens 0 (padding)
-    give zeros. Returns (seqs, heads, head_dim)."""
+    give zeros. Returns (seqs, heads, head_dim) in q's dtype, computed in float32 as the kernel does."""
     num_seqs, max_blocks = block_tables.shape
     block_size = k_cache.shape[1]
     blocks = block_tables.clamp(min=0).long().flatten()
     # (seqs, kv_heads, max_blocks * block_size, head_dim), padded; the mask hides tokens past each context.
     # index_select: several times faster than advanced indexing for this gather on CPU.
-    k = k_cache.index_select(0, blocks).view(num_seqs, max_blocks * block_size, *k_cache.shape[2:]).transpose(1, 2)
-    v = v_cache.index_select(0, blocks).view(num_seqs, max_blocks * block_size, *v_cache.shape[2:]).transpose(1, 2)
+    k = decode_keys(k_cache, blocks, num_seqs, max_blocks * block_size)
+    v = decode_keys(v_cache, blocks, num_seqs, max_blocks * block_size)
     positions = torch.arange(max_blocks * block_size, device=q.device)
     visible = (positions[None, :] < context_lens[:, None].to(q.device))[:, None, None, :]
-    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=visible, scale=scale, enable_gqa=True)
-    return torch.where(context_lens.to(q.device)[:, None, None] > 0, o[:, :, 0, :], 0)
+    o = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=visible, scale=scale,
+                                       enable_gqa=True)
+    return torch.where(context_lens.to(q.device)[:, None, None] > 0, o[:, :, 0, :], 0).to(q.dtype)
+
+
+def decode_keys(cache: torch.Tensor, blocks: torch.Tensor, num_seqs: int, tokens: int) -> torch.Tensor:
+    """(seqs, kv_heads, tokens, head_dim) float32 keys or values of `blocks` (seqs x blocks each, flattened).
+
+    float32: torch's CPU SDPA takes ~8x longer in bf16 than in float32 at decode shapes (one query per sequence),
+    more than the cast of the gathered tokens costs (BENCHMARKS.md section 8)."""
+    return cache.index_select(0, blocks).float().view(num_seqs, tokens, *cache.shape[2:]).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -91,15 +91,20 @@ class VisionAttention(nn.Module):
         qf, kf = q.float(), k.float()
         q = (qf * cos + rotate_half(qf) * sin).to(x.dtype)
         k = (kf * cos + rotate_half(kf) * sin).to(x.dtype)
-        # Each image attends only to itself: one SDPA call per image (few images per prefill).
+        # Each image attends only to itself. Images of one size (the usual prefill) are one batched call; inputs
+        # are 4-D either way: torch's CPU SDPA takes its slower math path for 3-D ones.
+        if len(set(seq_lens)) == 1:
+            shape = (len(seq_lens), seq_lens[0], self.num_heads, -1)
+            q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, c))
         outs = []
         start = 0
         for length in seq_lens:
             sl = slice(start, start + length)
-            o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1))
-            outs.append(o.transpose(0, 1).reshape(length, c))
+            o = F.scaled_dot_product_attention(*(t[None, sl].transpose(1, 2) for t in (q, k, v)))
+            outs.append(o[0].transpose(0, 1).reshape(length, c))
             start += length
-        return self.proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+        return self.proj(torch.cat(outs))
 
 
 class VisionMlp(nn.Module):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.paged_attention import decode_keys
+
 
 @dataclass
 class CpuDecodePlan:
@@ -53,8 +55,8 @@ class CpuDecodeAttention:
         plan = self.planned
         assert plan is not None and q.shape[0] == plan.rows, "plan() the step's block tables first"
         rows = q.shape[0]
-        k = k_cache.index_select(0, plan.blocks).view(rows, plan.tokens, *k_cache.shape[2:]).transpose(1, 2)
-        v = v_cache.index_select(0, plan.blocks).view(rows, plan.tokens, *v_cache.shape[2:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=plan.visible, scale=scale,
+        k = decode_keys(k_cache, plan.blocks, rows, plan.tokens)
+        v = decode_keys(v_cache, plan.blocks, rows, plan.tokens)
+        o = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=plan.visible, scale=scale,
                                            enable_gqa=True)
-        return torch.where(plan.live, o[:, :, 0, :], 0)
+        return torch.where(plan.live, o[:, :, 0, :], 0).to(q.dtype)
