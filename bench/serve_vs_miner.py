@@ -1,22 +1,26 @@
 """Our server against the reference miner's way, same weights, same load, same concurrency levels, loopback only.
 
     python -m bench.serve_vs_miner [--preset vit-b16 | --model DIR] [--concurrency 1,8,32,128]
-                                   [--duration 20] [--requests 400] [--servers baseline,server,server-int8]
+                                   [--duration 20] [--requests 400] [--servers baseline,server-auto,server]
 
 1. A random-weight checkpoint of the preset (default ViT-B/16, the reference miner's architecture) is written
    to a temporary directory, or --model names one.
 2. Offline: Engine.predict on full batches in this process (decoded images, and JPEG bytes -> decode ->
    predict): the runtime's throughput without HTTP, the ceiling the server is held to.
 3. Each server in turn, alone on the machine: `python -m bench.miner_baseline` (BASELINE: transformers
-   pipeline run synchronously in the async handler, fp32, one request at a time), `python -m server`
-   (result cache off, so every request is computed; `--quantize none`) and the same with `--quantize int8`
-   (server-int8), each with its own offline figure. Each starts on 127.0.0.1 with a free port; once /readyz
+   pipeline run synchronously in the async handler, fp32, one request at a time), and `python -m server` (result
+   cache off, so every request is computed) with `--quantize` auto (server-auto: the server's defaults), none
+   (server), int8 (server-int8), int8-fbgemm (server-fbgemm) or int8-onednn (server-onednn), each with its own
+   offline figure. Each starts on 127.0.0.1 with a free port; once /readyz
    answers 200 one request is timed alone (first request after ready), then for each concurrency level a
    closed loop of that many clients POSTs ImageSynapse JSON ({"image": base64 JPEG, "prediction": -1.0, ...})
    back to back, bounded by --requests and --duration. Between levels the server is left to drain.
 4. client_cpu: the share of the machine's cores the load generator (this process) used during a level.
 5. A request succeeds on HTTP 200 with a prediction in [0, 1]; anything else, or no answer within --timeout
    (default 9 s, the validator's), is an error, as the validator scores it.
+6. Issue 14's targets: capacity (the best successes per second over the levels) >= 0.8 x (the fastest matmul
+   rate / the fp32 rate, bench.peak measured at the start of this run), and successes per second at
+   concurrency 32 >= 5x the baseline's.
 
 The load generator shares the cores with the server under test (both are on one machine), which costs both
 servers alike. Environment variables set on this command (e.g. OMP_WAIT_POLICY=PASSIVE) reach both servers
@@ -40,14 +44,16 @@ import aiohttp
 import numpy as np
 import orjson
 
-from bench.common import PRESETS, jpeg_images, make_checkpoint, print_table, write_json
+from bench.common import PRESETS, jpeg_images, machine, make_checkpoint, print_table, write_json
 from bench.load import start_listening
+from bench.peak import measure_peaks
 from server.config import CPU_BATCH
 
 REPO = Path(__file__).resolve().parents[1]
-SERVERS = ("baseline", "server", "server-int8")
+SERVERS = ("baseline", "server-auto", "server", "server-int8", "server-fbgemm", "server-onednn")
 CORES = len(os.sched_getaffinity(0))
-OURS = {"server": "none", "server-int8": "int8"}  # our server kinds -> their --quantize
+OURS = {"server-auto": "auto", "server": "none", "server-int8": "int8", "server-fbgemm": "int8-fbgemm",
+        "server-onednn": "int8-onednn"}  # our server kinds -> their --quantize
 
 
 @dataclass
@@ -188,13 +194,14 @@ def offline(model: Path, jpegs: list[bytes], batch: int, batches: int, dtype: st
             e2e_times.append(time.perf_counter() - t1)
     result = {"batch": batch, "img_s": batch / statistics.median(times),
               "e2e_img_s": batch / statistics.median(e2e_times), "dtype": str(engine.dtype).removeprefix("torch."),
-              "quantize": quantize}
+              "quantize": quantize, "quantized": engine.describe()["stages"][0]["quantize"],
+              "precision": None if engine.precision is None else engine.precision.describe()["chosen"]}
     del engine
     gc.collect()
     return result
 
 
-def report(results: list[dict], offline_results: dict[str, dict]) -> dict:
+def report(results: list[dict], offline_results: dict[str, dict], peaks: dict[str, float]) -> dict:
     rows = [level for r in results for level in r["levels"]]
     by = {(row["server"], row["concurrency"]): row for row in rows}
     ratios = []
@@ -216,15 +223,31 @@ def report(results: list[dict], offline_results: dict[str, dict]) -> dict:
                              "server_errors", "baseline_errors", "p50_ratio"])
     checks = {name: server_checks(name, results, by, ratios, offline_results.get(name)) for name in OURS
               if any(r["server"] == name for r in results)}
+    capacity = {r["server"]: max((row["req_s"] for row in r["levels"]), default=0.0) for r in results}
+    fastest = max(peaks, key=peaks.get)
+    capacity_target = 0.8 * peaks[fastest] / peaks["fp32"]
+    print("\nmatmul peaks at the start of this run (GFLOP/s; GOP/s for int8): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+          + f"; fastest {fastest} = {peaks[fastest] / peaks['fp32']:.2f}x fp32")
+    for name, c in checks.items():
+        c["capacity_req_s"] = capacity[name]
+        if capacity.get("baseline"):
+            c["capacity_ratio"] = capacity[name] / capacity["baseline"]
+            c["capacity_target"] = capacity_target
     for name, offline_result in offline_results.items():
         print(f"\noffline Engine.predict for {name} (batch {offline_result['batch']}, {offline_result['dtype']}, "
-              f"quantize {offline_result['quantize']}): {offline_result['img_s']:.2f} img/s decoded, "
+              f"quantize {offline_result['quantize']} -> {offline_result['quantized']}): "
+              f"{offline_result['img_s']:.2f} img/s decoded, "
               f"{offline_result['e2e_img_s']:.2f} img/s from JPEG")
     for name, c in checks.items():
-        for key, target, text in [("c32_throughput_ratio", 3.0, "req/s >= 3x baseline at concurrency 32"),
+        for key, target, text in [("c32_throughput_ratio", 5.0, "answers within the timeout per second >= 5x "
+                                                                "baseline at concurrency 32"),
+                                  ("capacity_ratio", c.get("capacity_target"), "capacity (best answers/s over the "
+                                   "levels) >= 0.8 x fastest/fp32 matmul = x baseline's"),
                                   ("server_c32_vs_offline", 0.9, "at concurrency 32 >= 90% of offline img/s")]:
             if key in c:
-                print(f"target ({name}): {text}: {c[key]:.2f} ({'met' if c[key] >= target else 'not met'})")
+                print(f"target ({name}): {text}{'' if key != 'capacity_ratio' else f' {target:.2f}'}: {c[key]:.2f} "
+                      f"({'met' if c[key] >= target else 'not met'})")
         if "c32_server_errors" in c:
             print(f"target ({name}): zero errors at concurrency 32: {c['c32_server_errors']} "
                   f"({'met' if c['c32_server_errors'] == 0 else 'not met'})")
@@ -258,8 +281,8 @@ async def run_servers(model: Path, jpegs: list[bytes], bodies: list[bytes],
     """Each server alone; each offline figure is taken right before its server runs, as background load drifts."""
     results, offline_results = [], {}
     for name in args.servers:
-        if name in OURS:
-            dtype = next((a.split("=", 1)[1] for a in args.server_arg if a.startswith("--dtype=")), None)
+        if name in OURS:  # the server's --dtype, else its default
+            dtype = next((a.split("=", 1)[1] for a in args.server_arg if a.startswith("--dtype=")), "auto")
             offline_results[name] = offline(model, jpegs, args.max_batch, args.offline_batches, dtype, OURS[name])
         results.append(await measure_server(name, model, bodies, args))
     return results, offline_results
@@ -283,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--offline-batches", type=int, default=3)
     ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for listening and ready")
     ap.add_argument("--drain-timeout", type=float, default=300.0, help="seconds a server may take to drain")
+    ap.add_argument("--peak-size", type=int, default=1024, help="n of bench.peak's n x n x n products")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -295,11 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
         model = args.model or Path(tmp)
         if args.model is None:
             make_checkpoint(args.preset, model)
+        peaks = measure_peaks(size=args.peak_size)
         results, offline_results = asyncio.run(run_servers(model, jpegs, bodies, args))
-    summary = report(results, offline_results)
-    write_json(args.json, {"benchmark": "serve_vs_miner", "settings": {
+    summary = report(results, offline_results, peaks)
+    write_json(args.json, {"benchmark": "serve_vs_miner", "machine": machine(), "settings": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "offline": offline_results, "servers": results, **summary})
+        "peaks": peaks, "offline": offline_results, "servers": results, **summary})
     return summary
 
 

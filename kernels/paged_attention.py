@@ -89,6 +89,14 @@ def paged_prefill(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
                                 device=q.device)
             return flash(q, k_cache, v_cache, cu_q, cu_k, max(new_lens), max(context_lens), softmax_scale=scale,
                          causal=True, block_table=block_tables)
+    new_lens = [b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:])]
+    if new_lens == list(context_lens) and len(set(new_lens)) == 1:
+        # No cached prefix and one length (the same image size and prompt): one batched causal call over the new
+        # keys, instead of one per sequence over keys gathered back from the cache.
+        shape = (len(new_lens), new_lens[0], -1, q.shape[-1])
+        q4, k4, v4 = (t.reshape(shape).transpose(1, 2) for t in (q, k_new, v_new))
+        o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=True)
+        return o.transpose(1, 2).reshape(q.shape)
     return paged_prefill_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 

@@ -121,6 +121,29 @@ def test_paged_prefill_reference_matches_dense_causal(new_lens, context_lens, he
         torch.testing.assert_close(got[cu[s]:cu[s + 1]], expected, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("new_lens,context_lens", [
+    ([7, 7, 7], [7, 7, 7]),  # no cached prefix, one length: the batched call
+    ([5, 9], [5, 9]),  # two lengths: per sequence
+    ([3, 3], [11, 3]),  # a cached prefix: per sequence
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_prefill_dispatch_matches_reference(new_lens, context_lens, dtype):
+    block_size, kv_heads, heads, head_dim = 4, 2, 4, 16
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 2
+    k_cache, v_cache, tables = paged_layout(context_lens, num_blocks, block_size, kv_heads, head_dim)
+    q = torch.randn(sum(new_lens), heads, head_dim, generator=torch.Generator().manual_seed(3))
+    cu = [0]
+    for n in new_lens:
+        cu.append(cu[-1] + n)
+    k_new = torch.cat([gather(k_cache, tables[s], c)[c - n:] for s, (n, c) in enumerate(zip(new_lens, context_lens))])
+    v_new = torch.cat([gather(v_cache, tables[s], c)[c - n:] for s, (n, c) in enumerate(zip(new_lens, context_lens))])
+    args = [t.to(dtype) for t in (q, k_new, v_new, k_cache, v_cache)]
+    expected = paged_prefill_reference(args[0], *args[3:], cu, context_lens, tables, 0.25)
+    got = paged_prefill(*args, cu, context_lens, tables, 0.25)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=2e-6 if dtype == torch.float32 else 1e-2)
+
+
 # --- CUDA (flash-attn prefill when installed, the Triton kernels through dispatch) ----------------------------------
 
 
