@@ -5,7 +5,8 @@
 fp32, bf16 and fp16: torch.mm of two n x n matrices; int8: torch._int_mm (int8 x int8 -> int32, the product
 runtime/models/quant.py's "int8" kernel runs); int8-fbgemm / int8-onednn: quantized::linear_dynamic on packed
 weights, float32 in and out (activation quantization and dequantization included), as quant.PackedInt8Linear. Each figure is the median over `rounds` calls taken round-robin, so a
-burst of background load hits all three alike and the ratios stay fair. The peak is what the BLAS reaches on
+burst of background load hits all alike and the ratios stay fair. A dtype over 20x slower than fp32 on a
+256 x 256 probe is reported at the probe's size (its `size` column says so). The peak is what the BLAS reaches on
 a large square product; a model's own (tall, narrow) products can reach less."""
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 from bench.common import print_table, time_interleaved, write_json
 
 PEAK_DTYPES = ("fp32", "bf16", "fp16", "int8", "int8-fbgemm", "int8-onednn")
+PROBE_SIZE = 256
+PROBE_SLOWER = 20
 
 
 def matmul_fn(dtype_name: str, size: int, device: str = "cpu") -> tuple[Callable[[], object], int]:
@@ -47,13 +50,21 @@ def matmul_fn(dtype_name: str, size: int, device: str = "cpu") -> tuple[Callable
 
 
 def measure_peaks(dtypes: tuple[str, ...] = PEAK_DTYPES, size: int = 2048, rounds: int = 5,
-                  device: str = "cpu") -> dict[str, float]:
-    """GFLOP/s (GOP/s for int8) per dtype, measured interleaved."""
-    calls, flops = {}, {}
+                  device: str = "cpu") -> tuple[dict[str, float], dict[str, int]]:
+    """(GFLOP/s (GOP/s for int8), product size) per dtype, measured interleaved. A dtype over PROBE_SLOWER x slower
+    than fp32 at PROBE_SIZE (fp16 without native support: ~1 GFLOP/s, a minute per 2048 product) keeps its probe
+    figure."""
+    probe = {}
     for name in dtypes:
+        call, flops = matmul_fn(name, min(size, PROBE_SIZE), device)
+        probe[name] = flops / time_interleaved({name: call}, 2)[name] / 1e9
+    full = [name for name in dtypes if "fp32" not in probe or probe[name] * PROBE_SLOWER >= probe["fp32"]]
+    calls, flops = {}, {}
+    for name in full:
         calls[name], flops[name] = matmul_fn(name, size, device)
     seconds = time_interleaved(calls, rounds)
-    return {name: flops[name] / seconds[name] / 1e9 for name in dtypes}
+    peaks = {name: flops[name] / seconds[name] / 1e9 if name in full else probe[name] for name in dtypes}
+    return peaks, {name: size if name in full else min(size, PROBE_SIZE) for name in dtypes}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -64,8 +75,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     dtypes = PEAK_DTYPES if args.device == "cpu" else tuple(d for d in PEAK_DTYPES if not d.startswith("int8-"))
-    peaks = measure_peaks(dtypes, args.size, args.rounds, args.device)
-    rows = [{"dtype": name, "size": args.size, "gflop_s": peaks[name], "vs_fp32": peaks[name] / peaks["fp32"],
+    peaks, sizes = measure_peaks(dtypes, args.size, args.rounds, args.device)
+    rows = [{"dtype": name, "size": sizes[name], "gflop_s": peaks[name], "vs_fp32": peaks[name] / peaks["fp32"],
              "vs_bf16": peaks[name] / peaks["bf16"]} for name in dtypes]
     print_table(rows, ["dtype", "size", "gflop_s", "vs_fp32", "vs_bf16"])
     fastest = max(rows, key=lambda r: r["gflop_s"])

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", default="vit-b16", choices=sorted(p for p, (k, _) in PRESETS.items() if k == "vit"),
                     help="random-weight ViT checkpoint to write (the baseline's pipeline needs a ViT classifier)")
     ap.add_argument("--model", type=Path, help="an existing ViTForImageClassification directory instead")
-    ap.add_argument("--servers", default=",".join(SERVERS),
+    ap.add_argument("--servers", default="baseline,server-auto,server",
                     help="comma-separated, from baseline,server,server-int8 (our server with --quantize int8)")
     ap.add_argument("--concurrency", default="1,8,32,128", help="closed-loop client counts")
     ap.add_argument("--requests", type=int, default=400, help="most requests per level")
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = args.model or Path(tmp)
         if args.model is None:
             make_checkpoint(args.preset, model)
-        peaks = measure_peaks(size=args.peak_size)
+        peaks, _ = measure_peaks(size=args.peak_size)
         results, offline_results = asyncio.run(run_servers(model, jpegs, bodies, args))
     summary = report(results, offline_results, peaks)
     write_json(args.json, {"benchmark": "serve_vs_miner", "machine": machine(), "settings": {

@@ -152,9 +152,10 @@ def test_int8_accuracy():
 
 def test_serve_vs_miner():
     summary = serve_vs_miner.main(["--preset", "tiny-vit", "--concurrency", "1,2", "--requests", "6",
-                                   "--duration", "5", "--images", "4", "--max-batch", "2", "--offline-batches", "1"])
+                                   "--duration", "5", "--images", "4", "--max-batch", "2", "--offline-batches", "1",
+                                   "--servers", "baseline,server-auto,server-onednn", "--peak-size", "64"])
     levels = summary["levels"]
-    servers = ("baseline", "server", "server-int8")
+    servers = ("baseline", "server-auto", "server-onednn")
     assert {(r["server"], r["concurrency"]) for r in levels} == {(s, c) for s in servers for c in (1, 2)}
     assert all(r["ok"] > 0 and r["errors"] == 0 for r in levels), levels
     assert [(r["server"], r["concurrency"]) for r in summary["ratios"]] == [(s, c) for s in servers[1:] for c in (1, 2)]
@@ -164,6 +165,13 @@ def test_serve_vs_miner():
         ours, base = by[(ratio["server"], ratio["concurrency"])], by[("baseline", ratio["concurrency"])]
         assert ratio["throughput_ratio"] == pytest.approx(ours["req_s"] / base["req_s"], rel=1e-12)
         assert ratio["p50_ratio"] == pytest.approx(base["p50_ms"] / ours["p50_ms"], rel=1e-12)
+    for server in servers[1:]:  # capacity: the best level's answers/s, against the baseline's best
+        capacity = max(r["req_s"] for r in levels if r["server"] == server)
+        baseline = max(r["req_s"] for r in levels if r["server"] == "baseline")
+        checks = summary["checks"][server]
+        assert checks["capacity_req_s"] == capacity
+        assert checks["capacity_ratio"] == pytest.approx(capacity / baseline, rel=1e-12)
+        assert checks["capacity_target"] > 0
 
 
 def test_vision(tmp_path, capsys):
