@@ -204,7 +204,7 @@ def test_calibration_stops_at_the_first_chunk_that_fails(vit, monkeypatch):
     monkeypatch.setattr(precision, "probabilities", probabilities)
     calibration = Calibration(load, read_preprocess(vit), reference_model)
     worst, flips = calibration(BF16)
-    chunk = precision.CALIBRATION_CHUNK
+    chunk = precision.CALIBRATION_CHUNKS[0]
     assert worst > precision.MAX_DRIFT and calibration.images_checked[BF16] == chunk
     assert calls == [("fp32 reference", chunk), (torch.bfloat16, chunk)]
     assert calibration(FBGEMM)[0] <= precision.MAX_DRIFT
@@ -221,4 +221,4 @@ def test_an_early_rejection_is_reported_with_the_images_checked(vit, monkeypatch
     trials = {t["candidate"]: t for t in engine.describe()["precision"]["trials"]}
     assert engine.dtype == torch.float32
     assert trials["bf16"]["verdict"].endswith(
-        f"on {precision.CALIBRATION_CHUNK} of {precision.CALIBRATION_IMAGES} calibration images")
+        f"on {precision.CALIBRATION_CHUNKS[0]} of {precision.CALIBRATION_IMAGES} calibration images")

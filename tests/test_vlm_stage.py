@@ -7,12 +7,16 @@ import json
 import threading
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from runtime.cascade.bundle import VLMStageSpec
 from runtime.cascade.engine import Engine
+from runtime.cascade.vlm_stage import run_dtype
+from runtime.models.precision import FP32, Candidate, PrecisionChoice, Trial
 from runtime.errors import ModelLoadError
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
@@ -209,6 +213,7 @@ def test_warmup_describe_close(vlm_cascade_models, routing, tmp_path, engines):
     assert vlm["device"] == "cpu" and vlm["prompt"] == PROMPT and vlm["kv_cache_gb"] == 0.02
     assert vlm["kv_blocks"] == stats["kv_blocks_total"] and vlm["breaker"] == "closed"
     assert vlm["time_budget_ms"] == 5000 and vlm["model"] == str(vlm_cascade_models / "vlm")
+    assert vlm["dtype"] == "float32"  # dtype auto without a measurement: the engine's
     assert engine.stage_states() == {"detectors": "closed", "vlm": "closed"}
 
     # Closing ends a stream in flight and stops the loop thread.
@@ -331,3 +336,28 @@ def test_cuda_matches_cpu_and_checks_cuda_memory(vlm_cascade_models, routing, tm
             + vlm_stage(vlm_cascade_models, kv_cache_gb=2 * free / 2 ** 30))
     with pytest.raises(ModelLoadError, match=r"stage 2 \('vlm'\): the VLM does not fit on cuda:0: .* GiB is free"):
         Engine.load(write_bundle(tmp_path / "big", text), "cuda", "float32")
+
+
+def test_the_vlm_runs_in_its_own_dtype(vlm_cascade_models, routing, tmp_path, engines):
+    engine = engines(three_stages(vlm_cascade_models, routing, tmp_path, vlm_extra='dtype = "bfloat16"'))
+    assert engine.dtype == torch.float32 and engine.describe()["stages"][2]["dtype"] == "bfloat16"
+    assert engine.cascade.vlm.engine.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    results = engine.predict(routing["images"])
+    assert all(0.0 <= r.prediction <= 1.0 for r in results) and any(r.stage == "vlm" for r in results)
+
+
+def test_vlm_dtype_auto_takes_bf16_where_the_startup_measurement_found_it_faster():
+    spec = VLMStageSpec("vlm", Path("vlm"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+
+    def measured(bf16_speedup):
+        trials = [Trial(FP32, 1.0, 1.0), Trial(Candidate(torch.bfloat16), None if bf16_speedup is None else 1.0,
+                                               bf16_speedup)]
+        return PrecisionChoice(Candidate(torch.float32, "int8-fbgemm"), "auto", trials)
+
+    assert run_dtype(spec, cpu, torch.float32, measured(2.5)) == torch.bfloat16
+    assert run_dtype(spec, cpu, torch.float32, measured(1.0)) == torch.float32  # within the noise margin
+    assert run_dtype(spec, cpu, torch.float32, measured(None)) == torch.float32  # dropped as too slow
+    assert run_dtype(spec, cpu, torch.float32, None) == torch.float32
+    assert run_dtype(spec, cuda, torch.float16, measured(2.5)) == torch.float16  # CUDA: the engine's choice
+    assert run_dtype(replace(spec, dtype="float32"), cpu, torch.bfloat16, measured(2.5)) == torch.float32

@@ -19,12 +19,13 @@ from runtime.cascade.classifier_stage import ClassifierStage
 from runtime.cascade.detector_stage import DetectorStage, LoadedDetector
 from runtime.cascade.pipeline import Cascade
 from runtime.cascade.stage import Stage
-from runtime.cascade.vlm_stage import VLMStage
+from runtime.cascade.vlm_stage import VLMStage, run_dtype
 from runtime.config import read_json
 from runtime.errors import ModelLoadError
 from runtime.models.classifier import Classifier, load_classifier
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.dinov3 import DINOv3ViT
+from runtime.models.precision import PrecisionChoice
 from runtime.models.preprocessor import read_preprocess
 from runtime.models.quant import quantize_int8
 
@@ -98,13 +99,15 @@ def share_backbone(detector: LoadedDetector, classifier: Classifier, classifier_
 @dataclass
 class StageContext:
     """What building a later stage may use: where it is named in cascade.toml, its device, the run dtype, the
-    batch size, the first stage, and the detectors loaded for it (detector stages only)."""
+    batch size, the first stage, the detectors loaded for it (detector stages only), and the engine's startup
+    precision measurement (None where nothing was measured)."""
     where: str
     device: torch.device
     dtype: torch.dtype
     max_batch: int
     first: ClassifierStage
     detectors: list[LoadedDetector]
+    precision: PrecisionChoice | None = None
 
 
 def build_detector_stage(spec: DetectorStageSpec, ctx: StageContext) -> DetectorStage:
@@ -112,7 +115,7 @@ def build_detector_stage(spec: DetectorStageSpec, ctx: StageContext) -> Detector
 
 
 def build_vlm_stage(spec: VLMStageSpec, ctx: StageContext) -> VLMStage:
-    return VLMStage(spec, ctx.where, ctx.device, ctx.dtype)
+    return VLMStage(spec, ctx.where, ctx.device, run_dtype(spec, ctx.device, ctx.dtype, ctx.precision))
 
 
 # The stage kinds after the classifier: spec type -> builder.
@@ -122,7 +125,8 @@ LATER_STAGES: dict[type, Callable[[StageSpec, StageContext], Stage]] = {
 }
 
 
-def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtype, max_batch: int) -> Cascade:
+def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtype, max_batch: int,
+                  precision: PrecisionChoice | None = None) -> Cascade:
     assert len(devices) == len(bundle.stages)
     first_spec, *later_specs = bundle.stages
     assert isinstance(first_spec, ClassifierStageSpec)
@@ -151,7 +155,7 @@ def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtyp
                             routes=bool(later_specs), keep_layers=keep)
     # In bundle order; a VLM comes last, so its memory check sees what the vision stages already hold on a device.
     later = [LATER_STAGES[type(spec)](spec, StageContext(where[i], devices[i], dtype, max_batch, first,
-                                                         loaded.get(i, [])))
+                                                         loaded.get(i, []), precision))
              for i, spec in enumerate(bundle.stages) if i > 0]
     vlm = next((stage for stage in later if isinstance(stage, VLMStage)), None)
     return Cascade(first, later, vlm)

@@ -73,6 +73,7 @@ class VLMStageSpec:
     failure_threshold: int = 3
     cooldown_s: float = 30.0
     kv_cache_dtype: str = "auto"  # "auto": the run dtype; "int8": int8 keys/values with per-block-per-head scales
+    dtype: str = "auto"  # the VLM's own dtype; "auto": runtime/cascade/vlm_stage.run_dtype
 
 
 StageSpec = Union[ClassifierStageSpec, DetectorStageSpec, VLMStageSpec]
@@ -218,8 +219,9 @@ def parse_vlm_stage(root: Path, table: ConfigReader, has_next: bool) -> VLMStage
     max_num_seqs = positive_int(table, "max_num_seqs", defaults.max_num_seqs)
     budget, threshold, cooldown = breaker_keys(table)
     kv_cache_dtype = table.choice("kv_cache_dtype", defaults.kv_cache_dtype, ("auto", "int8"))
+    dtype = table.choice("dtype", defaults.dtype, ("auto", "float32", "bfloat16", "float16"))
     return VLMStageSpec(name, model, prompt, yes_token, no_token, explain_prompt, explain_above, max_explain_tokens,
-                        device, kv_cache_gb, max_num_seqs, budget, threshold, cooldown, kv_cache_dtype)
+                        device, kv_cache_gb, max_num_seqs, budget, threshold, cooldown, kv_cache_dtype, dtype)
 
 
 # kind -> (parser, keys). A new stage kind is one more spec dataclass, parser and entry here.

@@ -132,7 +132,7 @@ class Engine:
         self.max_batch = max_batch
         devices = [device if stage.device is None else stage_device(bundle, stage.name, stage.device)
                    for stage in bundle.stages]
-        self.cascade = build_cascade(bundle, devices, dtype, max_batch)
+        self.cascade = build_cascade(bundle, devices, dtype, max_batch, precision)
         first = self.cascade.first
         self.classifier, self.spec, self.runner = first.model, first.preprocess, first.runner
         self.lock = threading.Lock()

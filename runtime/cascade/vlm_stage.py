@@ -35,6 +35,7 @@ from graphs.runner import default_buckets
 from runtime.vlm.attention import FLASHINFER_WORKSPACE_BYTES, choose_decode_backend, flashinfer_module
 from runtime.vlm.sequence import SamplingParams, image_digest
 from runtime.vlm.engine import RequestOutput, VLMEngine, VLMEngineConfig
+from runtime.models.precision import MIN_SPEEDUP, Candidate, PrecisionChoice
 from runtime.models.quantized_linear import loaded_weight_bytes
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,20 @@ def runtime_bytes(cfg: Qwen3VLConfig, config: VLMEngineConfig, device: torch.dev
     buckets = default_buckets(config.max_num_seqs)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return total + text.vocab_size * (4 * sum(buckets) + itemsize * buckets[-1])
+
+
+def run_dtype(spec: VLMStageSpec, device: torch.device, engine_dtype: torch.dtype,
+              precision: PrecisionChoice | None) -> torch.dtype:
+    """The VLM's dtype: cascade.toml's `dtype`; "auto": bf16 on a CPU where the engine's startup measurement
+    (precision auto) found bf16 faster than fp32, else the engine's dtype. The classifier's choice may be fp32 for
+    an int8 kernel or for its drift; a VLM is published and run in bf16, and decodes ~1.7x faster in it on such a
+    CPU (BENCHMARKS.md section 8)."""
+    if spec.dtype != "auto":
+        return getattr(torch, spec.dtype)  # a torch dtype name (bundle.py checked it)
+    bf16 = None if precision is None else precision.trial(Candidate(torch.bfloat16))
+    if device.type == "cpu" and bf16 is not None and bf16.speedup is not None and bf16.speedup >= MIN_SPEEDUP:
+        return torch.bfloat16
+    return engine_dtype
 
 
 class VLMStage:
@@ -270,7 +285,8 @@ class VLMStage:
                 "device": str(self.device), "prompt": s.prompt, "yes_token": s.yes_token, "no_token": s.no_token,
                 "explain_prompt": s.explain_prompt, "explain_above": s.explain_above,
                 "max_explain_tokens": s.max_explain_tokens, "kv_cache_gb": s.kv_cache_gb,
-                "kv_cache_dtype": s.kv_cache_dtype, "kv_blocks": self.kv_blocks,
+                "dtype": str(self.dtype).removeprefix("torch."), "kv_cache_dtype": s.kv_cache_dtype,
+                "kv_blocks": self.kv_blocks,
                 "block_size": self.engine.config.block_size, "max_num_seqs": s.max_num_seqs,
                 "time_budget_ms": s.time_budget_ms, "breaker": self.breaker.state,
                 "decode_attention": self.engine.runner.attention_backend,

@@ -11,8 +11,7 @@ assumed from CPU flags; each candidate is measured:
    A candidate over DROP_SLOWER x slower than fp32 in its first full-size call, or in a round, runs no more.
 2. accuracy: from the fastest down, only candidates faster than fp32 by MIN_SPEEDUP: the first stage's model,
    loaded once in fp32 and cast and quantized in memory as a load in the candidate's precision would be, scores
-   a fixed calibration set (CALIBRATION_IMAGES synthetic street images, seeded) CALIBRATION_CHUNK images at a
-   time; it passes when max |P - P_fp32| <= MAX_DRIFT and no decision (P > 0.5) flips. The maximum only grows,
+   a fixed calibration set (CALIBRATION_IMAGES synthetic street images, seeded) in CALIBRATION_CHUNKS; it passes when max |P - P_fp32| <= MAX_DRIFT and no decision (P > 0.5) flips. The maximum only grows,
    so a candidate is rejected at the first chunk that fails, and fp32's reference is computed only as far as
    some candidate gets.
 The first that passes is chosen, else fp32: `auto` is never slower than fp32 at the measured shapes. The whole
@@ -47,7 +46,7 @@ DROP_SLOWER = 2.0
 MIN_SPEEDUP = 1.05  # timing noise margin: a candidate must beat fp32 by this much to be considered
 MAX_DRIFT = 0.02
 CALIBRATION_IMAGES = 4
-CALIBRATION_CHUNK = 2
+CALIBRATION_CHUNKS = (1, 3)  # images per step of the drift check: most rejections cost one image
 MAX_ROUNDS = 20
 SPEED_BUDGET_S = 0.2
 STARTUP_BUDGET_S = 2.0
@@ -209,13 +208,15 @@ def drift(reference: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
 
 
 class Calibration:
-    """The drift check of `pick`: candidates score the calibration images CALIBRATION_CHUNK at a time against
-    fp32's probabilities, computed once per chunk and only when some candidate reaches it."""
+    """The drift check of `pick`: candidates score the calibration images in CALIBRATION_CHUNKS against fp32's
+    probabilities, computed once per chunk and only when some candidate reaches it."""
 
     def __init__(self, load: LoadModel, preprocess: PreprocessSpec, reference_model: nn.Module):
         self.load, self.preprocess, self.reference_model = load, preprocess, reference_model
         images = calibration_images()
-        self.chunks = [images[i:i + CALIBRATION_CHUNK] for i in range(0, len(images), CALIBRATION_CHUNK)]
+        assert sum(CALIBRATION_CHUNKS) == len(images)
+        ends = np.cumsum(CALIBRATION_CHUNKS)
+        self.chunks = [images[end - size:end] for size, end in zip(CALIBRATION_CHUNKS, ends)]
         self.references: list[torch.Tensor] = []
         self.images_checked: dict[Candidate, int] = {}
 
