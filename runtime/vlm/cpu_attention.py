@@ -7,9 +7,9 @@ host block tables, trimmed to the longest context; each layer then runs the refe
 on them, so its output equals the reference's on the trimmed table bit for bit (the reference's own last bits
 depend on the padded width: a differently blocked reduction).
 
-Measured (tests/test_cpu_attention.py checks equality; BENCHMARKS.md, VLM on CPU): no decode speedup at the
-bench's eager widths, where the reference already gets tables as wide as the longest context; the per-step
-cost there is the Linear layers (~65 % of a decode step at 32 sequences), not attention (~15 %).
+Keys and values are cast to float32 after the gather (kernels.paged_attention.decode_keys): torch's bf16 CPU SDPA
+is ~8x slower than its float32 one at one query per sequence. tests/test_cpu_attention.py checks equality with
+the reference; BENCHMARKS.md section 8 has the speed.
 """
 from __future__ import annotations
 
