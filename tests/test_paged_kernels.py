@@ -101,18 +101,29 @@ def test_paged_decode_kernel_with_strided_query():
 # --- prefill ------------------------------------------------------------------------------------------------------
 
 
+def prefill_case(new_lens, context_lens, heads, kv_heads, head_dim, block_size, seed):
+    """(q, k_cache, v_cache, block tables, cu_seqlens, the new tokens' keys, values): each sequence's last
+    new_lens[s] of context_lens[s] tokens are new."""
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 2
+    k_cache, v_cache, tables = paged_layout(context_lens, num_blocks, block_size, kv_heads, head_dim)
+    q = torch.randn(sum(new_lens), heads, head_dim, generator=torch.Generator().manual_seed(seed))
+    cu = [0]
+    for n in new_lens:
+        cu.append(cu[-1] + n)
+    new = list(enumerate(zip(new_lens, context_lens)))
+    k_new = torch.cat([gather(k_cache, tables[s], c)[c - n:] for s, (n, c) in new])
+    v_new = torch.cat([gather(v_cache, tables[s], c)[c - n:] for s, (n, c) in new])
+    return q, k_cache, v_cache, tables, cu, k_new, v_new
+
+
 @pytest.mark.parametrize("new_lens,context_lens,heads,kv_heads,head_dim,block_size", [
     ([5, 9], [5, 9], 4, 2, 16, 4),  # no cached prefix
     ([3, 1, 8], [11, 8, 8], 4, 1, 32, 8),  # cached prefixes of 8 and 7 tokens (a 1-token suffix included)
     ([16], [48], 6, 3, 24, 16),
 ])
 def test_paged_prefill_reference_matches_dense_causal(new_lens, context_lens, heads, kv_heads, head_dim, block_size):
-    num_blocks = sum(-(-c // block_size) for c in context_lens) + 2
-    k_cache, v_cache, tables = paged_layout(context_lens, num_blocks, block_size, kv_heads, head_dim)
-    q = torch.randn(sum(new_lens), heads, head_dim, generator=torch.Generator().manual_seed(2))
-    cu = [0]
-    for n in new_lens:
-        cu.append(cu[-1] + n)
+    q, k_cache, v_cache, tables, cu, _, _ = prefill_case(new_lens, context_lens, heads, kv_heads, head_dim,
+                                                         block_size, seed=2)
     scale = head_dim ** -0.5
     got = paged_prefill_reference(q, k_cache, v_cache, cu, context_lens, tables, scale)
     for s, (n, c) in enumerate(zip(new_lens, context_lens)):
@@ -128,15 +139,7 @@ def test_paged_prefill_reference_matches_dense_causal(new_lens, context_lens, he
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_prefill_dispatch_matches_reference(new_lens, context_lens, dtype):
-    block_size, kv_heads, heads, head_dim = 4, 2, 4, 16
-    num_blocks = sum(-(-c // block_size) for c in context_lens) + 2
-    k_cache, v_cache, tables = paged_layout(context_lens, num_blocks, block_size, kv_heads, head_dim)
-    q = torch.randn(sum(new_lens), heads, head_dim, generator=torch.Generator().manual_seed(3))
-    cu = [0]
-    for n in new_lens:
-        cu.append(cu[-1] + n)
-    k_new = torch.cat([gather(k_cache, tables[s], c)[c - n:] for s, (n, c) in enumerate(zip(new_lens, context_lens))])
-    v_new = torch.cat([gather(v_cache, tables[s], c)[c - n:] for s, (n, c) in enumerate(zip(new_lens, context_lens))])
+    q, k_cache, v_cache, tables, cu, k_new, v_new = prefill_case(new_lens, context_lens, 4, 2, 16, 4, seed=3)
     args = [t.to(dtype) for t in (q, k_new, v_new, k_cache, v_cache)]
     expected = paged_prefill_reference(args[0], *args[3:], cu, context_lens, tables, 0.25)
     got = paged_prefill(*args, cu, context_lens, tables, 0.25)
@@ -152,12 +155,7 @@ def test_cpu_prefill_dispatch_matches_reference(new_lens, context_lens, dtype):
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_cuda_dispatch_matches_reference(block_size):
     context_lens, new_lens = [300, 40], [20, 40]
-    num_blocks = sum(-(-c // block_size) for c in context_lens) + 1
-    k_cache, v_cache, tables = paged_layout(context_lens, num_blocks, block_size, 2, 128)
-    q = torch.randn(sum(new_lens), 4, 128)
-    cu = [0, 20, 60]
-    k_new = torch.cat([gather(k_cache, tables[s], c)[c - n:] for s, (n, c) in enumerate(zip(new_lens, context_lens))])
-    v_new = torch.cat([gather(v_cache, tables[s], c)[c - n:] for s, (n, c) in enumerate(zip(new_lens, context_lens))])
+    q, k_cache, v_cache, tables, cu, k_new, v_new = prefill_case(new_lens, context_lens, 4, 2, 128, block_size, seed=4)
     expected = paged_prefill_reference(q, k_cache, v_cache, cu, context_lens, tables, 0.1)
     dev = [t.cuda().bfloat16() for t in (q, k_new, v_new, k_cache, v_cache)]
     got = paged_prefill(*dev, cu, context_lens, tables.cuda(), 0.1)

@@ -5,15 +5,16 @@ slower without it; torch._int_mm is fast with VNNI and ~70x slower than fp32 on 
 assumed from CPU flags; each candidate is measured:
 
 1. speed: the model's own Linear layers, one per distinct shape weighted by how many share it, on random
-   activations of min(max_batch x tokens, MAX_ROWS) rows. A probe at PROBE_ROWS drops candidates more than PROBE_SLOWER x slower than fp32 there without
-   running them at full size (bf16 without native support would take seconds per call). The rest run in
-   interleaved rounds for about SPEED_BUDGET_S; each keeps its best round (the least disturbed by other processes).
-   A candidate over DROP_SLOWER x slower than fp32 in its first full-size call, or in a round, runs no more.
+   activations of min(max_batch x tokens, MAX_ROWS) rows. A probe at PROBE_ROWS drops candidates more than
+   PROBE_SLOWER x slower than fp32 there without running them at full size (bf16 without native support would
+   take seconds per call). The rest run in interleaved rounds for about SPEED_BUDGET_S; each keeps its best round
+   (the least disturbed by other processes). A candidate over DROP_SLOWER x slower than fp32 in its first
+   full-size call, or in a round, runs no more.
 2. accuracy: from the fastest down, only candidates faster than fp32 by MIN_SPEEDUP: the first stage's model,
    loaded once in fp32 and cast and quantized in memory as a load in the candidate's precision would be, scores
-   a fixed calibration set (CALIBRATION_IMAGES synthetic street images, seeded) in CALIBRATION_CHUNKS; it passes when max |P - P_fp32| <= MAX_DRIFT and no decision (P > 0.5) flips. The maximum only grows,
-   so a candidate is rejected at the first chunk that fails, and fp32's reference is computed only as far as
-   some candidate gets.
+   a fixed calibration set (CALIBRATION_IMAGES synthetic street images, seeded) in CALIBRATION_CHUNKS; it passes
+   when max |P - P_fp32| <= MAX_DRIFT and no decision (P > 0.5) flips. The maximum only grows, so a candidate is
+   rejected at the first chunk that fails, and fp32's reference is computed only as far as some candidate gets.
 The first that passes is chosen, else fp32: `auto` is never slower than fp32 at the measured shapes. The whole
 measurement stays within STARTUP_BUDGET_S at ViT-B/16 on a 2-core CPU (BENCHMARKS.md section 12).
 
@@ -42,14 +43,14 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 MAX_ROWS = 512  # GEMM rows measured: enough for the kernels' steady rate, few enough for many rounds
 PROBE_ROWS = 8
 PROBE_SLOWER = 4.0
-DROP_SLOWER = 2.0
+DROP_SLOWER = 2.0  # at full size: a candidate this much slower than fp32 is timed no further
 MIN_SPEEDUP = 1.05  # timing noise margin: a candidate must beat fp32 by this much to be considered
 MAX_DRIFT = 0.02
 CALIBRATION_IMAGES = 4
 CALIBRATION_CHUNKS = (1, 3)  # images per step of the drift check: most rejections cost one image
 MAX_ROUNDS = 20
 SPEED_BUDGET_S = 0.2
-STARTUP_BUDGET_S = 2.0
+STARTUP_BUDGET_S = 2.0  # a longer measurement is logged as a warning
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,9 @@ def report(choice: PrecisionChoice) -> None:
                       for t in choice.trials)
     log.info("precision %s: %s (measured in %.2f s on %s at %d rows: %s)", choice.how, choice.candidate.name,
              choice.seconds, torch.backends.cpu.get_cpu_capability(), choice.rows, rates)
+    if choice.seconds > STARTUP_BUDGET_S:
+        log.warning("precision %s: the measurement took %.2f s, over its %.1f s budget (a busy CPU, or a model "
+                    "larger than ViT-B/16)", choice.how, choice.seconds, STARTUP_BUDGET_S)
     chosen = choice.trial(choice.candidate)
     if choice.how == "explicit" and chosen is not None and choice.candidate != FP32:
         if chosen.seconds is None or chosen.speedup < 1.0:
