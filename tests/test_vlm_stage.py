@@ -16,7 +16,9 @@ import torch
 from runtime.cascade.bundle import VLMStageSpec
 from runtime.cascade.engine import Engine
 from runtime.cascade.vlm_stage import run_dtype
-from runtime.models.precision import FP32, Candidate, PrecisionChoice, Trial
+from runtime.models import precision
+from runtime.models.precision import FP32, Candidate, PrecisionChoice
+from runtime.models.qwen3_vl import Qwen3VLConfig
 from runtime.errors import ModelLoadError
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
@@ -346,18 +348,32 @@ def test_the_vlm_runs_in_its_own_dtype(vlm_cascade_models, routing, tmp_path, en
     assert all(0.0 <= r.prediction <= 1.0 for r in results) and any(r.stage == "vlm" for r in results)
 
 
-def test_vlm_dtype_auto_takes_bf16_where_the_startup_measurement_found_it_faster():
-    spec = VLMStageSpec("vlm", Path("vlm"))
+def test_vlm_dtype_auto_measures_bf16_at_the_vlms_own_products(vlm_cascade_models, monkeypatch):
+    spec = VLMStageSpec("vlm", vlm_cascade_models / "vlm")
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    bf16 = Candidate(torch.bfloat16)
+    auto = PrecisionChoice(Candidate(torch.float32, "int8-fbgemm"), "auto")
+    measured = []
 
-    def measured(bf16_speedup):
-        trials = [Trial(FP32, 1.0, 1.0), Trial(Candidate(torch.bfloat16), None if bf16_speedup is None else 1.0,
-                                               bf16_speedup)]
-        return PrecisionChoice(Candidate(torch.float32, "int8-fbgemm"), "auto", trials)
+    def measure_speed(candidates, linears, rows, budget_s):
+        measured.append((candidates, {(layer.in_features, layer.out_features, count) for layer, count in linears},
+                         rows))
+        return {FP32: 1.0, bf16: speeds[bf16]}
 
-    assert run_dtype(spec, cpu, torch.float32, measured(2.5)) == torch.bfloat16
-    assert run_dtype(spec, cpu, torch.float32, measured(1.0)) == torch.float32  # within the noise margin
-    assert run_dtype(spec, cpu, torch.float32, measured(None)) == torch.float32  # dropped as too slow
-    assert run_dtype(spec, cpu, torch.float32, None) == torch.float32
-    assert run_dtype(spec, cuda, torch.float16, measured(2.5)) == torch.float16  # CUDA: the engine's choice
-    assert run_dtype(replace(spec, dtype="float32"), cpu, torch.bfloat16, measured(2.5)) == torch.float32
+    monkeypatch.setattr(precision, "measure_speed", measure_speed)
+    speeds = {bf16: 0.4}
+    assert run_dtype(spec, "here", cpu, torch.float32, auto) == torch.bfloat16
+    text = Qwen3VLConfig.from_dict(json.loads((spec.model / "config.json").read_text())).text
+    h, kv = text.hidden_size, text.num_kv_heads * text.head_dim
+    candidates, shapes, rows = measured[0]
+    assert candidates == [FP32, bf16] and rows == spec.max_num_seqs
+    assert (h, kv, 2 * text.num_layers) in shapes and (h, text.intermediate_size, 2 * text.num_layers) in shapes
+    for slower in (1.0, None):  # within the noise margin; dropped as over 4x slower
+        speeds = {bf16: slower}
+        assert run_dtype(spec, "here", cpu, torch.float32, auto) == torch.float32
+    measured.clear()
+    assert run_dtype(spec, "here", cpu, torch.float32, None) == torch.float32  # nothing chosen by auto
+    assert run_dtype(spec, "here", cpu, torch.float32, replace(auto, how="explicit")) == torch.float32
+    assert run_dtype(spec, "here", cuda, torch.float16, auto) == torch.float16  # CUDA: the engine's choice
+    assert run_dtype(replace(spec, dtype="float32"), "here", cpu, torch.bfloat16, auto) == torch.float32
+    assert measured == []

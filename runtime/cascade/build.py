@@ -115,7 +115,7 @@ def build_detector_stage(spec: DetectorStageSpec, ctx: StageContext) -> Detector
 
 
 def build_vlm_stage(spec: VLMStageSpec, ctx: StageContext) -> VLMStage:
-    return VLMStage(spec, ctx.where, ctx.device, run_dtype(spec, ctx.device, ctx.dtype, ctx.precision))
+    return VLMStage(spec, ctx.where, ctx.device, run_dtype(spec, ctx.where, ctx.device, ctx.dtype, ctx.precision))
 
 
 # The stage kinds after the classifier: spec type -> builder.

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from runtime.cascade.breaker import Breaker
 from runtime.cascade.bundle import VLMStageSpec
@@ -31,11 +32,13 @@ from runtime.config import read_json
 from runtime.errors import ModelLoadError
 from runtime.vlm.kv_cache import KVCacheSpec
 from runtime.models.qwen3_vl import MODEL_TYPE, Qwen3VLConfig
+from runtime.models.qwen3_vl_text import TextConfig
 from graphs.runner import default_buckets
 from runtime.vlm.attention import FLASHINFER_WORKSPACE_BYTES, choose_decode_backend, flashinfer_module
 from runtime.vlm.sequence import SamplingParams, image_digest
 from runtime.vlm.engine import RequestOutput, VLMEngine, VLMEngineConfig
-from runtime.models.precision import MIN_SPEEDUP, Candidate, PrecisionChoice
+from runtime.models import precision
+from runtime.models.precision import Candidate, PrecisionChoice
 from runtime.models.quantized_linear import loaded_weight_bytes
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ GIB = 2 ** 30
 MAX_MODEL_LEN = 4096  # prompt + explanation tokens of one sequence (at most the model's max_position_embeddings)
 WARMUP_IMAGE = (224, 224)  # the validators' image size
 SCORE_TIMEOUT_S = 9.0  # the validators' timeout: the longest scoring may block the inference worker
+DTYPE_BUDGET_S = 0.1  # timing rounds of fp32 and bf16 at the VLM's decode products, when its dtype is auto
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,16 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def engine_config(spec: VLMStageSpec, where: str, device: torch.device, dtype: torch.dtype) -> VLMEngineConfig:
-    """The engine's config, after checking that weights + KV pool fit the device (nothing allocated yet)."""
+def read_config(spec: VLMStageSpec, where: str) -> Qwen3VLConfig:
     try:
-        cfg = Qwen3VLConfig.from_dict(read_json(spec.model / "config.json"))
+        return Qwen3VLConfig.from_dict(read_json(spec.model / "config.json"))
     except ModelLoadError as e:
         raise ModelLoadError(f"{where}: {spec.model}: {e} (a vlm stage needs a '{MODEL_TYPE}' model)") from e
+
+
+def engine_config(spec: VLMStageSpec, where: str, device: torch.device, dtype: torch.dtype) -> VLMEngineConfig:
+    """The engine's config, after checking that weights + KV pool fit the device (nothing allocated yet)."""
+    cfg = read_config(spec, where)
     text = cfg.text
     config = VLMEngineConfig(kv_cache_bytes=int(spec.kv_cache_gb * GIB),
                              max_model_len=min(MAX_MODEL_LEN, text.max_position_embeddings),
@@ -143,18 +151,33 @@ def runtime_bytes(cfg: Qwen3VLConfig, config: VLMEngineConfig, device: torch.dev
     return total + text.vocab_size * (4 * sum(buckets) + itemsize * buckets[-1])
 
 
-def run_dtype(spec: VLMStageSpec, device: torch.device, engine_dtype: torch.dtype,
-              precision: PrecisionChoice | None) -> torch.dtype:
-    """The VLM's dtype: cascade.toml's `dtype`; "auto": bf16 on a CPU where the engine's startup measurement
-    (precision auto) found bf16 faster than fp32, else the engine's dtype. The classifier's choice may be fp32 for
-    an int8 kernel or for its drift; a VLM is published and run in bf16, and decodes ~1.7x faster in it on such a
-    CPU (BENCHMARKS.md section 8)."""
+def run_dtype(spec: VLMStageSpec, where: str, device: torch.device, engine_dtype: torch.dtype,
+              choice: PrecisionChoice | None) -> torch.dtype:
+    """The VLM's dtype: cascade.toml's `dtype`. "auto", when the engine's dtype came from precision auto on a CPU:
+    bf16 if it measures faster than fp32 at the VLM's own decode products (its text layers at max_num_seqs rows),
+    else the engine's dtype. The classifier's choice can be fp32 for an int8 kernel, for its drift or for its narrow
+    shapes, while a VLM is published in bf16 and decodes ~1.6x faster in it where bf16 is native (BENCHMARKS.md
+    section 8). Otherwise the engine's dtype."""
     if spec.dtype != "auto":
         return getattr(torch, spec.dtype)  # a torch dtype name (bundle.py checked it)
-    bf16 = None if precision is None else precision.trial(Candidate(torch.bfloat16))
-    if device.type == "cpu" and bf16 is not None and bf16.speedup is not None and bf16.speedup >= MIN_SPEEDUP:
-        return torch.bfloat16
-    return engine_dtype
+    if device.type != "cpu" or choice is None or choice.how != "auto" or engine_dtype == torch.bfloat16:
+        return engine_dtype
+    bf16 = Candidate(torch.bfloat16)
+    speeds = precision.measure_speed([precision.FP32, bf16], decode_linears(read_config(spec, where).text),
+                                     spec.max_num_seqs, DTYPE_BUDGET_S)
+    speedup = None if speeds[bf16] is None else speeds[precision.FP32] / speeds[bf16]
+    chosen = torch.bfloat16 if speedup is not None and speedup >= precision.MIN_SPEEDUP else engine_dtype
+    log.info("%s: the VLM runs in %s (bf16 %s fp32 at its decode products)", where, chosen,
+             "over 4x slower than" if speedup is None else f"x{speedup:.2f}")
+    return chosen
+
+
+def decode_linears(text: TextConfig) -> list[tuple[nn.Linear, int]]:
+    """The text model's Linear layers (random weights), one per kind, with how many of them one decode step runs."""
+    h, q, kv = text.hidden_size, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
+    i, n = text.intermediate_size, text.num_layers
+    return [(nn.Linear(k, out, bias=False), count)
+            for k, out, count in ((h, q, n), (h, kv, 2 * n), (q, h, n), (h, i, 2 * n), (i, h, n))]
 
 
 class VLMStage:
