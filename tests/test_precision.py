@@ -186,6 +186,12 @@ def test_candidates_built_in_memory_equal_loading_them(maker, tmp_path):
             got, _ = load(candidate)(pixels.to(candidate.dtype))
         assert torch.equal(got, expected), candidate.name
     assert all(torch.equal(before[name], t) for name, t in fp32.state_dict().items())
+    # The copies share what they do not change (no second copy of the weights): in the fp32 int8 model, all but
+    # the quantized Linear layers.
+    shared = {id(t) for t in fp32.parameters()} & {id(t) for t in load(FBGEMM).parameters()}
+    quantized = {id(t) for name, m in fp32.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not name.startswith("classifier") for t in m.parameters()}
+    assert shared == {id(t) for t in fp32.parameters()} - quantized and quantized
 
 
 def test_calibration_stops_at_the_first_chunk_that_fails(vit, monkeypatch):

@@ -24,6 +24,7 @@ On CUDA `auto` is the engine's previous default (bf16 where supported, else fp16
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -331,7 +332,8 @@ def report(choice: PrecisionChoice) -> None:
 def in_precision(model: nn.Module, candidate: Candidate) -> nn.Module:
     """A copy of the fp32 `model` as loading it in `candidate`'s precision gives: every persistent tensor cast as
     weights.load_into casts it (non-persistent buffers such as RoPE frequencies stay as built), then quantized."""
-    model = copy.deepcopy(model, memo={id(t): t for t in model.state_dict().values()})  # modules, not weights
+    shared = itertools.chain(model.parameters(), model.buffers())  # copy the modules, not the weights
+    model = copy.deepcopy(model, memo={id(t): t for t in shared})
     if candidate.dtype != torch.float32:
         state = {name: t.to(candidate.dtype) for name, t in model.state_dict().items()}
         model.load_state_dict(state, strict=True, assign=True)
