@@ -153,11 +153,11 @@ def runtime_bytes(cfg: Qwen3VLConfig, config: VLMEngineConfig, device: torch.dev
 
 def run_dtype(spec: VLMStageSpec, where: str, device: torch.device, engine_dtype: torch.dtype,
               choice: PrecisionChoice | None) -> torch.dtype:
-    """The VLM's dtype: cascade.toml's `dtype`. "auto", when the engine's dtype came from precision auto on a CPU:
-    bf16 if it measures faster than fp32 at the VLM's own decode products (its text layers at max_num_seqs rows),
-    else the engine's dtype. The classifier's choice can be fp32 for an int8 kernel, for its drift or for its narrow
-    shapes, while a VLM is published in bf16 and decodes ~1.6x faster in it where bf16 is native (BENCHMARKS.md
-    section 8). Otherwise the engine's dtype."""
+    """The VLM's dtype: cascade.toml's `dtype`, or for "auto" the engine's dtype, except where that came from
+    precision auto on a CPU: then bf16 if it measures faster than fp32 at the VLM's own decode products (its text
+    layers at max_num_seqs rows). The classifier's choice can be fp32 for an int8 kernel, for its drift or for its
+    narrow shapes, while a VLM is published in bf16 and decodes ~1.6x faster in it where bf16 is native
+    (BENCHMARKS.md section 8)."""
     if spec.dtype != "auto":
         return getattr(torch, spec.dtype)  # a torch dtype name (bundle.py checked it)
     if device.type != "cpu" or choice is None or choice.how != "auto" or engine_dtype == torch.bfloat16:
@@ -168,7 +168,7 @@ def run_dtype(spec: VLMStageSpec, where: str, device: torch.device, engine_dtype
     speedup = None if speeds[bf16] is None else speeds[precision.FP32] / speeds[bf16]
     chosen = torch.bfloat16 if speedup is not None and speedup >= precision.MIN_SPEEDUP else engine_dtype
     log.info("%s: the VLM runs in %s (bf16 %s fp32 at its decode products)", where, chosen,
-             "over 4x slower than" if speedup is None else f"x{speedup:.2f}")
+             f"over {precision.PROBE_SLOWER:g}x slower than" if speedup is None else f"x{speedup:.2f}")
     return chosen
 
 
