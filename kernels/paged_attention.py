@@ -79,18 +79,18 @@ def paged_prefill(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
     """Prefill attention; k_new/v_new are the new tokens' keys/values (already stored in the cache too)."""
     # flash-attn computes in fp16/bf16 only; fp32 models take the SDPA path.
     flash = _flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    new_lens = [b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:])]
+    no_prefix = new_lens == list(context_lens)  # no cached prefix: the new keys are all there is to attend over
     if flash is not None:
-        new_lens = [b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:])]
         cu_q = torch.tensor(cu_seqlens_q, dtype=torch.int32, device=q.device)
-        if new_lens == list(context_lens):  # no cached prefix: attend over the new keys directly
+        if no_prefix:
             return flash(q, k_new, v_new, cu_q, cu_q, max(new_lens), max(new_lens), softmax_scale=scale, causal=True)
         if k_cache.shape[1] % 256 == 0:  # flash-attn reads paged KV only with pages of a multiple of 256 tokens
             cu_k = torch.tensor([0, *torch.tensor(context_lens).cumsum(0).tolist()], dtype=torch.int32,
                                 device=q.device)
             return flash(q, k_cache, v_cache, cu_q, cu_k, max(new_lens), max(context_lens), softmax_scale=scale,
                          causal=True, block_table=block_tables)
-    new_lens = [b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:])]
-    if new_lens == list(context_lens) and len(set(new_lens)) == 1:
+    if no_prefix and len(set(new_lens)) == 1:
         # No cached prefix and one length (the same image size and prompt): one batched causal call over the new
         # keys, instead of one per sequence over keys gathered back from the cache.
         shape = (len(new_lens), new_lens[0], -1, q.shape[-1])

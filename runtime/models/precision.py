@@ -302,11 +302,10 @@ def choose(load: LoadModel, preprocess: PreprocessSpec, max_batch: int, dtype: t
     else:
         calibration = Calibration(load, preprocess, reference_model)
         chosen, trials = pick(speeds, calibration, eligible)
-        total = sum(len(chunk) for chunk in calibration.chunks)
         for t in trials:
-            checked = calibration.images_checked.get(t.candidate, total)
-            if checked < total:
-                t.verdict += f" on {checked} of {total} calibration images"
+            checked = calibration.images_checked.get(t.candidate, CALIBRATION_IMAGES)
+            if checked < CALIBRATION_IMAGES:
+                t.verdict += f" on {checked} of {CALIBRATION_IMAGES} calibration images"
     choice = PrecisionChoice(chosen, "explicit" if explicit else "auto", trials, time.perf_counter() - start, rows)
     report(choice)
     return choice
