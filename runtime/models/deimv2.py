@@ -6,7 +6,6 @@ The ViT can be shared: `hidden_layers` says which raw hidden states `forward_fro
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from runtime.config import read_json
 from runtime.models.deimv2_config import Deimv2Config
 from runtime.models.deimv2_decoder import Decoder
+from runtime.models.detect_postprocess import DetectorOutput
 from runtime.models.deimv2_encoder import MLP, ConvNorm, DINOv3ConvEncoder, HybridEncoder, LiteEncoder, \
     RepVggBlock
 from runtime.errors import WeightError
@@ -27,12 +27,6 @@ BACKBONE_PREFIX = "model.conv_encoder.backbone."
 # counters, and the top-level head copies transformers ties to model.decoder.{class,bbox}_embed.
 TRAINING_ONLY_PREFIXES = ("model.denoising_class_embed.", "class_embed.", "bbox_embed.")
 TRAINING_ONLY_SUFFIX = ".num_batches_tracked"
-
-
-@dataclass
-class Deimv2Output:
-    logits: torch.Tensor      # [B, num_queries, num_labels], sigmoid gives per-class scores
-    pred_boxes: torch.Tensor  # [B, num_queries, 4] normalized (cx, cy, w, h)
 
 
 class Deimv2Model(nn.Module):
@@ -118,17 +112,17 @@ class Deimv2Detector(nn.Module):
         """1-based ViT layers whose raw outputs `forward_from_backbone` needs, in order."""
         return self.cfg.backbone_out_indices
 
-    def forward(self, pixel_values: torch.Tensor) -> Deimv2Output:
+    def forward(self, pixel_values: torch.Tensor) -> DetectorOutput:
         logits, boxes = self.model.detect(self.model.conv_encoder(pixel_values))
-        return Deimv2Output(logits, boxes)
+        return DetectorOutput(logits, boxes)
 
-    def forward_from_backbone(self, pixel_values: torch.Tensor, hidden_states: list[torch.Tensor]) -> Deimv2Output:
+    def forward_from_backbone(self, pixel_values: torch.Tensor, hidden_states: list[torch.Tensor]) -> DetectorOutput:
         """Everything after the ViT. `hidden_states[i]`: raw (pre-final-norm) sequence after layer
         `hidden_layers[i]`, as `DINOv3ViT.forward(pixel_values, hidden_layers)` returns them. Exact only when that
         ViT holds this checkpoint's backbone weights (DEIMv2 fine-tunes its backbone)."""
         maps = self.model.conv_encoder.forward_from_hidden(pixel_values, hidden_states)
         logits, boxes = self.model.detect(maps)
-        return Deimv2Output(logits, boxes)
+        return DetectorOutput(logits, boxes)
 
     def head_modules(self) -> list[tuple[str, nn.Module]]:
         """(checkpoint prefix, module) for every part except the ViT."""

@@ -11,6 +11,13 @@ from kernels.preprocess import PreprocessSpec
 
 
 @dataclass
+class DetectorOutput:
+    """What every detector family's forward returns (the detectors stage's contract)."""
+    logits: torch.Tensor      # [B, num_queries, num_labels] before sigmoid
+    pred_boxes: torch.Tensor  # [B, num_queries, 4] normalized (cx, cy, w, h)
+
+
+@dataclass
 class Detections:
     scores: torch.Tensor  # [N] sigmoid scores, descending
     labels: torch.Tensor  # [N] int64 class ids
