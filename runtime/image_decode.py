@@ -61,7 +61,9 @@ _UNSUPPORTED_SIGNATURES = (
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_ASPECT_RATIO = 20.0   # panoramas are ~6:1; the VLM refuses above 200:1
 DEFAULT_MAX_JPEG_SCANS = 64       # encoders write <= ~20 (progressive: ~10)
-READ_BLOCK = 16384                # decoder input per read: the granularity of the deadline check
+# Decoder input per read: the granularity of the deadline check. A scan bomb packs ~100 full-image scans into 4 KB
+# (~1 s at 4096x4096 on an AVX2 EPYC), so a decode ends at most that long after its deadline.
+READ_BLOCK = 4096
 _JPEG_SCALES = (1, 2, 4, 8)       # what libjpeg's IDCT can reduce by
 
 
