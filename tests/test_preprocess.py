@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTImageProcessorPil
+from transformers import RTDetrImageProcessorPil, ViTImageProcessorPil
 
 from fixtures.triton_mode import KERNEL_DEVICE
 from kernels.preprocess import PreprocessSpec, preprocess_into, preprocess_reference, preprocess_triton
@@ -71,6 +71,19 @@ def test_vit_reference_matches_transformers_pil_processor(h, w, kwargs):
     # Pillow's resampler is called directly and rescale/normalize run the same float ops: no tolerance needed,
     # not even the usual +-1 uint8 level of a float re-implementation of Pillow's fixed point.
     np.testing.assert_array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("h,w,kwargs", [(224, 224, {"size": {"height": 640, "width": 640}}),
+                                         (97, 130, {"size": {"height": 64, "width": 96}}),
+                                         (300, 200, {"size": {"height": 128, "width": 128}, "do_normalize": True})])
+def test_rtdetr_reference_matches_transformers_pil_processor(h, w, kwargs):
+    """RT-DETR, D-FINE and DEIMv2 checkpoints' processor: a uint8 resize, rescale, normalization off by default."""
+    processor = RTDetrImageProcessorPil(**kwargs)
+    spec = preprocess_spec(json.loads(processor.to_json_string()))
+    assert spec.do_normalize == kwargs.get("do_normalize", False) and not spec.resize_in_float
+    image = random_image(h, w, seed=h + w)
+    expected = processor(images=Image.fromarray(image.numpy()), return_tensors="np")["pixel_values"][0]
+    np.testing.assert_array_equal(run_reference(image, spec).numpy(), expected)
 
 
 def antialias_taps(in_size: int, out_size: int, mode: str) -> torch.Tensor:

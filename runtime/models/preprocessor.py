@@ -1,5 +1,5 @@
-"""A Hugging Face preprocessor_config.json as the kernels' specs: PreprocessSpec (ViT and DINOv3 image processors,
-kernels/preprocess.py) and VisionPreprocessSpec (Qwen2-VL image processor, kernels/vlm_preprocess.py).
+"""A Hugging Face preprocessor_config.json as the kernels' specs: PreprocessSpec (ViT, DINOv3 and RT-DETR image
+processors, kernels/preprocess.py) and VisionPreprocessSpec (Qwen2-VL image processor, kernels/vlm_preprocess.py).
 
 Every key is either reproduced, known not to touch the pixels, or refused with an error naming the file and key."""
 from __future__ import annotations
@@ -31,6 +31,7 @@ IMAGE_KEYS = frozenset({
     "image_processor_type", "feature_extractor_type", "do_resize", "size", "default_to_square", "resample",
     "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
     "do_pad", "pad_size",
+    "format", "do_convert_annotations",  # detection processors: how training annotations are read
 }) | INERT_KEYS
 VISION_KEYS = frozenset({
     "image_processor_type", "do_resize", "size", "min_pixels", "max_pixels", "resample", "do_rescale",
@@ -102,17 +103,20 @@ def mean_std(r: ConfigReader, defaults: tuple[tuple[float, ...], tuple[float, ..
 
 
 def preprocess_spec(cfg: dict, source: str = FILE) -> PreprocessSpec:
-    """A ViT* or DINOv3* image processor's config as the spec of one fixed-size model input."""
+    """A ViT*, DINOv3* or RTDetr* image processor's config as the spec of one fixed-size model input."""
     r = ConfigReader(cfg, source)
     unknown_keys(r, IMAGE_KEYS)
     kind = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
     r.check(isinstance(kind, str), "has no 'image_processor_type'")
+    normalize_default = True
     if kind.startswith("DINOv3"):
         resize_in_float, defaults = True, IMAGENET_DEFAULT
     elif kind.startswith("ViT"):
         resize_in_float, defaults = False, IMAGENET_STANDARD
+    elif kind.startswith("RTDetr"):  # RT-DETR, D-FINE, DEIMv2: uint8 resize, then rescale; no normalization
+        resize_in_float, defaults, normalize_default = False, IMAGENET_DEFAULT, False
     else:
-        r.fail(f"image_processor_type={kind!r} is not supported (ViT* and DINOv3* image processors are)")
+        r.fail(f"image_processor_type={kind!r} is not supported (ViT*, DINOv3* and RTDetr* image processors are)")
 
     r.check(cfg.get("do_resize", True), "do_resize=false is not supported: the static batch buffer needs one "
                                         "input size, so every image is resized")
@@ -148,7 +152,8 @@ def preprocess_spec(cfg: dict, source: str = FILE) -> PreprocessSpec:
     return PreprocessSpec(height=height, width=width, resize_to=resize_to, shortest_edge=shortest_edge,
                           center_crop=center_crop, resample=resample_code, resize_in_float=resize_in_float,
                           do_rescale=bool(cfg.get("do_rescale", True)), rescale_factor=factor,
-                          do_normalize=bool(cfg.get("do_normalize", True)), image_mean=image_mean, image_std=image_std)
+                          do_normalize=bool(cfg.get("do_normalize", normalize_default)), image_mean=image_mean,
+                          image_std=image_std)
 
 
 def vision_preprocess_spec(cfg: dict, source: str = FILE) -> VisionPreprocessSpec:
