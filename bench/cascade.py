@@ -101,8 +101,8 @@ def all_stages(engine: Engine):
     """Every stage on every image, no routing: one graph-runner segment over the cascade's own models."""
     first, stage = engine.cascade.first, engine.cascade.later[0]
     (det,) = stage.detectors
-    own = None if det.shared else torch.zeros_like(stage.own_pixels[det.preprocess])
-    class_index = stage.class_index[0]
+    own = None if det.shared else torch.zeros_like(stage.own_pixels[stage.pixel_keys[det.spec.name]])
+    class_index = stage.class_index[det.spec.name]
     conf = torch.zeros_like(stage.conf)
     fraction, prob = torch.zeros_like(stage.prob), torch.zeros_like(stage.prob)
     cls_prob = torch.zeros_like(first.prob)
@@ -114,7 +114,7 @@ def all_stages(engine: Engine):
         cls_prob[:b].copy_(model.probability(model.classifier(model.head_features(seq))))
         out = det.model.forward_from_backbone(x, hidden) if det.shared else det.model(own[:b])
         scores = out.logits.index_select(2, class_index).float().flatten(1)
-        vote(scores, stage.offsets, stage.thresholds, stage.weights, cls_prob[:b], stage.spec.classifier_weight,
+        vote(scores, stage.offsets, stage.thresholds, stage.live_weights, cls_prob[:b], stage.spec.classifier_weight,
              stage.spec.majority, conf[:b], fraction[:b], prob[:b])
         return (prob[:b],)
 

@@ -463,6 +463,7 @@ def _answer(result: Any, cached: bool, detail: bool, explain: bool, total_s: flo
         answer["scores"] = dict(result.scores)
         if result.detector_scores:
             answer["detector_scores"] = dict(result.detector_scores)
+            answer["detector_ms"] = dict(result.detector_ms)
         if result.boxes is not None:
             answer["boxes"] = [{"detector": b.detector, "label": b.label, "score": b.score,
                                 "xyxy": [v * scale for v in b.xyxy]} for b in result.boxes]

@@ -292,7 +292,8 @@ def test_describe_bundle(models, reference, tmp_path):
     assert second["detectors"][1] == {"name": "b", "model": str(models / "det-b"), "model_type": "deimv2",
                                       "roadwork_classes": ["LABEL_1", "LABEL_3"], "weight": 2.0,
                                       "box_threshold": 0.5, "shared_backbone": False, "quantize": "none",
-                                      "input_size": [96, 64]}
+                                      "input_size": [96, 64], "format": "safetensors", "device": "cpu",
+                                      "cuda_graphs": False, "breaker": "closed"}
 
 
 @pytest.mark.parametrize("edit, message", [

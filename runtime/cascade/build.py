@@ -14,25 +14,20 @@ from typing import Callable
 import torch
 
 from kernels.preprocess import PreprocessSpec
-from runtime.cascade.bundle import Bundle, ClassifierStageSpec, DetectorSpec, DetectorStageSpec, StageSpec, VLMStageSpec
+from runtime.cascade.bundle import Bundle, ClassifierStageSpec, DetectorStageSpec, StageSpec, VLMStageSpec
 from runtime.cascade.classifier_stage import ClassifierStage
-from runtime.cascade.detector_stage import DetectorStage, LoadedDetector
+from runtime.cascade.detector_members import LoadedDetector, load_detector
+from runtime.cascade.detector_stage import DetectorStage
 from runtime.cascade.pipeline import Cascade
 from runtime.cascade.stage import Stage
 from runtime.cascade.vlm_stage import VLMStage, run_dtype
-from runtime.config import read_json
-from runtime.errors import ModelLoadError
 from runtime.models.classifier import Classifier, load_classifier
-from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.dinov3 import DINOv3ViT
 from runtime.models.precision import PrecisionChoice
 from runtime.models.preprocessor import read_preprocess
 from runtime.models.quant import quantize_int8
 
 log = logging.getLogger(__name__)
-
-DETECTOR_MODEL_TYPES = ("deimv2",)
-
 
 def backbone_digest(backbone: torch.nn.Module) -> str:
     """sha256 over the loaded backbone tensors (name, dtype, shape, bytes). The mask token is training-only."""
@@ -46,38 +41,11 @@ def backbone_digest(backbone: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_detector(spec: DetectorSpec, where: str, dtype: torch.dtype, device: torch.device) -> LoadedDetector:
-    cfg = read_json(spec.model / "config.json")
-    if cfg.get("model_type") not in DETECTOR_MODEL_TYPES:
-        raise ModelLoadError(f"{where}: model_type {cfg.get('model_type')!r} of {spec.model} is not supported as "
-                             f"a detector (supported: {', '.join(DETECTOR_MODEL_TYPES)})")
-    model = Deimv2Detector.from_pretrained(spec.model, dtype, device)
-    labels = model.cfg.id2label
-    class_ids = []
-    for c in spec.roadwork_classes:
-        if isinstance(c, int):
-            if c not in labels:
-                raise ModelLoadError(f"{where}: roadwork class id {c} is outside 0..{len(labels) - 1}")
-            class_ids.append(c)
-        else:
-            ids = [i for i, name in labels.items() if name == c]
-            if not ids:
-                raise ModelLoadError(f"{where}: roadwork class '{c}' is not a label of {spec.model} "
-                                     f"(id2label: {[labels[i] for i in sorted(labels)]})")
-            class_ids.append(ids[0])
-    if len(set(class_ids)) != len(class_ids):
-        raise ModelLoadError(f"{where}: roadwork_classes name the same class twice: {list(spec.roadwork_classes)}")
-    preprocess = read_preprocess(spec.model)
-    step = 2 * model.cfg.backbone_patch_size  # the adapter's stride-32 map must match the ViT's
-    if preprocess.height % step or preprocess.width % step:
-        raise ModelLoadError(f"{where}: input size {preprocess.height}x{preprocess.width} from "
-                             f"{spec.model / 'preprocessor_config.json'} must be a multiple of {step} for DEIMv2")
-    return LoadedDetector(spec, model, preprocess, tuple(class_ids), shared=False)
-
-
 def share_backbone(detector: LoadedDetector, classifier: Classifier, classifier_pre: PreprocessSpec,
                    classifier_digest: str | None, same_device: bool, classifier_quantize: str | None) -> str | None:
     """Point the detector at the classifier's backbone when that is exact; returns why not, or None."""
+    if detector.family != "deimv2":
+        return "only DEIMv2 reads a DINOv3 classifier's backbone"
     own = detector.model.model.conv_encoder.backbone
     if not isinstance(classifier.backbone, DINOv3ViT):
         return "the classifier is not a DINOv3 model"
@@ -140,12 +108,16 @@ def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtyp
     for i in detector_stages:
         group = loaded.setdefault(i, [])
         for j, det in enumerate(bundle.stages[i].detectors, start=1):
-            d = load_detector(det, f"{where[i]} detector {j} ('{det.name}')", dtype, devices[i])
-            why_not = share_backbone(d, classifier, preprocess, digest, devices[i] == devices[0], first_spec.quantize)
-            log.info("detector '%s': %s", det.name, "shares the classifier's backbone" if why_not is None
-                     else f"runs its own backbone ({why_not})")
+            stage = bundle.stages[i]
+            device = devices[i] if det.device is None else torch.device(det.device)
+            d = load_detector(det, f"{where[i]} detector {j} ('{det.name}')", dtype, device, stage.name,
+                              stage.failure_threshold, stage.cooldown_s)
+            why_not = share_backbone(d, classifier, preprocess, digest, device == devices[0], first_spec.quantize)
+            log.info("detector '%s' (%s, %s on %s): %s", det.name, det.format, d.family, device,
+                     "shares the classifier's backbone" if why_not is None else f"runs its own model ({why_not})")
             if det.quantize is not None and not d.shared:
-                quantize_int8(d.model.model.conv_encoder.backbone, exclude=(), backend=det.quantize)
+                quantize_int8(d.model.model.conv_encoder.backbone if d.family == "deimv2" else d.model,
+                              exclude=(), backend=det.quantize)
             group.append(d)
     if first_spec.quantize is not None:  # after sharing: a shared backbone is converted once, here
         quantize_int8(classifier, backend=first_spec.quantize)

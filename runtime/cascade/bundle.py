@@ -15,6 +15,7 @@ from runtime.errors import ModelLoadError
 
 BUNDLE_FILE = "cascade.toml"
 QUANTIZE_MODES = ("auto", "none", "int8", "int8-fbgemm", "int8-onednn")  # runtime/models/{precision,quant}.py
+DETECTOR_FORMATS = ("safetensors", "onnx", "transformers")
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,21 @@ class ClassifierStageSpec:
 
 @dataclass(frozen=True)
 class DetectorSpec:
+    """One ensemble member. format "safetensors": a Hugging Face detector directory of a family we hand-build
+    (runtime/cascade/members.py); "onnx": a YOLO-style ONNX export run on ONNX Runtime; "transformers": any
+    transformers detection checkpoint, run eagerly through transformers itself."""
     name: str
-    model: Path
+    model: Path  # the model directory; for format "onnx" the .onnx file
     roadwork_classes: tuple[str | int, ...]  # id2label names or class ids that count as roadwork evidence
     weight: float = 1.0
     box_threshold: float = 0.5  # a roadwork box must score above this to count as a "roadwork" vote
     quantize: str | None = None  # as ClassifierStageSpec.quantize, for its ViT backbone
+    format: str = "safetensors"  # DETECTOR_FORMATS
+    device: str | None = None  # None: the stage's device
+    prompt: str | None = None  # zero-shot transformers detectors: the phrases to ground, '.'-separated
+    labels: tuple[str, ...] | None = None  # onnx: class names, when the export's metadata has none
+    iou_threshold: float = 0.7  # onnx: class-aware NMS
+    max_det: int = 300  # onnx and transformers: detections kept per image
 
 
 @dataclass(frozen=True)
@@ -154,9 +164,18 @@ def quantize_of(table: ConfigReader) -> str | None:
     return None if mode is None else quantize_mode(mode, f"{table.source}: key 'quantize'")
 
 
+def onnx_file(root: Path, table: ConfigReader) -> Path:
+    value = table.get("model", str)
+    path = (root / value).resolve()
+    if not path.is_file() or path.suffix != ".onnx":
+        table.fail(f"format 'onnx' needs 'model' to be an .onnx file; '{value}' ({path}) is not one")
+    return path
+
+
 def parse_detector(root: Path, table: ConfigReader) -> DetectorSpec:
-    model = model_dir(root, table)
-    name = table.get("name", str, model.name)
+    fmt = table.choice("format", "safetensors", DETECTOR_FORMATS)
+    model = onnx_file(root, table) if fmt == "onnx" else model_dir(root, table)
+    name = table.get("name", str, model.stem if fmt == "onnx" else model.name)
     classes = table.get("roadwork_classes", list)
     if not classes or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes):
         table.fail(f"key 'roadwork_classes' must be a non-empty list of class names "
@@ -166,7 +185,24 @@ def parse_detector(root: Path, table: ConfigReader) -> DetectorSpec:
     weight = table.number("weight", 1.0, 0.0, float("inf"))
     # Below 1 so that a detector that found nothing has 1 - c > 0 (the "no" side's geometric mean is defined).
     box_threshold = table.number("box_threshold", 0.5, 0.0, 1.0, high_open=True)
-    return DetectorSpec(name, model, tuple(classes), weight, box_threshold, quantize_of(table))
+    quantize = quantize_of(table)
+    if fmt != "safetensors" and quantize is not None:
+        table.fail(f"key 'quantize' applies to hand-built (format 'safetensors') detectors, not format '{fmt}'")
+    prompt = table.get("prompt", str, None)
+    if prompt is not None and (fmt != "transformers" or not prompt.strip(" .")):
+        table.fail("key 'prompt' must be non-empty and is for format 'transformers' (zero-shot detectors) only")
+    labels = table.get("labels", list, None)
+    if labels is not None and (fmt != "onnx" or not labels or not all(isinstance(x, str) for x in labels)):
+        table.fail("key 'labels' must be a non-empty list of class names and is for format 'onnx' only")
+    if fmt != "onnx" and "iou_threshold" in table.data:
+        table.fail("key 'iou_threshold' is for format 'onnx' only (its NMS)")
+    if fmt == "safetensors" and "max_det" in table.data:
+        table.fail("key 'max_det' is for formats 'onnx' and 'transformers' only")
+    iou = table.number("iou_threshold", 0.7, 0.0, 1.0, low_open=True)
+    max_det = positive_int(table, "max_det", 300)
+    return DetectorSpec(name, model, tuple(classes), weight, box_threshold, quantize, fmt,
+                        table.get("device", str, None), prompt, None if labels is None else tuple(labels), iou,
+                        max_det)
 
 
 def parse_detector_stage(root: Path, table: ConfigReader, has_next: bool) -> DetectorStageSpec:

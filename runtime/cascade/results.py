@@ -37,6 +37,7 @@ class StageAnswer:
     detector_scores: dict[str, float] = field(default_factory=dict)
     boxes: list[Box] | None = None
     tokens: TokenCounts | None = None
+    detector_ms: dict[str, float] = field(default_factory=dict)  # each member's time on the batch, in ms
 
 
 @dataclass
@@ -46,7 +47,8 @@ class ImageResult:
     stage: str  # the stage that decided
     scores: dict[str, float] = field(default_factory=dict)  # each stage's P(roadwork)
     degraded: bool = False  # a later stage failed and an earlier stage's answer stands
-    detector_scores: dict[str, float] = field(default_factory=dict)  # each detector's roadwork confidence
+    detector_scores: dict[str, float] = field(default_factory=dict)  # each answering detector's confidence
+    detector_ms: dict[str, float] = field(default_factory=dict)  # each answering detector's time on the batch
     boxes: list[Box] | None = None  # roadwork boxes above threshold, when asked for and the detectors ran
     tokens: TokenCounts | None = None  # VLM tokens; None if the VLM did not see the image
     explanation: str | None = None  # the VLM's explanation, when asked for or above the stage's explain_above
@@ -60,6 +62,7 @@ def fold_answers(answers: list[tuple[str, StageAnswer]], degraded: bool) -> Imag
         result.scores[name] = answer.prediction
         result.stage, result.prediction = name, answer.prediction
         result.detector_scores.update(answer.detector_scores)
+        result.detector_ms.update(answer.detector_ms)
         result.boxes = answer.boxes if answer.boxes is not None else result.boxes
         result.tokens = answer.tokens if answer.tokens is not None else result.tokens
     result.label = "roadwork" if result.prediction > 0.5 else "none"

@@ -108,6 +108,11 @@ class Deimv2Detector(nn.Module):
         self.model = Deimv2Model(cfg)
 
     @property
+    def input_multiple(self) -> int:
+        """Input sides must divide by this: the adapter's stride-32 map must match the ViT's patch grid."""
+        return 2 * self.cfg.backbone_patch_size
+
+    @property
     def hidden_layers(self) -> tuple[int, ...]:
         """1-based ViT layers whose raw outputs `forward_from_backbone` needs, in order."""
         return self.cfg.backbone_out_indices
