@@ -54,8 +54,30 @@ class StageCollector:
 
     def __init__(self) -> None:
         self.timings: Callable[[], dict] = dict
+        self.member_timings: Callable[[], dict] = dict
 
     def collect(self) -> Iterator[Metric]:
+        yield from self.collect_stages()
+        yield from self.collect_members()
+
+    def collect_members(self) -> Iterator[Metric]:
+        """Each detector ensemble member's own time, calls and images: rate(seconds) / rate(calls) is its
+        latency per batch (on CUDA measured by events on its stream)."""
+        families = {
+            "seconds": CounterMetricFamily("roadwork_detector_seconds", "Time each detector ensemble member "
+                                           "spent on its batches", labels=["stage", "detector"]),
+            "calls": CounterMetricFamily("roadwork_detector_calls", "Batches each detector ensemble member "
+                                         "answered", labels=["stage", "detector"]),
+            "images": CounterMetricFamily("roadwork_detector_images", "Images each detector ensemble member "
+                                          "scored", labels=["stage", "detector"]),
+        }
+        for stage, members in self.member_timings().items():
+            for member, timing in members.items():
+                for field, family in families.items():
+                    family.add_metric([stage, member], getattr(timing, field))
+        yield from families.values()
+
+    def collect_stages(self) -> Iterator[Metric]:
         timings = self.timings()
         families = {
             "seconds": CounterMetricFamily("roadwork_stage_seconds", "Wall time the inference worker spent in each "
@@ -150,7 +172,8 @@ class ServerMetrics:
 
     def track(self, queue_depth: Callable[[], int], cache_entries: Callable[[], int],
               cache_bytes: Callable[[], int], stage_states: Callable[[], dict[str, str]],
-              vlm_stats: Callable[[], dict | None], stage_timings: Callable[[], dict]) -> None:
+              vlm_stats: Callable[[], dict | None], stage_timings: Callable[[], dict],
+              member_timings: Callable[[], dict]) -> None:
         """Gauges read live values at scrape time instead of being updated on every change."""
         self.queue_depth.set_function(queue_depth)
         self.cache_entries.set_function(cache_entries)
@@ -158,6 +181,7 @@ class ServerMetrics:
         self.stage_states = stage_states
         self.vlm.stats = vlm_stats
         self.stages.timings = stage_timings
+        self.stages.member_timings = member_timings
 
     def render(self) -> tuple[bytes, str]:
         for stage, current in self.stage_states().items():

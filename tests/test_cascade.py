@@ -260,6 +260,61 @@ def test_failing_stage_degrades_opens_and_recovers(models, reference, tmp_path):
     assert engine.stage_states() == {"detectors": "closed"}
 
 
+class FailingModel(torch.nn.Module):
+    """Stands in for a member's model and raises: the member failed."""
+
+    def __init__(self, real: torch.nn.Module):
+        super().__init__()
+        self.real, self.cfg, self.calls = real, real.cfg, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        raise RuntimeError("injected member failure")
+
+
+def test_failing_member_leaves_the_vote_and_its_breaker_recovers(models, reference, tmp_path):
+    """Member b raises: the other member and the classifier vote alone (the answers equal a vote without b), the
+    stage itself stays healthy, and b's own breaker opens, then closes after a successful probe."""
+    ref = reference
+    bundle = write_bundle(tmp_path, classifier_stage(models, ref["low"], ref["high"])
+                          + detector_stage(models, ref["box"]["a"], ref["box"]["b"],
+                                           extra="failure_threshold = 2\ncooldown_s = 5.0"))
+    engine = Engine.load(bundle, "cpu", "float32", max_batch=16)
+    stage = engine.cascade.later[0]
+    member_b = stage.detectors[1]
+    now = [0.0]
+    member_b.breaker.clock = lambda: now[0]
+    real, member_b.model = member_b.model, FailingModel(member_b.model)
+    without_b = expected_results(ref, [("a", 1.0)])
+    for _ in range(3):
+        results = engine.predict(ref["images"])
+        check_results(results, without_b)
+        assert all("b" not in r.detector_ms for r in results)
+    assert member_b.model.calls == 2 and member_b.breaker.state == "open"  # open: not called the third time
+    assert engine.stage_states() == {"detectors": "closed"}
+    assert stage.describe()["detectors"][1]["breaker"] == "open"
+    now[0] = 5.0
+    member_b.model = real
+    results = engine.predict(ref["images"])
+    check_results(results, expected_results(ref, [("a", 1.0), ("b", 2.0)]))
+    assert member_b.breaker.state == "closed"
+    routed = [r for r in results if r.stage == "detectors"]
+    assert routed and all(r.detector_ms.keys() == {"a", "b"} for r in routed)
+    timing = engine.member_timings()["detectors"]["b"]
+    assert timing.calls == 1 and timing.images == len(routed) and timing.seconds > 0
+
+
+def test_no_member_answering_fails_the_stage(models, reference, tmp_path):
+    ref = reference
+    bundle = write_bundle(tmp_path, classifier_stage(models, ref["low"], ref["high"])
+                          + detector_stage(models, ref["box"]["a"], None))
+    engine = Engine.load(bundle, "cpu", "float32", max_batch=16)
+    member = engine.cascade.later[0].detectors[0]
+    member.model = FailingModel(member.model)
+    results = engine.predict(ref["images"])
+    assert {r.stage for r in results} == {"classifier"} and any(r.degraded for r in results)
+
+
 def test_zero_time_budget_degrades_and_opens(models, reference, tmp_path):
     ref = reference
     bundle = write_bundle(tmp_path, classifier_stage(models, ref["low"], ref["high"])

@@ -70,3 +70,10 @@ def test_detail_has_detector_scores_and_boxes_and_metrics_have_breakers(bundle):
     families = {f.name: f for f in text_string_to_metric_families(metrics.decode())}
     states = {(s.labels["stage"], s.labels["state"]): s.value for s in families["roadwork_stage_breaker_state"].samples}
     assert states == {("detectors", "closed"): 1, ("detectors", "open"): 0, ("detectors", "half_open"): 0}
+    assert set(detail["detector_ms"]) == {"deimv2"} and detail["detector_ms"]["deimv2"] > 0
+    member = {(s.name, s.labels["stage"], s.labels["detector"]): s.value
+              for name in ("roadwork_detector_seconds", "roadwork_detector_calls", "roadwork_detector_images")
+              for s in families[name].samples}
+    assert member[("roadwork_detector_calls_total", "detectors", "deimv2")] == 3  # warm-up, plain, detail
+    assert member[("roadwork_detector_images_total", "detectors", "deimv2")] == 3
+    assert member[("roadwork_detector_seconds_total", "detectors", "deimv2")] > 0

@@ -21,6 +21,7 @@ from runtime.cascade.bundle import (Bundle, ClassifierStageSpec, load_bundle, qu
 from runtime.cascade.build import build_cascade
 from runtime.cascade.bundle_digest import bundle_digest
 from runtime.cascade.classifier_stage import image_tensor
+from runtime.cascade.detector_stage import DetectorStage
 from runtime.cascade.results import Box, ImageResult, OnStage, StageTiming
 from runtime.errors import ModelLoadError
 from runtime.cascade.vlm_stage import VLMOutput, VLMStage
@@ -223,6 +224,11 @@ class Engine:
         """Cumulative wall time, calls and images of every stage since load (the first stage's time includes
         preprocessing); a copy, safe to read from any thread."""
         return {name: dataclasses.replace(t) for name, t in self.cascade.timings.items()}
+
+    def member_timings(self) -> dict[str, dict[str, StageTiming]]:
+        """Per detectors stage, each member's cumulative time, calls and images since load (a copy)."""
+        return {stage.name: {name: dataclasses.replace(t) for name, t in stage.member_timings().items()}
+                for stage in self.cascade.later if isinstance(stage, DetectorStage)}
 
     def stage_states(self) -> dict[str, str]:
         """Breaker state ("closed", "open", "half_open") of every stage after the first."""
