@@ -225,3 +225,16 @@ def test_vlm_memory_table():
             "concurrent_224px_requests"]
     # Qwen3-VL-8B is about 8.8 B parameters: ~16 GiB in bf16
     assert 15 < rows["8B", "bf16", "bf16"]["weights_GiB"] < 17.5
+
+
+def test_detectors_bench_reports_each_family_and_the_ensemble():
+    from bench import detectors
+
+    result = detectors.main(["--size", "tiny", "--batches", "1,2", "--rounds", "1"])
+    names = list(detectors.FAMILIES)
+    assert [(r["family"], r["batch"]) for r in result["families"]] == [(n, b) for n in names for b in (1, 2)]
+    for r in result["families"]:
+        assert r["speedup"] == pytest.approx(r["transformers_ms_per_image"] / r["ours_ms_per_image"])
+    for r in result["ensemble"]:
+        assert r["members"] == "+".join(names) and r["sum_of_members_ms"] == pytest.approx(
+            sum(r[f"{n}_ms"] for n in names))

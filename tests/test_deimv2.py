@@ -15,21 +15,7 @@ from runtime.models.deimv2_config import Deimv2Config as OurConfig
 from runtime.models.deimv2 import Deimv2Detector
 from runtime.models.detect_postprocess import post_process_object_detection
 from runtime.errors import ModelLoadError, WeightError
-from fixtures.deimv2_checkpoints import TINY_BACKBONE, make_deimv2
-
-# DEIMv2-S (Intellindust DEIMv2_DINOv3_S_COCO) as transformers' conversion script builds it: distilled ViT-Tiny
-# (192 wide, 3 heads, no registers, no key bias, plain layernorm only on the last stage), layers 6/9/12,
-# hybrid encoder 192 (depth 0.67, expansion 0.34, FFN 512), 4-layer decoder 192 with [3, 6, 3] points.
-DEIMV2_S_BACKBONE = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=12, num_attention_heads=3,
-                         patch_size=16, num_register_tokens=0, layerscale_value=1.0, key_bias=False,
-                         pos_embed_rescale=None, rope_theta=100.0, out_indices=[6, 9, 12], apply_layernorm=False,
-                         image_size=640)
-DEIMV2_S = dict(encoder_hidden_dim=192, encoder_in_channels=[192, 192, 192], encoder_ffn_dim=512,
-                encoder_attention_heads=8, depth_mult=0.67, hidden_expansion=0.34, d_model=192,
-                decoder_in_channels=[192, 192, 192], decoder_ffn_dim=512, decoder_layers=4, decoder_attention_heads=8,
-                decoder_n_points=[3, 6, 3], num_queries=300, num_labels=80, activation_function="silu",
-                decoder_activation_function="silu", encoder_has_trailing_conv=False, spatial_tuning_adapter_inplanes=16,
-                eval_size=[640, 640])
+from fixtures.deimv2_checkpoints import DEIMV2_S, DEIMV2_S_BACKBONE, TINY_BACKBONE, make_deimv2
 
 TOL = 1e-4  # max abs diff relative to the reference output's max magnitude
 
