@@ -402,3 +402,21 @@ def test_cuda_graphs_match_cpu(models, reference, tmp_path):
         torch.backends.cudnn.allow_tf32 = conv_tf32
     # Exit and vote decisions could flip only within rounding of a threshold; the thresholds sit in gaps.
     check_results(results, expected_results(ref, [("a", 1.0), ("b", 2.0)]), tol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not COMPILED_ON_CUDA, reason="needs CUDA with compiled Triton kernels")
+def test_members_on_their_own_streams_match_cpu(models, reference, tmp_path):
+    """On CUDA each member's graphs replay on its own stream and the vote waits on their events: the answers equal
+    the CPU run's, and every member reports a time measured by its events."""
+    ref = reference
+    bundle = write_bundle(tmp_path, classifier_stage(models, ref["low"], ref["high"])
+                          + detector_stage(models, ref["box"]["a"], ref["box"]["b"]))
+    gpu = Engine.load(bundle, "cuda", "float32", max_batch=8)
+    gpu.warmup()
+    stage = gpu.cascade.later[0]
+    assert set(stage.streams) == {"a", "b"} and all(d["cuda_graphs"] for d in stage.describe()["detectors"])
+    results = gpu.predict(ref["images"])
+    check_results(results, expected_results(ref, [("a", 1.0), ("b", 2.0)]), tol=1e-4)
+    assert all(r.detector_ms.keys() == {"a", "b"} and min(r.detector_ms.values()) > 0
+               for r in results if r.stage == "detectors")
