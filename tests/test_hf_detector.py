@@ -1,0 +1,192 @@
+"""The format "transformers" member (runtime/models/hf_detector.py) against transformers run alone on the same tiny
+random-weight checkpoints (fixtures/hf_detectors.py): Grounding DINO, MM-Grounding-DINO and OWLv2 (zero-shot, with
+a prompt) and YOLOS (closed set). Its evidence, the per-label max score and the kept boxes, must be transformers'
+own post-processed detections."""
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (AutoImageProcessor, AutoModelForObjectDetection, AutoModelForZeroShotObjectDetection,
+                          AutoProcessor)
+
+from fixtures.hf_detectors import (PROMPT, YOLOS_LABELS, bert_tokenizer, make_grounding_dino, make_mm_grounding_dino,
+                                   make_owlv2, make_yolos, write_omdet_turbo_processor)
+from runtime.errors import ModelLoadError
+from runtime.models.detect_postprocess import center_to_corners
+from runtime.models.hf_detector import NO_DETECTION, PromptGrounding, TransformersDetector
+
+PHRASES = ["traffic cone", "road barrier", "roadwork sign"]
+FAMILIES = {  # name: (maker, prompt, max_det) -- max_det below GD's 20 queries, above YOLOS' 10
+    "grounding-dino": (make_grounding_dino, PROMPT, 12),
+    "mm-grounding-dino": (make_mm_grounding_dino, PROMPT, 12),
+    "owlv2": (make_owlv2, PROMPT, 10),
+    "yolos": (make_yolos, None, 15),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_detectors")
+    for name, (make, _, _) in FAMILIES.items():
+        make(root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8),
+            torch.from_numpy(rng.integers(0, 256, (80, 40, 3), dtype=np.uint8))]
+
+
+def reference(path, name: str, images, max_det: int) -> list[list[tuple[int, float, list[float]]]]:
+    """transformers alone: per image its (label id, score, pixel xyxy) detections, the best max_det first."""
+    pil = [Image.fromarray(np.asarray(im)) for im in images]
+    sizes = [(im.height, im.width) for im in pil]
+    if name == "yolos":
+        processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        model = AutoModelForObjectDetection.from_pretrained(path).eval()
+        with torch.inference_mode():
+            found = processor.post_process_object_detection(model(**processor(images=pil, return_tensors="pt")),
+                                                            threshold=0.0, target_sizes=sizes)
+        labelled = [(f["labels"].tolist(), f) for f in found]
+    else:
+        processor = AutoProcessor.from_pretrained(path, backend="pil")
+        model = AutoModelForZeroShotObjectDetection.from_pretrained(path).eval()
+        inputs = processor(images=pil, text=[PHRASES] * len(pil), return_tensors="pt")
+        with torch.inference_mode():
+            outputs = model(**inputs)
+        if name == "owlv2":
+            found = processor.post_process_grounded_object_detection(outputs, threshold=0.0, target_sizes=sizes,
+                                                                     text_labels=[PHRASES] * len(pil))
+            labelled = [(f["labels"].tolist(), f) for f in found]
+        else:
+            found = processor.post_process_grounded_object_detection(outputs, inputs["input_ids"], threshold=0.0,
+                                                                     text_threshold=0.25, target_sizes=sizes)
+            grounding = PromptGrounding.from_tokenizer(processor.tokenizer, tuple(PHRASES))
+            labelled = [([grounding.phrase_of(t) for t in f["text_labels"]], f) for f in found]
+    out = []
+    for labels, f in labelled:
+        dets = [(label, score, box) for label, score, box in zip(labels, f["scores"].tolist(), f["boxes"].tolist())
+                if label is not None]
+        out.append(sorted(dets, key=lambda d: -d[1])[:max_det])  # stable: ties keep transformers' order
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_evidence_is_transformers_post_processing(checkpoints, images, name):
+    _, prompt, max_det = FAMILIES[name]
+    det = TransformersDetector.from_pretrained(checkpoints / name, "cpu", prompt, max_det=max_det)
+    labels = YOLOS_LABELS if name == "yolos" else dict(enumerate(PHRASES))
+    assert det.cfg.id2label == labels and det.cfg.num_labels == len(labels) and det.cfg.num_queries == max_det
+    out = det(images)
+    assert out.logits.shape == (2, max_det, len(labels)) and out.pred_boxes.shape == (2, max_det, 4)
+    expected = reference(checkpoints / name, name, images, max_det)
+    assert len({label for dets in expected for label, _, _ in dets}) >= 2, "the fixture should use two labels"
+    for b, (image, dets) in enumerate(zip(images, expected)):
+        height, width = image.shape[:2]
+        logits = out.logits[b]
+        # Per-label max score: what the vote reads.
+        want = torch.zeros(len(labels))
+        for label, score, _ in dets:
+            want[label] = max(want[label], score)
+        torch.testing.assert_close(torch.sigmoid(logits).amax(0), want, atol=1e-6, rtol=0)
+        # Each detection a row, best first, one label column set; rows past the last all NO_DETECTION.
+        kept = (logits > NO_DETECTION).sum(-1)
+        assert kept[:len(dets)].eq(1).all() and kept[len(dets):].eq(0).all()
+        assert len(dets) == max_det or name == "yolos"  # truncated to max_det, or padded (YOLOS)
+        rows = logits[:len(dets)]
+        assert rows.argmax(-1).tolist() == [label for label, _, _ in dets]
+        torch.testing.assert_close(torch.sigmoid(rows.amax(-1)), torch.tensor([s for _, s, _ in dets]),
+                                   atol=1e-6, rtol=0)
+        xyxy = center_to_corners(out.pred_boxes[b, :len(dets)]) * torch.tensor([width, height, width, height])
+        torch.testing.assert_close(xyxy, torch.tensor([box for _, _, box in dets]), atol=1e-4, rtol=1e-5)
+
+
+def test_prompt_grounding_rule(tmp_path):
+    tokenizer = bert_tokenizer(tmp_path)
+    grounding = PromptGrounding.from_tokenizer(tokenizer, ("Traffic Cone", "road barrier", "roadwork sign",
+                                                           "stop sign"))
+    cases = {
+        "traffic cone": 0,
+        "cone": 0,  # part of a phrase
+        "traffic. road barrier. roadwork sign. [SEP]": 1,  # longest run; of two, the earlier phrase
+        "traffic roadwork [SEP]": 0,  # pieces of two phrases in one piece: equal runs, the earlier phrase
+        "road barrier roadwork sign": 1,
+        "sign": 2,  # in two phrases: the earlier
+        "stop sign": 3,
+        "cone traffic": 0,
+        "[SEP]": None, "": None, ". .": None, "car": None,
+    }
+    assert {label: grounding.phrase_of(label) for label in cases} == cases
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_zero_shot_needs_a_prompt(checkpoints):
+    with pytest.raises(ModelLoadError) as e:
+        TransformersDetector.from_pretrained(checkpoints / "grounding-dino", "cpu", None)
+    assert "key 'prompt' is required" in one_line_error(e)
+
+
+def test_closed_set_refuses_a_prompt(checkpoints):
+    with pytest.raises(ModelLoadError) as e:
+        TransformersDetector.from_pretrained(checkpoints / "yolos", "cpu", PROMPT)
+    assert "key 'prompt' is for zero-shot detectors" in one_line_error(e)
+
+
+LONG_PROMPT = ". ".join(f"{'a ' * i}cone" for i in range(1, 8))  # distinct phrases, 44 tokens
+
+
+@pytest.mark.parametrize("prompt, why", [(" . .", "holds no phrase"), ("cone. Cone.", "names a phrase twice"),
+                                         (LONG_PROMPT, "44 tokens, over the model's max_text_len 32")])
+def test_bad_prompts(checkpoints, prompt, why):
+    with pytest.raises(ModelLoadError) as e:
+        TransformersDetector.from_pretrained(checkpoints / "grounding-dino", "cpu", prompt)
+    assert "key 'prompt'" in one_line_error(e) and why in str(e.value)
+
+
+def test_missing_transformers(checkpoints, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(ModelLoadError) as e:
+        TransformersDetector.from_pretrained(checkpoints / "yolos", "cpu", None)
+    assert "format 'transformers'" in one_line_error(e) and "roadwork-cascade[transformers]" in str(e.value)
+
+
+def test_safetensors_only(checkpoints, tmp_path):
+    shutil.copy(checkpoints / "yolos" / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"a pickle is never read")
+    with pytest.raises(ModelLoadError) as e:
+        TransformersDetector.from_pretrained(tmp_path, "cpu", None)
+    assert "no model.safetensors" in one_line_error(e)
+
+
+def test_not_a_detector(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(ModelLoadError, match="model_type 'vit' is not a transformers detection model"):
+        TransformersDetector.from_pretrained(tmp_path, "cpu", None)
+
+
+def torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # ImportError, or a RuntimeError from one built for another torch
+        return False
+    return True
+
+
+@pytest.mark.skipif(torchvision_imports(), reason="torchvision imports here: OmDet-Turbo's processor loads")
+def test_omdet_turbo_needs_torchvision(tmp_path):
+    write_omdet_turbo_processor(tmp_path)
+    with pytest.raises(ModelLoadError) as e:
+        TransformersDetector.from_pretrained(tmp_path, "cpu", PROMPT)
+    assert "OmDetTurboProcessor requires the Torchvision library" in one_line_error(e)
