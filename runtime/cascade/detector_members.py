@@ -76,18 +76,28 @@ def onnx_preprocess(height: int, width: int) -> PreprocessSpec:
 
 def load_model(spec: DetectorSpec, where: str, dtype: torch.dtype, device: torch.device
                ) -> tuple[object, str, PreprocessSpec | None]:
-    """(model, family, preprocessing) of one member."""
+    """(model, family, preprocessing) of one member; its loader's errors name the member."""
+    try:
+        return load_format(spec, where, dtype, device)
+    except ModelLoadError as e:
+        if str(e).startswith(where):
+            raise
+        raise ModelLoadError(f"{where}: {e}") from e
+
+
+def load_format(spec: DetectorSpec, where: str, dtype: torch.dtype, device: torch.device
+                ) -> tuple[object, str, PreprocessSpec | None]:
     if spec.format == "onnx":
         from runtime.models.onnx_detector import OnnxDetector
         model = OnnxDetector.from_onnx(spec.model, device, labels=spec.labels, iou_threshold=spec.iou_threshold,
-                                       max_det=spec.max_det, where=where)
+                                       max_det=spec.max_det)
         return model, "onnx", onnx_preprocess(model.cfg.height, model.cfg.width)
     if spec.format == "transformers":
         from runtime.models.hf_detector import TransformersDetector
         log.info("%s: runs through transformers, eagerly and without CUDA graphs (slower than a hand-built "
                  "family)", where)
         model = TransformersDetector.from_pretrained(spec.model, device, prompt=spec.prompt, dtype=dtype,
-                                                     max_det=spec.max_det, where=where)
+                                                     max_det=spec.max_det)
         return model, "transformers", None
     model_type = read_json(spec.model / "config.json").get("model_type")
     if model_type not in HAND_BUILT:
