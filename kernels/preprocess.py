@@ -60,6 +60,9 @@ class PreprocessSpec:
     do_normalize: bool
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
+    # The float resize widens its filter when downscaling (torch antialias=True, DINOv3); False: plain bilinear
+    # (torchvision's default, RF-DETR's processor). The uint8 path is Pillow's, which always antialiases.
+    antialias: bool = True
 
     def resized_size(self, in_h: int, in_w: int) -> tuple[int, int]:
         """(height, width) after the resize step, before any crop (transformers' shortest-edge rule)."""
@@ -142,7 +145,7 @@ def preprocess_reference(image: torch.Tensor, spec: PreprocessSpec, out: torch.T
         if spec.do_rescale:
             x.mul_(spec.rescale_factor)
         x = F.interpolate(x, size=(resized_h, resized_w), mode=_INTERPOLATE_MODE[spec.resample],
-                          align_corners=False, antialias=True)[0, :, rows, cols]
+                          align_corners=False, antialias=spec.antialias)[0, :, rows, cols]
         if spec.do_normalize:
             x = (x - torch.tensor(spec.image_mean, device=x.device).view(3, 1, 1)) / torch.tensor(
                 spec.image_std, device=x.device).view(3, 1, 1)
@@ -168,10 +171,13 @@ def _filter(x: np.ndarray, resample: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _taps(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray]:
-    """First input index (out_size,) and normalized float64 weights (out_size, taps); unused taps weigh 0."""
+def _taps(in_size: int, out_size: int, resample: int, antialias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """First input index (out_size,) and normalized float64 weights (out_size, taps); unused taps weigh 0.
+    Without antialias the bilinear filter stays one input pixel wide; renormalizing the taps a border cuts is then
+    what clamping the source coordinate gives (torch's antialias=False)."""
     scale = in_size / out_size
-    filter_scale = max(scale, 1.0)  # downscaling widens the filter; upscaling keeps it at one input pixel
+    # Downscaling widens the filter (antialias); upscaling keeps it at one input pixel.
+    filter_scale = max(scale, 1.0) if antialias else 1.0
     support = _FILTER_SUPPORT[resample] * filter_scale
     num_taps = int(math.ceil(support)) * 2 + 1
     center = (np.arange(out_size) + 0.5) * scale
@@ -210,9 +216,9 @@ class AxisTaps:
 
 @functools.lru_cache(maxsize=64)
 def _device_taps(in_size: int, resized: int, offset: int, out_size: int, resample: int, fixed: bool,
-                 device: torch.device) -> AxisTaps:
+                 device: torch.device, antialias: bool = True) -> AxisTaps:
     """Taps for the `out_size` outputs starting at `offset` of a resize in_size -> resized, on `device`."""
-    first, weights = _taps(in_size, resized, resample)
+    first, weights = _taps(in_size, resized, resample, antialias)
     first, weights = first[offset:offset + out_size], weights[offset:offset + out_size]
     weights = _fixed_point(weights) if fixed else weights.astype(np.float32)
     lo, hi = int(first[0]), min(int(first[-1]) + weights.shape[1], in_size)  # first[] never decreases
@@ -303,8 +309,8 @@ def preprocess_triton(image: torch.Tensor, spec: PreprocessSpec, out: torch.Tens
     resized_h, resized_w = spec.resized_size(in_h, in_w)
     top, left = spec.crop_offsets(resized_h, resized_w)
     fixed = not spec.resize_in_float
-    ys = _device_taps(in_h, resized_h, top, spec.height, spec.resample, fixed, out.device)
-    xs = _device_taps(in_w, resized_w, left, spec.width, spec.resample, fixed, out.device)
+    ys = _device_taps(in_h, resized_h, top, spec.height, spec.resample, fixed, out.device, spec.antialias)
+    xs = _device_taps(in_w, resized_w, left, spec.width, spec.resample, fixed, out.device, spec.antialias)
     vertical_first = (fixed and _PIL_ORDERS_PASSES and in_h - resized_h > 0
                       and in_h - resized_h > 2 * (in_w - resized_w))
     scale, shift = spec.affine()

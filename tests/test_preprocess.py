@@ -8,6 +8,7 @@ from transformers import RTDetrImageProcessorPil, ViTImageProcessorPil
 
 from fixtures.triton_mode import KERNEL_DEVICE
 from kernels.preprocess import PreprocessSpec, preprocess_into, preprocess_reference, preprocess_triton
+from runtime.errors import ModelLoadError
 from runtime.models.preprocessor import preprocess_spec
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -31,6 +32,14 @@ def dinov3_config(**overrides) -> dict:
             "image_processor_type": "DINOv3ViTImageProcessorFast", "image_std": IMAGENET_STD,
             "input_data_format": None, "resample": 2, "rescale_factor": 1 / 255, "return_tensors": None,
             "size": {"height": 32, "width": 32}, **overrides}
+
+
+def rfdetr_config(**overrides) -> dict:
+    # RfDetrImageProcessor as saved for a fixed-size model (its constructor is DetrImageProcessor's).
+    return {"image_processor_type": "RfDetrImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "do_pad": True, "do_convert_annotations": True,
+            "format": "coco_detection", **overrides}
 
 
 def run_reference(image: torch.Tensor, spec: PreprocessSpec, dtype=torch.float32) -> torch.Tensor:
@@ -176,12 +185,16 @@ def test_reference_writes_low_precision_outputs_as_cast_fp32():
 
 
 def float64_oracle(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """The DINOv3 pipeline in float64 (the independent filter above): what the float32 kernel and reference both
-    approximate."""
+    """The DINOv3 pipeline in float64 (the independent filter above; without antialias, torch's own plain
+    bilinear resize in float64): what the float32 kernel and reference both approximate."""
     resized = spec.resized_size(*image.shape[:2])
     top, left = spec.crop_offsets(*resized)
-    x = antialias_resize(image.permute(2, 0, 1).double() * spec.rescale_factor, resized,
-                         {2: "bilinear", 3: "bicubic"}[spec.resample])[:, top:top + spec.height, left:left + spec.width]
+    x = image.permute(2, 0, 1).double() * spec.rescale_factor
+    if spec.antialias:
+        x = antialias_resize(x, resized, {2: "bilinear", 3: "bicubic"}[spec.resample])
+    else:
+        x = torch.nn.functional.interpolate(x[None], size=resized, mode="bilinear", align_corners=False)[0]
+    x = x[:, top:top + spec.height, left:left + spec.width]
     mean = torch.tensor(spec.image_mean, dtype=torch.float64).view(3, 1, 1)
     return (x - mean) / torch.tensor(spec.image_std, dtype=torch.float64).view(3, 1, 1)
 
@@ -211,9 +224,9 @@ KERNEL_SHAPES = [  # (input h, w, output h, w)
 
 
 @pytest.mark.parametrize("h,w,out_h,out_w", KERNEL_SHAPES)
-@pytest.mark.parametrize("family", ["vit", "dinov3"])
+@pytest.mark.parametrize("family", ["vit", "dinov3", "rfdetr"])
 def test_kernel_matches_reference(h, w, out_h, out_w, family):
-    make = vit_config if family == "vit" else dinov3_config
+    make = {"vit": vit_config, "dinov3": dinov3_config, "rfdetr": rfdetr_config}[family]
     spec = preprocess_spec(make(size={"height": out_h, "width": out_w}))
     check_kernel(random_image(h, w, seed=h * 7 + w), spec)
 
@@ -292,6 +305,29 @@ def test_spec_from_dinov3_config():
     assert not spec.center_crop and spec.resize_to == (224, 224)
 
 
+def test_spec_from_rfdetr_config():
+    """RF-DETR's processor: rescale, plain (not antialiased) bilinear float resize, ImageNet normalization; its
+    do_pad is a no-op at one fixed size, and refused with any other size rule."""
+    spec = preprocess_spec(rfdetr_config(size={"height": 560, "width": 560}))
+    assert spec.resize_in_float and not spec.antialias and spec.do_normalize and (spec.height, spec.width) == (560, 560)
+    with pytest.raises(ModelLoadError, match="do_pad=true is supported only with a fixed size"):
+        preprocess_spec(rfdetr_config(size={"shortest_edge": 40}, do_center_crop=True, crop_size=32))
+    with pytest.raises(ModelLoadError, match="bilinear"):
+        preprocess_spec(rfdetr_config(resample=3))
+
+
+def test_rfdetr_reference_is_torchvision_order():
+    """transformers' RfDetrImageProcessor (torchvision backend; it cannot import here) as torch ops: rescale to
+    float, resize with antialias=False, normalize."""
+    for h, w in ((224, 224), (1080, 1920), (50, 30)):
+        image = random_image(h, w, seed=h + w)
+        spec = preprocess_spec(rfdetr_config(size={"height": 112, "width": 112}))
+        x = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None].float() / 255, size=(112, 112),
+                                            mode="bilinear", align_corners=False, antialias=False)[0]
+        want = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        torch.testing.assert_close(run_reference(image, spec), want, atol=1e-5, rtol=0)
+
+
 def test_spec_shortest_edge_geometry():
     spec = preprocess_spec(vit_config(size={"shortest_edge": 256}, do_center_crop=True,
                                                               crop_size={"height": 224, "width": 224}))
@@ -310,7 +346,8 @@ def test_spec_shortest_edge_geometry():
     ({"do_center_crop": True}, "needs 'crop_size'"),
     ({"do_center_crop": True, "crop_size": 64}, "larger than the resized image"),
     ({"do_resize": False}, "do_resize=false is not supported"),
-    ({"do_pad": True}, "do_pad=true is not supported"),
+    ({"do_pad": True, "size": {"shortest_edge": 40}, "do_center_crop": True, "crop_size": 32},
+     "do_pad=true is supported only with a fixed size"),
     ({"image_mean": [0.5, 0.5]}, "image_mean="),
     ({"image_std": [0.5, 0.0, 0.5]}, "image_std="),
     ({"rescale_factor": 0}, "rescale_factor=0"),

@@ -1,5 +1,5 @@
-"""A Hugging Face preprocessor_config.json as the kernels' specs: PreprocessSpec (ViT, DINOv3 and RT-DETR image
-processors, kernels/preprocess.py) and VisionPreprocessSpec (Qwen2-VL image processor, kernels/vlm_preprocess.py).
+"""A Hugging Face preprocessor_config.json as the kernels' specs: PreprocessSpec (ViT, DINOv3, RT-DETR and RF-DETR
+image processors, kernels/preprocess.py) and VisionPreprocessSpec (Qwen2-VL image processor, kernels/vlm_preprocess.py).
 
 Every key is either reproduced, known not to touch the pixels, or refused with an error naming the file and key."""
 from __future__ import annotations
@@ -103,24 +103,32 @@ def mean_std(r: ConfigReader, defaults: tuple[tuple[float, ...], tuple[float, ..
 
 
 def preprocess_spec(cfg: dict, source: str = FILE) -> PreprocessSpec:
-    """A ViT*, DINOv3* or RTDetr* image processor's config as the spec of one fixed-size model input."""
+    """A ViT*, DINOv3*, RTDetr* or RfDetr* image processor's config as the spec of one fixed-size model input."""
     r = ConfigReader(cfg, source)
     unknown_keys(r, IMAGE_KEYS)
     kind = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
     r.check(isinstance(kind, str), "has no 'image_processor_type'")
-    normalize_default = True
+    normalize_default, antialias = True, True
     if kind.startswith("DINOv3"):
         resize_in_float, defaults = True, IMAGENET_DEFAULT
     elif kind.startswith("ViT"):
         resize_in_float, defaults = False, IMAGENET_STANDARD
     elif kind.startswith("RTDetr"):  # RT-DETR, D-FINE, DEIMv2: uint8 resize, then rescale; no normalization
         resize_in_float, defaults, normalize_default = False, IMAGENET_DEFAULT, False
+    elif kind.startswith("RfDetr"):  # torchvision's order: rescale, plain bilinear float resize, normalize
+        resize_in_float, defaults, antialias = True, IMAGENET_DEFAULT, False
+        r.check(cfg.get("resample", BILINEAR) == BILINEAR, f"resample={cfg.get('resample')!r}: RfDetr* processors "
+                                                            "are supported with bilinear (2) only")
     else:
-        r.fail(f"image_processor_type={kind!r} is not supported (ViT*, DINOv3* and RTDetr* image processors are)")
+        r.fail(f"image_processor_type={kind!r} is not supported (ViT*, DINOv3*, RTDetr* and RfDetr* image "
+               "processors are)")
 
     r.check(cfg.get("do_resize", True), "do_resize=false is not supported: the static batch buffer needs one "
                                         "input size, so every image is resized")
-    r.check(not cfg.get("do_pad"), "do_pad=true is not supported")
+    # Padding to the batch's largest image is a no-op at one fixed size (a size without a crop or a shortest edge).
+    fixed_size = isinstance(cfg.get("size"), dict) and set(cfg["size"]) == {"height", "width"}
+    r.check(not cfg.get("do_pad") or (fixed_size and not cfg.get("do_center_crop")),
+            "do_pad=true is supported only with a fixed size {'height': H, 'width': W}")
     resample_code = resample(r, BILINEAR)
 
     r.check(cfg.get("size") is not None, "has no 'size'")
@@ -153,7 +161,7 @@ def preprocess_spec(cfg: dict, source: str = FILE) -> PreprocessSpec:
                           center_crop=center_crop, resample=resample_code, resize_in_float=resize_in_float,
                           do_rescale=bool(cfg.get("do_rescale", True)), rescale_factor=factor,
                           do_normalize=bool(cfg.get("do_normalize", normalize_default)), image_mean=image_mean,
-                          image_std=image_std)
+                          image_std=image_std, antialias=antialias)
 
 
 def vision_preprocess_spec(cfg: dict, source: str = FILE) -> VisionPreprocessSpec:
