@@ -22,6 +22,7 @@ from runtime.cascade.results import StageTiming
 from runtime.config import read_json
 from runtime.errors import ModelLoadError
 from runtime.models.deimv2 import Deimv2Detector
+from runtime.models.rfdetr import RfDetrDetector
 from runtime.models.preprocessor import read_preprocess
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # num_labels, num_queries) and input_multiple (its input sides must divide by it: the strides of its feature maps).
 HAND_BUILT: dict[str, type] = {
     "deimv2": Deimv2Detector,
+    "rf_detr": RfDetrDetector,
 }
 
 
