@@ -29,15 +29,15 @@ TRAINING_ONLY_PREFIXES = ("model.denoising_class_embed.", "class_embed.", "bbox_
 TRAINING_ONLY_SUFFIX = ".num_batches_tracked"
 
 
-class Deimv2Model(nn.Module):
-    """Everything of `Deimv2ForObjectDetection.model` that inference runs."""
+class QueryHead(nn.Module):
+    """Encoder maps -> encoder -> decoder input projections -> top-k encoder proposals on anchors -> decoder. The
+    two-stage head DEIMv2 and D-FINE share; attribute names are the checkpoint's under `model.`."""
 
-    def __init__(self, cfg: Deimv2Config):
+    def __init__(self, cfg: Deimv2Config, encoder: nn.Module, decoder: nn.Module):
         super().__init__()
         self.cfg = cfg
         d, eps = cfg.d_model, cfg.batch_norm_eps
-        self.conv_encoder = DINOv3ConvEncoder(cfg)
-        self.encoder = LiteEncoder(cfg) if cfg.encoder_type == "lite" else HybridEncoder(cfg)
+        self.encoder = encoder
         in_ch = cfg.decoder_in_channels[-1]
         identity = d == in_ch
         n_in = len(cfg.decoder_in_channels)
@@ -48,7 +48,7 @@ class Deimv2Model(nn.Module):
         self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d, eps=cfg.layer_norm_eps))
         self.enc_score_head = nn.Linear(d, cfg.num_labels)
         self.enc_bbox_head = MLP(d, d, 4, 3)
-        self.decoder = Decoder(cfg)
+        self.decoder = decoder
         self._anchor_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def anchors(self, shapes: list[tuple[int, int]], device: torch.device,
@@ -99,6 +99,14 @@ class Deimv2Model(nn.Module):
         # The box head is row-wise, so running it on the selected proposals only gives the same boxes.
         ref_logits = self.enc_bbox_head(queries) + anchors[0][top]
         return self.decoder(queries, ref_logits, memory, shapes)
+
+
+class Deimv2Model(QueryHead):
+    """Everything of `Deimv2ForObjectDetection.model` that inference runs."""
+
+    def __init__(self, cfg: Deimv2Config):
+        super().__init__(cfg, LiteEncoder(cfg) if cfg.encoder_type == "lite" else HybridEncoder(cfg), Decoder(cfg))
+        self.conv_encoder = DINOv3ConvEncoder(cfg)
 
 
 class Deimv2Detector(nn.Module):

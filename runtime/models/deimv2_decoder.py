@@ -1,6 +1,9 @@
-"""DEIMv2 decoder: D-FINE style query refinement with multiscale deformable cross-attention, fine-grained
-distribution refinement (FDR) of box edges, and the location quality estimator (LQE) on the output scores."""
+"""DEIMv2 and D-FINE decoder (they differ only as DecoderStyle says): D-FINE style query refinement with multiscale
+deformable cross-attention, fine-grained distribution refinement (FDR) of box edges, and the location quality
+estimator (LQE) on the output scores."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,20 @@ from torch import nn
 
 from runtime.models.deimv2_config import Deimv2Config
 from runtime.models.deimv2_encoder import MLP, SelfAttention
+
+
+@dataclass(frozen=True)
+class DecoderStyle:
+    """Where D-FINE's decoder (the original) and DEIMv2's differ; the FDR/LQE refinement loop is the same."""
+    rms_norm: bool               # RMSNorm everywhere (DEIMv2), else LayerNorm (layer_norm_eps; the gate's 1e-5)
+    swiglu: bool                 # SwiGLU FFN (DEIMv2), else a 2-layer MLP with decoder_activation_function
+    query_pos_deimv2: bool       # query_pos_head MLP(4, d, d, 3, decoder act) (DEIMv2), else MLP(4, 2d, d, 2, relu)
+    clamp_before_final_norm: bool  # D-FINE clamps the FFN residual to the fp16 range
+
+
+DEIMV2_STYLE = DecoderStyle(rms_norm=True, swiglu=True, query_pos_deimv2=True, clamp_before_final_norm=False)
+DFINE_STYLE = DecoderStyle(rms_norm=False, swiglu=False, query_pos_deimv2=False, clamp_before_final_norm=True)
+FP16_MAX = 65504.0
 
 
 class RMSNorm(nn.Module):
@@ -33,12 +50,12 @@ class SwiGLU(nn.Module):
 
 
 class Gate(nn.Module):
-    """Sigmoid-gated mix of the residual and the cross-attention output, then RMSNorm."""
+    """Sigmoid-gated mix of the residual and the cross-attention output, then a norm (RMSNorm by default)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, norm: nn.Module | None = None):
         super().__init__()
         self.gate = nn.Linear(2 * dim, 2 * dim)
-        self.norm = RMSNorm(dim)
+        self.norm = RMSNorm(dim) if norm is None else norm
 
     def forward(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         g1, g2 = torch.sigmoid(self.gate(torch.cat([residual, x], dim=-1))).chunk(2, dim=-1)
@@ -93,26 +110,30 @@ class DeformableAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Deimv2Config):
+    def __init__(self, cfg: Deimv2Config, style: DecoderStyle = DEIMV2_STYLE):
         super().__init__()
         d = cfg.d_model
+        norm = (lambda: RMSNorm(d)) if style.rms_norm else (lambda: nn.LayerNorm(d, eps=cfg.layer_norm_eps))
         self.self_attn = SelfAttention(d, cfg.decoder_attention_heads)
-        self.self_attn_layer_norm = RMSNorm(d)
+        self.self_attn_layer_norm = norm()
         self.encoder_attn = DeformableAttention(cfg)
-        self.mlp = SwiGLU(d, cfg.decoder_ffn_dim)
-        self.final_layer_norm = RMSNorm(d)
+        self.mlp = SwiGLU(d, cfg.decoder_ffn_dim) if style.swiglu else \
+            MLP(d, cfg.decoder_ffn_dim, d, 2, cfg.decoder_activation_function)
+        self.final_layer_norm = norm()
         if cfg.use_gateway:
-            self.gateway = Gate(d)
+            self.gateway = Gate(d, None if style.rms_norm else nn.LayerNorm(d))
         else:
-            self.encoder_attn_layer_norm = RMSNorm(d)
+            self.encoder_attn_layer_norm = norm()
         self.use_gateway = cfg.use_gateway
+        self.clamp = style.clamp_before_final_norm
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, ref_boxes: torch.Tensor,
                 values: list[torch.Tensor]) -> torch.Tensor:
         x = self.self_attn_layer_norm(x + self.self_attn(x, pos))
         cross = self.encoder_attn(x + pos, ref_boxes, values)
         x = self.gateway(x, cross) if self.use_gateway else self.encoder_attn_layer_norm(x + cross)
-        return self.final_layer_norm(x + self.mlp(x))
+        x = x + self.mlp(x)
+        return self.final_layer_norm(x.clamp(min=-FP16_MAX, max=FP16_MAX) if self.clamp else x)
 
 
 class LQE(nn.Module):
@@ -163,12 +184,13 @@ def weighting_function(num_bins: int, up: torch.Tensor, reg_scale: torch.Tensor)
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: Deimv2Config):
+    def __init__(self, cfg: Deimv2Config, style: DecoderStyle = DEIMV2_STYLE):
         super().__init__()
         self.cfg = cfg
         d, n = cfg.d_model, cfg.decoder_layers
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(n))
-        self.query_pos_head = MLP(4, d, d, 3, cfg.decoder_activation_function)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, style) for _ in range(n))
+        self.query_pos_head = MLP(4, d, d, 3, cfg.decoder_activation_function) if style.query_pos_deimv2 else \
+            MLP(4, 2 * d, d, 2)
         self.pre_bbox_head = MLP(d, d, 4, 3)
         # Only the last layer's scores are read at inference; the other heads exist for strict loading.
         self.lqe_layers = nn.ModuleList(LQE(cfg) for _ in range(n))

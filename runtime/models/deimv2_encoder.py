@@ -2,6 +2,8 @@
 lite encoder. Module and parameter names follow transformers' Deimv2 state dict so loading is by exact name."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -305,19 +307,25 @@ class SCDown(nn.Module):
 
 
 class HybridEncoder(nn.Module):
-    """AIFI on the configured levels, top-down FPN and bottom-up PAN with sum fusion."""
+    """AIFI on the configured levels, top-down FPN and bottom-up PAN. DEIMv2 fuses two maps by sum into
+    RepNCSPELAN5 blocks; D-FINE passes `block` (its RepNCSPELAN4) and `concat=True`."""
 
-    def __init__(self, cfg: Deimv2Config):
+    def __init__(self, cfg: Deimv2Config, block: Callable[..., nn.Module] | None = None, concat: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.concat = concat
+        block = block or RepNCSPELAN5
         d, eps = cfg.encoder_hidden_dim, cfg.batch_norm_eps
         stages = len(cfg.encoder_in_channels) - 1
         blocks = round(3 * cfg.depth_mult)
         self.aifi = nn.ModuleList(AIFILayer(cfg) for _ in cfg.encode_proj_layers)
         self.lateral_convs = nn.ModuleList(ConvNorm(d, d, 1, 1, eps) for _ in range(stages))
-        self.fpn_blocks = nn.ModuleList(RepNCSPELAN5(cfg, blocks) for _ in range(stages))
+        self.fpn_blocks = nn.ModuleList(block(cfg, blocks) for _ in range(stages))
         self.downsample_convs = nn.ModuleList(SCDown(cfg) for _ in range(stages))
-        self.pan_blocks = nn.ModuleList(RepNCSPELAN5(cfg, blocks) for _ in range(stages))
+        self.pan_blocks = nn.ModuleList(block(cfg, blocks) for _ in range(stages))
+
+    def fuse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, b], dim=1) if self.concat else a + b
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         maps = list(maps)
@@ -330,11 +338,11 @@ class HybridEncoder(nn.Module):
             top = lateral(fpn[-1])
             fpn[-1] = top
             up = F.interpolate(top, scale_factor=2.0, mode="nearest")
-            fpn.append(block(up + maps[stages - i - 1]))
+            fpn.append(block(self.fuse(up, maps[stages - i - 1])))
         fpn.reverse()
         pan = [fpn[0]]
         for i, (down, block) in enumerate(zip(self.downsample_convs, self.pan_blocks)):
-            pan.append(block(down(pan[-1]) + fpn[i + 1]))
+            pan.append(block(self.fuse(down(pan[-1]), fpn[i + 1])))
         return pan
 
 
