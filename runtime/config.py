@@ -97,6 +97,20 @@ class ConfigReader:
             return int(value[0]), int(value[1])
         self.fail(f"{self.word} '{key}' must be an int or [height, width], got {value!r}")
 
+    def id2label(self) -> dict[int, str]:
+        """A transformers config's labels: `id2label` with ids 0..n-1, else LABEL_i for `num_labels` (default 2),
+        as transformers names them."""
+        id2label = self.data.get("id2label")
+        if not id2label:
+            return {i: f"LABEL_{i}" for i in range(self.get("num_labels", int, 2))}
+        try:
+            labels = {int(k): str(v) for k, v in id2label.items()}
+        except (ValueError, TypeError, AttributeError):
+            self.fail(f"id2label must map integer ids to names, got {id2label!r}")
+        self.check(sorted(labels) == list(range(len(labels))),
+                   f"id2label ids must be 0..{len(labels) - 1}, got {sorted(labels)}")
+        return labels
+
     def table(self, key: str, known: tuple[str, ...] | None = None) -> ConfigReader:
         """The object under `key`, read with the same rules; errors name it as `source key`."""
         return ConfigReader(self.get(key, dict), f"{self.source} {key}", known, self.word)

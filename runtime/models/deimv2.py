@@ -16,7 +16,7 @@ from runtime.models.deimv2_config import Deimv2Config
 from runtime.models.deimv2_decoder import Decoder
 from runtime.models.detect_postprocess import DetectorOutput
 from runtime.models.deimv2_encoder import MLP, ConvNorm, DINOv3ConvEncoder, HybridEncoder, LiteEncoder, \
-    RepVggBlock
+    fold_batchnorms
 from runtime.errors import WeightError
 from runtime.models.weights import check_all_used, load_into, read_safetensors, skip_random_init
 
@@ -157,7 +157,7 @@ class Deimv2Detector(nn.Module):
             used |= load_into(module, tensors, torch.float32, prefix=prefix, source=source)
         check_all_used(tensors, used, source, ignore=TRAINING_ONLY_PREFIXES)
         if fold_batchnorm:
-            self.fold_batchnorm()
+            fold_batchnorms(self)
         for _, module in self.head_modules():
             module.to(dtype)
         self.requires_grad_(False)
@@ -170,17 +170,6 @@ class Deimv2Detector(nn.Module):
             raise WeightError(f"{source}: share_bbox_head=true expects one '{head}N.*' copy, found indices {indices}")
         old = f"{head}{indices[0]}."
         return {(f"{head}0." + k[len(old):] if k.startswith(old) else k): v for k, v in tensors.items()}
-
-    def fold_batchnorm(self) -> None:
-        """Merge every eval-mode BatchNorm into its conv and RepVGG branches into one 3x3 conv. Changes only
-        rounding (folding is done in float64)."""
-        with torch.no_grad():
-            for module in list(self.modules()):
-                if isinstance(module, RepVggBlock):
-                    module.fold()
-            for module in list(self.modules()):
-                if isinstance(module, ConvNorm):
-                    module.fold()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.config import ConfigReader
-from runtime.errors import ModelLoadError
 from runtime.models.dinov3 import DINOv3Config
 
 ACTIVATION_NAMES = ("relu", "silu", "swish", "gelu")  # deimv2_encoder.ACTIVATIONS builds these
@@ -99,16 +98,7 @@ class Deimv2Config:
                 and out_indices[-1] <= num_layers,
                 f"out_indices must be increasing layer numbers in 1..{num_layers}, got {list(out_indices)}")
 
-        id2label = cfg.get("id2label")
-        if id2label:
-            try:
-                labels = {int(k): str(v) for k, v in id2label.items()}
-            except (ValueError, TypeError, AttributeError) as e:
-                raise ModelLoadError(f"{source}: id2label must map integer ids to names, got {id2label!r}") from e
-            r.check(sorted(labels) == list(range(len(labels))),
-                    f"id2label ids must be 0..{len(labels) - 1}, got {sorted(labels)}")
-        else:
-            labels = {i: f"LABEL_{i}" for i in range(r.get("num_labels", int, 2))}
+        labels = r.id2label()
 
         acts = ACTIVATION_NAMES
         r.check(not cfg.get("learn_initial_query", False),
@@ -193,21 +183,26 @@ class Deimv2Config:
         r.check(self.num_feature_levels >= self.num_encoder_outputs,
                 f"num_feature_levels={self.num_feature_levels} is below the {self.num_encoder_outputs} levels the "
                 f"{self.encoder_type} encoder produces")
-        r.check(self.decoder_in_channels[-1] == self.encoder_hidden_dim,
-                f"decoder_in_channels[-1]={self.decoder_in_channels[-1]} must equal encoder_hidden_dim="
-                f"{self.encoder_hidden_dim}")
-        r.check(self.d_model % self.decoder_attention_heads == 0,
-                f"d_model={self.d_model} is not divisible by decoder_attention_heads={self.decoder_attention_heads}")
-        r.check(self.encoder_hidden_dim % self.encoder_attention_heads == 0,
-                f"encoder_hidden_dim={self.encoder_hidden_dim} is not divisible by "
-                f"encoder_attention_heads={self.encoder_attention_heads}")
-        r.check(self.encoder_hidden_dim % 4 == 0,
-                f"encoder_hidden_dim={self.encoder_hidden_dim} must be divisible by 4 (2D sine position embedding)")
-        r.check(self.max_num_bins > 2 and self.max_num_bins % 2 == 0,
-                f"max_num_bins must be an even number above 2, got {self.max_num_bins}")
-        r.check(0 < self.top_prob_values <= self.max_num_bins + 1,
-                f"top_prob_values must be in 1..{self.max_num_bins + 1}, got {self.top_prob_values}")
-        r.check(self.num_queries > 0, f"num_queries must be positive, got {self.num_queries}")
-        r.check(self.anchor_image_size is None or len(self.feat_strides) == self.num_feature_levels,
-                f"anchor_image_size needs one feat_strides entry per level ({self.num_feature_levels}), "
-                f"got {list(self.feat_strides)}")
+        check_query_head(r, self)
+
+
+def check_query_head(r: ConfigReader, cfg) -> None:
+    """The encoder, decoder and FDR fields DEIMv2 and D-FINE share (their configs name them alike)."""
+    r.check(cfg.decoder_in_channels[-1] == cfg.encoder_hidden_dim,
+            f"decoder_in_channels[-1]={cfg.decoder_in_channels[-1]} must equal encoder_hidden_dim="
+            f"{cfg.encoder_hidden_dim}")
+    r.check(cfg.d_model % cfg.decoder_attention_heads == 0,
+            f"d_model={cfg.d_model} is not divisible by decoder_attention_heads={cfg.decoder_attention_heads}")
+    r.check(cfg.encoder_hidden_dim % cfg.encoder_attention_heads == 0,
+            f"encoder_hidden_dim={cfg.encoder_hidden_dim} is not divisible by "
+            f"encoder_attention_heads={cfg.encoder_attention_heads}")
+    r.check(cfg.encoder_hidden_dim % 4 == 0,
+            f"encoder_hidden_dim={cfg.encoder_hidden_dim} must be divisible by 4 (2D sine position embedding)")
+    r.check(cfg.max_num_bins > 2 and cfg.max_num_bins % 2 == 0,
+            f"max_num_bins must be an even number above 2, got {cfg.max_num_bins}")
+    r.check(0 < cfg.top_prob_values <= cfg.max_num_bins + 1,
+            f"top_prob_values must be in 1..{cfg.max_num_bins + 1}, got {cfg.top_prob_values}")
+    r.check(cfg.num_queries > 0, f"num_queries must be positive, got {cfg.num_queries}")
+    r.check(cfg.anchor_image_size is None or len(cfg.feat_strides) == cfg.num_feature_levels,
+            f"anchor_image_size needs one feat_strides entry per level ({cfg.num_feature_levels}), "
+            f"got {list(cfg.feat_strides)}")

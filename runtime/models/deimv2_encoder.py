@@ -176,6 +176,18 @@ class DINOv3ConvEncoder(nn.Module):
         return out
 
 
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module) -> None:
+    """Merge every eval-mode BatchNorm under `model` into its conv, and RepVGG branches into one 3x3 conv. Changes
+    only rounding (folding is done in float64)."""
+    for module in list(model.modules()):
+        if isinstance(module, RepVggBlock):
+            module.fold()
+    for module in list(model.modules()):
+        if isinstance(module, ConvNorm):
+            module.fold()
+
+
 def sine_position_embedding(h: int, w: int, dim: int, temperature: float, device: torch.device,
                             dtype: torch.dtype) -> torch.Tensor:
     """[1, h*w, dim] as [sin_h | cos_h | sin_w | cos_w], row-major, computed in float64 like the reference."""

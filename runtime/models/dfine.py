@@ -17,7 +17,7 @@ from runtime.errors import WeightError
 from runtime.models import hgnetv2
 from runtime.models.deimv2 import QueryHead
 from runtime.models.deimv2_decoder import DFINE_STYLE, Decoder
-from runtime.models.deimv2_encoder import ConvNorm, HybridEncoder, RepVggBlock
+from runtime.models.deimv2_encoder import ConvNorm, HybridEncoder, RepVggBlock, fold_batchnorms
 from runtime.models.detect_postprocess import DetectorOutput
 from runtime.models.dfine_config import DFineConfig
 from runtime.models.hgnetv2 import HGNetV2
@@ -147,20 +147,9 @@ class DFineDetector(nn.Module):
         used = load_into(self.model, tensors, torch.float32, source=source, key_of=checkpoint_key)
         check_all_used(tensors, used, source, ignore=TRAINING_ONLY_PREFIXES)
         if fold_batchnorm:
-            self.fold_batchnorm()
+            fold_batchnorms(self)
         self.to(dtype)
         self.requires_grad_(False)
-
-    def fold_batchnorm(self) -> None:
-        """Merge every eval-mode BatchNorm into its conv and RepVGG branches into one 3x3 conv. Changes only
-        rounding (folding is done in float64)."""
-        with torch.no_grad():
-            for module in list(self.modules()):
-                if isinstance(module, RepVggBlock):
-                    module.fold()
-            for module in list(self.modules()):
-                if isinstance(module, ConvNorm):
-                    module.fold()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,

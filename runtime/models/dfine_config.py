@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.config import ConfigReader
-from runtime.errors import ModelLoadError
-from runtime.models.deimv2_config import ACTIVATION_NAMES
+from runtime.models.deimv2_config import ACTIVATION_NAMES, check_query_head
 from runtime.models.hgnetv2 import HGNetV2Config
 
 
@@ -70,16 +69,7 @@ class DFineConfig:
                 f"backbones are implemented")
         backbone = HGNetV2Config.from_dict(bb, f"{source} backbone_config")
 
-        id2label = cfg.get("id2label")
-        if id2label:
-            try:
-                labels = {int(k): str(v) for k, v in id2label.items()}
-            except (ValueError, TypeError, AttributeError) as e:
-                raise ModelLoadError(f"{source}: id2label must map integer ids to names, got {id2label!r}") from e
-            r.check(sorted(labels) == list(range(len(labels))),
-                    f"id2label ids must be 0..{len(labels) - 1}, got {sorted(labels)}")
-        else:
-            labels = {i: f"LABEL_{i}" for i in range(r.get("num_labels", int, 2))}
+        labels = r.id2label()
 
         acts = ACTIVATION_NAMES
         r.check(not cfg.get("learn_initial_query", False),
@@ -156,21 +146,4 @@ class DFineConfig:
                 f"encode_proj_layers must index the {levels} encoder levels, got {list(self.encode_proj_layers)}")
         r.check(self.num_feature_levels >= levels,
                 f"num_feature_levels={self.num_feature_levels} is below the {levels} levels the encoder produces")
-        r.check(self.decoder_in_channels[-1] == self.encoder_hidden_dim,
-                f"decoder_in_channels[-1]={self.decoder_in_channels[-1]} must equal encoder_hidden_dim="
-                f"{self.encoder_hidden_dim}")
-        r.check(self.d_model % self.decoder_attention_heads == 0,
-                f"d_model={self.d_model} is not divisible by decoder_attention_heads={self.decoder_attention_heads}")
-        r.check(self.encoder_hidden_dim % self.encoder_attention_heads == 0,
-                f"encoder_hidden_dim={self.encoder_hidden_dim} is not divisible by "
-                f"encoder_attention_heads={self.encoder_attention_heads}")
-        r.check(self.encoder_hidden_dim % 4 == 0,
-                f"encoder_hidden_dim={self.encoder_hidden_dim} must be divisible by 4 (2D sine position embedding)")
-        r.check(self.max_num_bins > 2 and self.max_num_bins % 2 == 0,
-                f"max_num_bins must be an even number above 2, got {self.max_num_bins}")
-        r.check(0 < self.top_prob_values <= self.max_num_bins + 1,
-                f"top_prob_values must be in 1..{self.max_num_bins + 1}, got {self.top_prob_values}")
-        r.check(self.num_queries > 0, f"num_queries must be positive, got {self.num_queries}")
-        r.check(self.anchor_image_size is None or len(self.feat_strides) == self.num_feature_levels,
-                f"anchor_image_size needs one feat_strides entry per level ({self.num_feature_levels}), "
-                f"got {list(self.feat_strides)}")
+        check_query_head(r, self)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.config import ConfigReader
-from runtime.errors import ModelLoadError
 from runtime.models.deimv2_config import ACTIVATION_NAMES
 from runtime.models.vit_block import BlockConfig
 
@@ -108,7 +107,7 @@ class RfDetrConfig:
         d_model = r.get("d_model", int, 256)
         out = cls(
             backbone=backbone,
-            id2label=_labels(cfg, r, source),
+            id2label=r.id2label(),
             d_model=d_model,
             hidden_expansion=r.get("hidden_expansion", float, 0.5),
             c2f_num_blocks=r.get("c2f_num_blocks", int, 3),
@@ -130,16 +129,3 @@ class RfDetrConfig:
         r.check(out.num_queries > 0 and out.group_detr > 0 and out.decoder_n_points > 0,
                 "num_queries, group_detr and decoder_n_points must be positive")
         return out
-
-
-def _labels(cfg: dict, r: ConfigReader, source: str) -> dict[int, str]:
-    id2label = cfg.get("id2label")
-    if not id2label:
-        return {i: f"LABEL_{i}" for i in range(r.get("num_labels", int, 2))}
-    try:
-        labels = {int(k): str(v) for k, v in id2label.items()}
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ModelLoadError(f"{source}: id2label must map integer ids to names, got {id2label!r}") from e
-    r.check(sorted(labels) == list(range(len(labels))),
-            f"id2label ids must be 0..{len(labels) - 1}, got {sorted(labels)}")
-    return labels
