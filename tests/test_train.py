@@ -7,11 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import Deimv2ForObjectDetection, DINOv3ViTModel
+from transformers import Deimv2ForObjectDetection, DFineForObjectDetection, DINOv3ViTModel
 
 from kernels.preprocess import PreprocessSpec, preprocess_reference
 from runtime.models.classifier import load_classifier
 from runtime.models.deimv2 import Deimv2Detector
+from runtime.models.dfine import DFineDetector
 from runtime.models.preprocessor import preprocess_spec
 from runtime.cascade.engine import Engine, image_tensor
 from train.classifier import Architecture, TrainConfig, main as classifier_main, new_model, patch_targets, \
@@ -130,6 +131,30 @@ def test_detector_cli_shares_the_classifier_backbone(tiny_data, tiny_classifier,
     (tmp_path / "bundle" / "cascade.toml").write_text(BUNDLE_TOML)
     engine = Engine.load(tmp_path / "bundle", "cpu", "float32", max_batch=4)
     assert engine.describe()["stages"][1]["detectors"][0]["shared_backbone"] is True
+    results = engine.predict([decode_file(tiny_data / f) for f in list_folder(tiny_data).files[:4]])
+    assert [r.stage for r in results] == ["detectors"] * 4
+
+
+def test_detector_cli_trains_a_dfine_the_runtime_serves(tiny_data, tiny_classifier, tmp_path):
+    out = tmp_path / "bundle" / "detector"
+    detector_main(["--family", "dfine", "--data", str(tiny_data), "--val", str(tiny_data), "--classifier",
+                   str(tiny_classifier), "--out", str(out), "--epochs", "1", "--batch-size", "6", "--hidden", "32",
+                   "--queries", "10", "--decoder-layers", "2", "--no-cache"])
+    record = json.loads((out / "training.json").read_text())
+    assert record["family"] == "dfine" and 0.0 <= record["history"][-1]["val_box_recall"] <= 1.0
+    ref = DFineForObjectDetection.from_pretrained(out, torch_dtype=torch.float32).eval()
+    assert not ref.config.freeze_backbone_batch_norms  # trained from scratch: its backbone's BatchNorms learn
+    ours = DFineDetector.from_pretrained(out)
+    spec = preprocess_spec(preprocessor_config(64, 64))
+    pixels = torch.stack([_preprocessed(decode_file(tiny_data / f), spec) for f in list_folder(tiny_data).files[::4]])
+    with torch.no_grad():
+        a, b = ref(pixel_values=pixels), ours(pixels)
+    assert (a.logits - b.logits).abs().max() <= 1e-3 * a.logits.abs().max()  # boxes: as for DEIMv2 above
+    shutil.copytree(tiny_classifier, tmp_path / "bundle" / "classifier")
+    (tmp_path / "bundle" / "cascade.toml").write_text(BUNDLE_TOML)
+    engine = Engine.load(tmp_path / "bundle", "cpu", "float32", max_batch=4)
+    member = engine.describe()["stages"][1]["detectors"][0]
+    assert member["model_type"] == "d_fine" and member["shared_backbone"] is False
     results = engine.predict([decode_file(tiny_data / f) for f in list_folder(tiny_data).files[:4]])
     assert [r.stage for r in results] == ["detectors"] * 4
 

@@ -1,12 +1,15 @@
-"""Train a small DEIMv2 detector on a classifier's frozen DINOv3 backbone; save a transformers checkpoint.
+"""Train a small detector for the cascade's detectors stage; save a transformers checkpoint.
 
     python -m train.detector --data data/train --classifier out/classifier --val data/val --out out/detector
+    python -m train.detector --family dfine ...    a D-FINE with its own HGNetV2 backbone, from scratch
 
-The detector is transformers' Deimv2ForObjectDetection (its DEIM losses train it) with the classifier's backbone
-copied in and frozen, and the classifier's preprocessing: the cascade then runs that backbone once per image
-for both stages (docs/bundle.md, "Backbone sharing"). Targets are the COCO boxes of annotations.json, all nine
-scene classes (roadwork and the look-alikes: car, person, ordinary sign). Output: config.json +
-model.safetensors as save_pretrained writes them, and the classifier's preprocessor_config.json.
+--family deimv2 (default): transformers' Deimv2ForObjectDetection (its DEIM losses train it) with the classifier's
+backbone copied in and frozen: the cascade then runs that backbone once per image for both stages (docs/bundle.md,
+"Backbone sharing"). --family dfine: DFineForObjectDetection, every part trained (its backbone's BatchNorms too), a
+second architecture whose errors need not be DEIMv2's. Both use the classifier's preprocessing. Targets are the COCO
+boxes of annotations.json, all nine scene classes (roadwork and the look-alikes: car, person, ordinary sign).
+Output: config.json + model.safetensors as save_pretrained writes them, and the classifier's
+preprocessor_config.json.
 """
 from __future__ import annotations
 
@@ -78,6 +81,35 @@ def deimv2_config(classifier_cfg: dict, head: HeadArchitecture):
         num_denoising=head.num_denoising, depth_mult=0.34, hidden_expansion=0.5, encoder_has_trailing_conv=False,
         spatial_tuning_adapter_inplanes=head.adapter_planes, activation_function="silu",
         decoder_activation_function="silu", lqe_hidden_dim=32)
+
+
+# HGNetV2 at about half of B0's widths (its block layout): small enough to train from scratch on a CPU.
+HGNETV2_SMALL = dict(stem_channels=[3, 16, 16], stage_in_channels=[16, 32, 64, 128], stage_mid_channels=[16, 32, 32, 64],
+                     stage_out_channels=[32, 64, 128, 256], hidden_sizes=[32, 64, 128, 256],
+                     stage_num_blocks=[1, 1, 2, 1], stage_numb_of_layers=[3, 3, 3, 3], use_learnable_affine_block=True,
+                     out_indices=[2, 3, 4])
+
+
+def dfine_config(head: HeadArchitecture):
+    from transformers import DFineConfig, HGNetV2Config
+
+    h = head.hidden
+    return DFineConfig(
+        backbone_config=HGNetV2Config(**HGNETV2_SMALL), freeze_backbone_batch_norms=False,
+        id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
+        encoder_hidden_dim=h, encoder_in_channels=HGNETV2_SMALL["stage_out_channels"][1:], encoder_ffn_dim=head.ffn,
+        encoder_attention_heads=head.heads, d_model=h, decoder_in_channels=[h] * 3, decoder_ffn_dim=head.ffn,
+        decoder_layers=head.decoder_layers, decoder_attention_heads=head.heads, decoder_n_points=[3, 6, 3],
+        num_queries=head.num_queries, num_denoising=head.num_denoising, depth_mult=0.34, hidden_expansion=0.5,
+        lqe_hidden_dim=32)
+
+
+def build_dfine(head: HeadArchitecture, seed: int):
+    """A fresh DFineForObjectDetection, every tensor trainable."""
+    from transformers import DFineForObjectDetection
+
+    torch.manual_seed(seed)
+    return DFineForObjectDetection(dfine_config(head))
 
 
 def build_detector(classifier_dir: Path, head: HeadArchitecture, seed: int):
@@ -178,10 +210,16 @@ def evaluate(model, pixels: torch.Tensor, folder: LabeledFolder) -> dict:
             "val_best_threshold": round(float(best[1]), 2), "val_box_recall": round(box_recall(raw, folder), 4)}
 
 
+def frozen_backbone(model) -> torch.nn.Module | None:
+    """DEIMv2's shared backbone (kept in eval mode while training); None where every part trains."""
+    encoder = getattr(model.model, "conv_encoder", None)
+    return None if encoder is None else encoder.backbone
+
+
 def train(model, pixels: torch.Tensor, labels: list[dict], cfg: TrainConfig,
           val: tuple[torch.Tensor, LabeledFolder] | None = None) -> list[dict]:
     opt = adamw(model, cfg.lr, cfg.weight_decay)
-    backbone = model.model.conv_encoder.backbone
+    backbone = frozen_backbone(model)
 
     def losses(idx: torch.Tensor, order: torch.Generator) -> dict[str, torch.Tensor]:
         x = pixels[idx].float()
@@ -192,7 +230,8 @@ def train(model, pixels: torch.Tensor, labels: list[dict], cfg: TrainConfig,
                 if f:
                     x[k] = x[k].flip(2)
                     y[k] = flip_target(y[k])
-        backbone.eval()  # frozen: no RoPE jitter, features exactly as at inference
+        if backbone is not None:
+            backbone.eval()  # frozen: no RoPE jitter, features exactly as at inference
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             return {"loss": model(pixel_values=x, labels=y).loss}
 
@@ -214,7 +253,10 @@ def save_detector(model, classifier_dir: Path, out: Path, dtype: torch.dtype, ex
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.detector", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="labeled folder with annotations.json")
-    ap.add_argument("--classifier", type=Path, required=True, help="DINOv3 classifier dir whose backbone is used")
+    ap.add_argument("--family", choices=("deimv2", "dfine"), default="deimv2",
+                    help="deimv2: on the classifier's frozen backbone; dfine: its own HGNetV2, trained from scratch")
+    ap.add_argument("--classifier", type=Path, required=True,
+                    help="DINOv3 classifier dir: its preprocessing, and for deimv2 its backbone")
     ap.add_argument("--val", type=Path, help="labeled folder with annotations.json, scored after every epoch")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
@@ -236,10 +278,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     started = time.time()
     head = HeadArchitecture(hidden=args.hidden, decoder_layers=args.decoder_layers, num_queries=args.queries)
-    model = build_detector(args.classifier, head, args.seed)
+    model = (build_detector(args.classifier, head, args.seed) if args.family == "deimv2"
+             else build_dfine(head, args.seed))
     spec = read_preprocess(args.classifier)
     if spec.height % 32 or spec.width % 32:
-        ap.error(f"the classifier's input {spec.height}x{spec.width} must be a multiple of 32 for DEIMv2")
+        ap.error(f"the classifier's input {spec.height}x{spec.width} must be a multiple of 32 for {args.family}")
     data = list_folder(args.data)
     if args.limit:
         data = data.subset(np.sort(np.random.default_rng(args.seed).permutation(len(data))[:args.limit]))
@@ -250,11 +293,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         val = (load_pixels(val_folder, spec, cache=not args.no_cache), val_folder)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, bf16=args.bf16, seed=args.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("training on %d images at %dx%d: %.2fM trainable parameters (backbone frozen)", len(data),
-             spec.height, spec.width, trainable / 1e6)
+    log.info("training %s on %d images at %dx%d: %.2fM trainable parameters%s", args.family, len(data),
+             spec.height, spec.width, trainable / 1e6, " (backbone frozen)" if frozen_backbone(model) else "")
     history = train(model, pixels, targets(data), cfg, val)
     minutes = (time.time() - started) / 60
-    extra = {"data": str(args.data), "classifier": str(args.classifier), "images": len(data), "seed": args.seed,
+    extra = {"family": args.family, "data": str(args.data), "classifier": str(args.classifier), "images": len(data), "seed": args.seed,
              "minutes": round(minutes, 1), "head": asdict(head), "train": asdict(cfg), "history": history}
     save_detector(model, args.classifier, args.out, SAVE_DTYPES[args.save_dtype], extra)
     log.info("saved %s in %.1f min", args.out, minutes)
