@@ -7,7 +7,8 @@ the runtime calls the references (the Triton kernels need a GPU; the interpreter
 runtime), so only the reference is timed: its CPU cost per image is what each kernel's work costs on CPU.
 
 Kernels: kernels/preprocess.py (resize + rescale + normalize into a batch slot), and, when present,
-kernels/route.py (early-exit routing of a batch) and kernels/vote.py (weighted detector vote). A kernel
+kernels/route.py (early-exit routing of a batch), kernels/vote.py (weighted detector vote) and kernels/nms.py
+(class-aware NMS of YOLO-style raw heads). A kernel
 module that is missing, or whose functions no longer take the arguments below, is skipped with a note."""
 from __future__ import annotations
 
@@ -99,7 +100,25 @@ def vote_cases(device: torch.device) -> list[Case]:
     return cases
 
 
-CASES = {"preprocess": preprocess_cases, "route": route_cases, "vote": vote_cases}
+def nms_cases(device: torch.device) -> list[Case]:
+    from kernels.nms import nms_reference, nms_triton
+
+    cases = []
+    anchors, classes = 8400, 80  # a YOLO raw head at 640 x 640
+    for batch in (1, 8):
+        g = torch.Generator().manual_seed(batch)
+        corner = torch.rand(batch, anchors, 2, generator=g) * 600
+        boxes = torch.cat([corner, corner + torch.rand(batch, anchors, 2, generator=g) * 120], dim=-1).to(device)
+        scores = (torch.rand(batch, anchors, generator=g) ** 8).to(device)  # ~1300 above the 0.25 floor per image
+        labels = torch.randint(0, classes, (batch, anchors), generator=g).to(device)
+        args = (boxes, scores, labels, 0.7, 0.25, 300)
+        cases.append(Case("nms", f"batch {batch} x {anchors} boxes x {classes} classes, max_det 300", batch,
+                          lambda args=args: nms_reference(*args),
+                          (lambda args=args: nms_triton(*args)) if device.type == "cuda" else None))
+    return cases
+
+
+CASES = {"preprocess": preprocess_cases, "route": route_cases, "vote": vote_cases, "nms": nms_cases}
 
 
 def collect(device: torch.device, kernels: list[str]) -> tuple[list[Case], list[str]]:

@@ -112,7 +112,7 @@ def test_kernels(capsys):
     out = capsys.readouterr().out
     assert {r["kernel"] for r in rows} >= {"preprocess"}
     assert all(r["ref_us_per_image"] > 0 for r in rows)
-    for name in ("route", "vote"):  # either measured or skipped with a note, never silently absent
+    for name in ("route", "vote", "nms"):  # either measured or skipped with a note, never silently absent
         assert any(r["kernel"] == name for r in rows) or f"kernels/{name}.py: skipped" in out
 
 
