@@ -222,3 +222,44 @@ def test_call_refuses_the_wrong_input_size(tmp_path):
     model = OnnxDetector.from_onnx(onnx_models.raw_head(tmp_path / "raw.onnx"), "cpu")
     with pytest.raises(ValueError, match=r"\[B, 3, 64, 96\]"):
         model(torch.rand(1, 3, 64, 64))
+
+
+def onnx_bundle(root: Path, model: Path, roadwork: list, box_threshold: float = 0.0) -> Path:
+    from fixtures.checkpoints import make_vit
+
+    make_vit(root / "classifier", seed=1)  # exit_below 0, exit_above 1: every image goes on to the member
+    (root / "cascade.toml").write_text(
+        '[[stage]]\nkind = "classifier"\nmodel = "classifier"\nexit_below = 0.0\nexit_above = 1.0\n\n'
+        f'[[stage]]\nkind = "detectors"\n\n[[stage.detector]]\nname = "yolo"\nformat = "onnx"\nmodel = "{model}"\n'
+        f'roadwork_classes = {roadwork}\nbox_threshold = {box_threshold}\niou_threshold = 0.5\nmax_det = 40\n')
+    return root
+
+
+def test_served_as_a_member(tmp_path):
+    """A format "onnx" member in a cascade: images at the export's size reach it as pixels / 255 (the resize is
+    the identity), its score is the best roadwork detection of the plain decode, its boxes those detections."""
+    from runtime.cascade.engine import Engine
+
+    path = onnx_models.raw_head(tmp_path / "yolo.onnx", classes=3, names={0: "cone", 1: "car", 2: "barrier"}, seed=2)
+    engine = Engine.load(onnx_bundle(tmp_path, path, ["cone", "barrier"]), "cpu", "float32", max_batch=2)
+    engine.warmup()
+    member = engine.describe()["stages"][1]["detectors"][0]
+    assert (member["format"], member["model_type"], member["cuda_graphs"]) == ("onnx", "onnx", False)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8) for _ in range(3)]
+    results = engine.predict(frames, boxes=True)
+    pixels = torch.stack([torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in frames])
+    for result, dets in zip(results, plain_raw_decode(ort_output(path, pixels), 0.5, 0.25, 40)):
+        evidence = [(score, box) for cls, score, box in dets if cls in (0, 2)]
+        assert result.stage == "detectors"
+        assert result.detector_scores["yolo"] == pytest.approx(max(s for s, _ in evidence), abs=1e-5)
+        assert len(result.boxes) == len(evidence)
+    engine.close()
+
+
+def test_a_member_of_an_unsupported_layout_is_a_startup_error(tmp_path):
+    from runtime.cascade.engine import Engine
+
+    path = onnx_models.reshaped_head(tmp_path / "seg.onnx", [0, 5, 4, 24])
+    with pytest.raises(ModelLoadError, match=r"detector 1 \('yolo'\).*seg\.onnx: output 'output0' has shape"):
+        Engine.load(onnx_bundle(tmp_path, path, ["class_0"]), "cpu", "float32", max_batch=2)
