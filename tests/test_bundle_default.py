@@ -49,13 +49,15 @@ def test_bundle_is_small_and_well_formed():
     cfg = read_json(BUNDLE / "classifier" / "config.json")
     assert cfg["model_type"] == "dinov3_vit" and cfg["id2label"] == {"0": "none", "1": "roadwork"}
     assert read_json(BUNDLE / "detector" / "config.json")["model_type"] == "deimv2"
+    assert read_json(BUNDLE / "dfine" / "config.json")["model_type"] == "d_fine"
     assert read_json(BUNDLE / "vlm" / "config.json")["model_type"] == "qwen3_vl"
 
 
-def test_three_stages_the_detector_sharing_the_backbone(engine):
+def test_three_stages_two_detector_families_one_sharing_the_backbone(engine):
     stages = engine.describe()["stages"]
     assert [s["name"] for s in stages] == ["classifier", "detectors", "vlm"]
-    assert stages[1]["detectors"][0]["shared_backbone"] is True
+    members = stages[1]["detectors"]
+    assert [(m["model_type"], m["shared_backbone"]) for m in members] == [("deimv2", True), ("d_fine", False)]
     # thresholds chosen by tools.tune (docs/training.md): the detectors and the VLM get an undecided band
     assert 0.0 < stages[0]["exit_below"] <= 0.5 <= stages[0]["exit_above"] < 1.0
     assert 0.0 < stages[1]["exit_below"] <= stages[1]["exit_above"] < 1.0
