@@ -105,7 +105,7 @@ class DeformableAttention(nn.Module):
         x = (grid[..., 0] * w + 0.5).to(torch.int64).clamp(0, w - 1)
         y = (grid[..., 1] * h + 0.5).to(torch.int64).clamp(0, h - 1)
         flat = y * w + x
-        picked = value.flatten(2).gather(2, flat.view(bh, 1, q * p).expand(-1, dim, -1))
+        picked = value.flatten(2).gather(2, flat.reshape(bh, 1, q * p).expand(-1, dim, -1))
         return picked.view(bh, dim, q, p)
 
 

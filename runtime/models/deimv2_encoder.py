@@ -320,20 +320,23 @@ class SCDown(nn.Module):
 
 class HybridEncoder(nn.Module):
     """AIFI on the configured levels, top-down FPN and bottom-up PAN. DEIMv2 fuses two maps by sum into
-    RepNCSPELAN5 blocks; D-FINE passes `block` (its RepNCSPELAN4) and `concat=True`."""
+    RepNCSPELAN5 blocks; D-FINE passes `block` (its RepNCSPELAN4) and `concat=True`; RT-DETR also its CSP block,
+    activated lateral convs (`lateral_act`) and plain stride-2 conv downsampling (`downsample`)."""
 
-    def __init__(self, cfg: Deimv2Config, block: Callable[..., nn.Module] | None = None, concat: bool = False):
+    def __init__(self, cfg: Deimv2Config, block: Callable[..., nn.Module] | None = None, concat: bool = False,
+                 downsample: Callable[..., nn.Module] | None = None, lateral_act: str | None = None):
         super().__init__()
         self.cfg = cfg
         self.concat = concat
         block = block or RepNCSPELAN5
+        downsample = downsample or SCDown
         d, eps = cfg.encoder_hidden_dim, cfg.batch_norm_eps
         stages = len(cfg.encoder_in_channels) - 1
         blocks = round(3 * cfg.depth_mult)
         self.aifi = nn.ModuleList(AIFILayer(cfg) for _ in cfg.encode_proj_layers)
-        self.lateral_convs = nn.ModuleList(ConvNorm(d, d, 1, 1, eps) for _ in range(stages))
+        self.lateral_convs = nn.ModuleList(ConvNorm(d, d, 1, 1, eps, act=lateral_act) for _ in range(stages))
         self.fpn_blocks = nn.ModuleList(block(cfg, blocks) for _ in range(stages))
-        self.downsample_convs = nn.ModuleList(SCDown(cfg) for _ in range(stages))
+        self.downsample_convs = nn.ModuleList(downsample(cfg) for _ in range(stages))
         self.pan_blocks = nn.ModuleList(block(cfg, blocks) for _ in range(stages))
 
     def fuse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
