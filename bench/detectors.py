@@ -25,7 +25,9 @@ import torch
 from bench.common import jpeg_images, machine, print_table, time_interleaved, write_json
 from fixtures.checkpoints import make_vit, write_preprocessor
 from fixtures.deimv2_checkpoints import DEIMV2_S, DEIMV2_S_BACKBONE, make_deimv2
+from fixtures.dfine_checkpoints import DFINE_S, make_dfine
 from fixtures.rfdetr_checkpoints import BASE, BASE_BACKBONE, BASE_SIZE, make_rfdetr
+from fixtures.rtdetr_checkpoints import R18VD, make_rtdetr
 from runtime.cascade.detector_members import HAND_BUILT
 from runtime.cascade.engine import Engine
 from runtime.image_decode import decode_image
@@ -44,13 +46,25 @@ def make_deimv2_member(path: Path, real: bool) -> torch.nn.Module:
     return model
 
 
+def make_dfine_member(path: Path, real: bool) -> torch.nn.Module:
+    backbone, detector = DFINE_S
+    return make_dfine(path, backbone=backbone, **detector) if real else make_dfine(path)
+
+
+def make_rtdetr_member(path: Path, real: bool) -> torch.nn.Module:
+    backbone, detector = R18VD
+    return make_rtdetr(path, backbone=backbone, **detector) if real else make_rtdetr(path)
+
+
 def make_rfdetr_member(path: Path, real: bool) -> torch.nn.Module:
     return make_rfdetr(path, backbone=BASE_BACKBONE, size=BASE_SIZE, **BASE) if real else make_rfdetr(path)
 
 
 FAMILIES = {
     "deimv2": Family("deimv2", make_deimv2_member),
+    "dfine": Family("d_fine", make_dfine_member),
     "rfdetr": Family("rf_detr", make_rfdetr_member),
+    "rtdetr": Family("rt_detr", make_rtdetr_member),
 }
 
 

@@ -22,8 +22,10 @@ from runtime.cascade.results import StageTiming
 from runtime.config import read_json
 from runtime.errors import ModelLoadError
 from runtime.models.deimv2 import Deimv2Detector
-from runtime.models.rfdetr import RfDetrDetector
+from runtime.models.dfine import DFineDetector
 from runtime.models.preprocessor import read_preprocess
+from runtime.models.rfdetr import RfDetrDetector
+from runtime.models.rtdetr import RTDetrDetector
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,10 @@ log = logging.getLogger(__name__)
 # num_labels, num_queries) and input_multiple (its input sides must divide by it: the strides of its feature maps).
 HAND_BUILT: dict[str, type] = {
     "deimv2": Deimv2Detector,
+    "d_fine": DFineDetector,
     "rf_detr": RfDetrDetector,
+    "rt_detr": RTDetrDetector,
+    "rt_detr_v2": RTDetrDetector,
 }
 
 
