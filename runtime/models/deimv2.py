@@ -31,9 +31,10 @@ TRAINING_ONLY_SUFFIX = ".num_batches_tracked"
 
 class QueryHead(nn.Module):
     """Encoder maps -> encoder -> decoder input projections -> top-k encoder proposals on anchors -> decoder. The
-    two-stage head DEIMv2 and D-FINE share; attribute names are the checkpoint's under `model.`."""
+    two-stage head DEIMv2, D-FINE and RT-DETR share; attribute names are the checkpoint's under `model.`."""
 
-    def __init__(self, cfg: Deimv2Config, encoder: nn.Module, decoder: nn.Module):
+    def __init__(self, cfg: Deimv2Config, encoder: nn.Module, decoder: nn.Module,
+                 decoder_input_proj: nn.ModuleList | None = None):
         super().__init__()
         self.cfg = cfg
         d, eps = cfg.d_model, cfg.batch_norm_eps
@@ -41,7 +42,8 @@ class QueryHead(nn.Module):
         in_ch = cfg.decoder_in_channels[-1]
         identity = d == in_ch
         n_in = len(cfg.decoder_in_channels)
-        self.decoder_input_proj = nn.ModuleList(
+        # One projection per decoder level; DEIMv2 and D-FINE skip them where the channels already match.
+        self.decoder_input_proj = decoder_input_proj if decoder_input_proj is not None else nn.ModuleList(
             [nn.Identity() if identity else ConvNorm(in_ch, d, 1, 1, eps) for _ in range(n_in)]
             + [nn.Identity() if identity else ConvNorm(in_ch, d, 3, 2, eps)
                for _ in range(cfg.num_feature_levels - n_in)])
