@@ -1,7 +1,9 @@
 """The format "transformers" member (runtime/models/hf_detector.py) against transformers run alone on the same tiny
-random-weight checkpoints (fixtures/hf_detectors.py): Grounding DINO, MM-Grounding-DINO and OWLv2 (zero-shot, with
-a prompt) and YOLOS (closed set). Its evidence, the per-label max score and the kept boxes, must be transformers'
-own post-processed detections."""
+random-weight checkpoints (fixtures/hf_detectors.py): Grounding DINO, MM-Grounding-DINO, OWLv2 and SAM 3 (zero-shot,
+with a prompt) and YOLOS (closed set). Its evidence, the per-label max score and the kept boxes, must be
+transformers' own post-processed detections. SAM 3's processor needs torchvision: without it, its reference here is
+transformers' Sam3Model fed by Pillow's resize and the processor's normalization, scored by its instance
+post-processing's formula; with torchvision, Sam3Processor itself."""
 from __future__ import annotations
 
 import shutil
@@ -12,19 +14,21 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (AutoImageProcessor, AutoModelForObjectDetection, AutoModelForZeroShotObjectDetection,
-                          AutoProcessor)
+                          AutoProcessor, AutoTokenizer, Sam3Model)
 
 from fixtures.hf_detectors import (PROMPT, YOLOS_LABELS, bert_tokenizer, make_grounding_dino, make_mm_grounding_dino,
-                                   make_owlv2, make_yolos, write_omdet_turbo_processor)
+                                   as_sam3_video, make_owlv2, make_sam3, make_yolos, write_omdet_turbo_processor)
 from runtime.errors import ModelLoadError
 from runtime.models.detect_postprocess import center_to_corners
 from runtime.models.hf_detector import NO_DETECTION, PromptGrounding, TransformersDetector
+from runtime.models.sam3_detector import Sam3Detector
 
 PHRASES = ["traffic cone", "road barrier", "roadwork sign"]
 FAMILIES = {  # name: (maker, prompt, max_det) -- max_det below GD's 20 queries, above YOLOS' 10
     "grounding-dino": (make_grounding_dino, PROMPT, 12),
     "mm-grounding-dino": (make_mm_grounding_dino, PROMPT, 12),
     "owlv2": (make_owlv2, PROMPT, 10),
+    "sam3": (make_sam3, PROMPT, 12),  # 20 queries per phrase
     "yolos": (make_yolos, None, 15),
 }
 
@@ -44,11 +48,59 @@ def images():
             torch.from_numpy(rng.integers(0, 256, (80, 40, 3), dtype=np.uint8))]
 
 
+def load(path, name: str, prompt: str | None, **kwargs):
+    return (Sam3Detector if name == "sam3" else TransformersDetector).from_pretrained(path, "cpu", prompt, **kwargs)
+
+
+def torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # ImportError, or a RuntimeError from one built for another torch
+        return False
+    return True
+
+
+def sam3_found(path, pil) -> list[dict]:
+    """transformers' SAM 3, one image and one phrase a call: per image {"scores", "labels", "boxes"}."""
+    model = Sam3Model.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    side, found = model.config.vision_config.image_size, []
+    for image in pil:
+        resized = np.asarray(image.resize((side, side), Image.BILINEAR))
+        pixels = torch.from_numpy((resized / 255 - 0.5) / 0.5).float().permute(2, 0, 1)[None]
+        scores, labels, boxes = [], [], []
+        for label, phrase in enumerate(PHRASES):
+            tokens = tokenizer(phrase, padding="max_length", max_length=32, return_tensors="pt")
+            with torch.inference_mode():
+                out = model(pixel_values=pixels, input_ids=tokens["input_ids"],
+                            attention_mask=tokens["attention_mask"])
+            # Sam3ImageProcessor.post_process_instance_segmentation at threshold 0, less the masks.
+            score = (out.pred_logits.sigmoid() * out.presence_logits.sigmoid())[0]
+            scores.append(score[score > 0])
+            labels += [label] * int((score > 0).sum())
+            boxes.append(out.pred_boxes[0][score > 0] * torch.tensor([image.width, image.height] * 2))
+        found.append({"scores": torch.cat(scores), "labels": torch.tensor(labels), "boxes": torch.cat(boxes)})
+    return found
+
+
 def reference(path, name: str, images, max_det: int) -> list[list[tuple[int, float, list[float]]]]:
     """transformers alone: per image its (label id, score, pixel xyxy) detections, the best max_det first."""
     pil = [Image.fromarray(np.asarray(im)) for im in images]
     sizes = [(im.height, im.width) for im in pil]
-    if name == "yolos":
+    if name == "sam3" and torchvision_imports():
+        processor = AutoProcessor.from_pretrained(path)
+        model = Sam3Model.from_pretrained(path).eval()
+        found = []
+        for label, phrase in enumerate(PHRASES):
+            with torch.inference_mode():
+                outputs = model(**processor(images=pil, text=[phrase] * len(pil), return_tensors="pt"))
+            found.append(processor.post_process_instance_segmentation(outputs, threshold=0.0, target_sizes=sizes))
+        labelled = [(sum(([label] * len(f[b]["scores"]) for label, f in enumerate(found)), []),
+                     {key: torch.cat([f[b][key] for f in found]) for key in ("scores", "boxes")})
+                    for b in range(len(pil))]
+    elif name == "sam3":
+        labelled = [(f["labels"].tolist(), f) for f in sam3_found(path, pil)]
+    elif name == "yolos":
         processor = AutoImageProcessor.from_pretrained(path, backend="pil")
         model = AutoModelForObjectDetection.from_pretrained(path).eval()
         with torch.inference_mode():
@@ -81,7 +133,7 @@ def reference(path, name: str, images, max_det: int) -> list[list[tuple[int, flo
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_evidence_is_transformers_post_processing(checkpoints, images, name):
     _, prompt, max_det = FAMILIES[name]
-    det = TransformersDetector.from_pretrained(checkpoints / name, "cpu", prompt, max_det=max_det)
+    det = load(checkpoints / name, name, prompt, max_det=max_det)
     labels = YOLOS_LABELS if name == "yolos" else dict(enumerate(PHRASES))
     assert det.cfg.id2label == labels and det.cfg.num_labels == len(labels) and det.cfg.num_queries == max_det
     out = det(images)
@@ -176,14 +228,6 @@ def test_not_a_detector(tmp_path):
         TransformersDetector.from_pretrained(tmp_path, "cpu", None)
 
 
-def torchvision_imports() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # ImportError, or a RuntimeError from one built for another torch
-        return False
-    return True
-
-
 @pytest.mark.skipif(torchvision_imports(), reason="torchvision imports here: OmDet-Turbo's processor loads")
 def test_omdet_turbo_needs_torchvision(tmp_path):
     write_omdet_turbo_processor(tmp_path)
@@ -192,7 +236,7 @@ def test_omdet_turbo_needs_torchvision(tmp_path):
     assert "OmDetTurboProcessor requires the Torchvision library" in one_line_error(e)
 
 
-@pytest.mark.parametrize("name", ["grounding-dino", "yolos"])
+@pytest.mark.parametrize("name", ["grounding-dino", "sam3", "yolos"])
 def test_served_as_a_member_with_its_prompt(checkpoints, images, tmp_path, name):
     """A format "transformers" member in a cascade (a tiny classifier sends every image on): its detector score
     is transformers' best roadwork-phrase score, its boxes transformers' boxes above box_threshold."""
@@ -201,7 +245,9 @@ def test_served_as_a_member_with_its_prompt(checkpoints, images, tmp_path, name)
 
     _, prompt, max_det = FAMILIES[name]
     make_vit(tmp_path / "classifier", seed=1)
-    roadwork = ["traffic cone", "road barrier"] if prompt else ["traffic cone", "barrier"]
+    # SAM 3's best max_det of the second image are all "roadwork sign".
+    roadwork = {"sam3": ["traffic cone", "roadwork sign"], "yolos": ["traffic cone", "barrier"]}.get(
+        name, ["traffic cone", "road barrier"])
     prompt_key = f'prompt = "{prompt}"\n' if prompt else ""
     (tmp_path / "cascade.toml").write_text(
         '[[stage]]\nkind = "classifier"\nmodel = "classifier"\nexit_below = 0.0\nexit_above = 1.0\n\n'
@@ -225,3 +271,46 @@ def test_served_as_a_member_with_its_prompt(checkpoints, images, tmp_path, name)
         assert len(got) == len(want)
         for (gs, gb), (ws, wb) in zip(got, want):
             assert gs == pytest.approx(ws, abs=1e-6) and gb == pytest.approx(wb, abs=1e-3)
+
+
+def test_sam3_video_checkpoint_serves_its_detector(checkpoints, images, tmp_path):
+    """facebook/sam3 is a sam3_video checkpoint; Sam3Model loads its detector, and the member answers as from the
+    plain sam3 one."""
+    as_sam3_video(checkpoints / "sam3", tmp_path / "video")
+    video = Sam3Detector.from_pretrained(tmp_path / "video", "cpu", PROMPT, max_det=12)
+    image = Sam3Detector.from_pretrained(checkpoints / "sam3", "cpu", PROMPT, max_det=12)
+    assert video.cfg.model_type == "sam3_video"
+    torch.testing.assert_close(video(images).logits, image(images).logits, atol=0, rtol=0)
+
+
+def test_sam3_reads_either_processor_file(checkpoints, images, tmp_path):
+    """transformers 5 nests the image processor's settings in processor_config.json; older checkpoints have a
+    preprocessor_config.json. Both give the same member."""
+    make_sam3(tmp_path, processor_file="preprocessor_config.json")
+    assert not (tmp_path / "processor_config.json").exists()
+    nested, flat = (Sam3Detector.from_pretrained(path, "cpu", PROMPT, max_det=12)
+                    for path in (checkpoints / "sam3", tmp_path))
+    assert nested.spec == flat.spec and (nested.spec.height, nested.spec.width) == (56, 56)
+    torch.testing.assert_close(nested(images).logits, flat(images).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("change, why", [
+    ("no prompt", "key 'prompt' is required: SAM 3 detects the '.'-separated phrases"),
+    ("long phrase", "phrase 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa' is 35 tokens, over SAM 3's 32"),
+    ("other processor", "image_processor_type='ViTImageProcessor': a SAM 3 checkpoint's is Sam3ImageProcessor"),
+    ("no processor", "no preprocessor_config.json or processor_config.json"),
+    ("not sam3", "model_type 'owlv2' is not SAM 3"),
+])
+def test_sam3_startup_errors(checkpoints, tmp_path, change, why):
+    shutil.copytree(checkpoints / "sam3", tmp_path, dirs_exist_ok=True)
+    prompt = {"no prompt": None, "long phrase": "cone. " + "a" * 33}.get(change, PROMPT)
+    settings = tmp_path / "processor_config.json"
+    if change == "other processor":
+        settings.write_text(settings.read_text().replace("Sam3ImageProcessor", "ViTImageProcessor"))
+    elif change == "no processor":
+        settings.unlink()
+    elif change == "not sam3":
+        shutil.copy(checkpoints / "owlv2" / "config.json", tmp_path / "config.json")
+    with pytest.raises(ModelLoadError) as e:
+        Sam3Detector.from_pretrained(tmp_path, "cpu", prompt)
+    assert why in one_line_error(e)

@@ -6,8 +6,9 @@ normalized cxcywh), so the vote (kernels/vote.py) and the box listing read every
                         bucket as a CUDA graph, its input filled by the preprocessing kernel;
   format "onnx"         a YOLO-style export on ONNX Runtime (runtime/models/onnx_detector.py), fed by the same
                         kernel (plain resize, 1/255), run on the host each call;
-  format "transformers" transformers' own model and processor on the decoded images (runtime/models/hf_detector.py),
-                        eager and slower: for families we do not hand-build (open-vocabulary detectors)."""
+  format "transformers" transformers' own model and processor on the decoded images (runtime/models/hf_detector.py;
+                        SAM 3: sam3_detector.py), eager and slower: for families we do not hand-build
+                        (open-vocabulary detectors)."""
 from __future__ import annotations
 
 import logging
@@ -101,10 +102,12 @@ def load_format(spec: DetectorSpec, where: str, dtype: torch.dtype, device: torc
         return model, "onnx", onnx_preprocess(model.cfg.height, model.cfg.width)
     if spec.format == "transformers":
         from runtime.models.hf_detector import TransformersDetector
+        from runtime.models.sam3_detector import MODEL_TYPES as SAM3_TYPES, Sam3Detector
         log.info("%s: runs through transformers, eagerly and without CUDA graphs (slower than a hand-built "
                  "family)", where)
-        model = TransformersDetector.from_pretrained(spec.model, device, prompt=spec.prompt, dtype=dtype,
-                                                     max_det=spec.max_det)
+        loader = Sam3Detector if read_json(spec.model / "config.json").get("model_type") in SAM3_TYPES \
+            else TransformersDetector
+        model = loader.from_pretrained(spec.model, device, prompt=spec.prompt, dtype=dtype, max_det=spec.max_det)
         return model, "transformers", None
     model_type = read_json(spec.model / "config.json").get("model_type")
     if model_type not in HAND_BUILT:

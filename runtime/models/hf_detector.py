@@ -2,6 +2,7 @@
 itself. Closed-set `AutoModelForObjectDetection` families (YOLOS, DETR and its descendants, RT-DETR, ...) score
 config.json's id2label; open-vocabulary `AutoModelForZeroShotObjectDetection` ones (Grounding DINO,
 MM-Grounding-DINO, OmDet-Turbo, OWL-ViT, OWLv2) ground the member's '.'-separated prompt, each phrase a label.
+SAM 3 has a module of its own (runtime/models/sam3_detector.py): its processor needs torchvision.
 
 Images go through the checkpoint's own processor (PIL backend) and model, and the model's outputs through the
 processor's own documented post-processing with a zero score threshold, so every candidate it can return is kept;
@@ -136,16 +137,27 @@ def closed_set_labels(reader: ConfigReader) -> dict[int, str]:
     return labels
 
 
-def to_pil(image) -> Image.Image:
+def rgb_array(image) -> np.ndarray:
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"images must be HxWx3 uint8, got shape {array.shape} dtype {array.dtype}")
-    return Image.fromarray(np.ascontiguousarray(array))
+    return np.ascontiguousarray(array)
+
+
+def to_pil(image) -> Image.Image:
+    return Image.fromarray(rgb_array(image))
 
 
 def score_logits(scores: torch.Tensor) -> torch.Tensor:
     """logit(score) in fp32, finite: sigmoid of it is the score again (1.0 and 0.0 exactly)."""
     return torch.logit(scores.double()).clamp(NO_DETECTION, -NO_DETECTION).float()
+
+
+def check_member_dir(model_dir: Path, max_det: int) -> None:
+    if max_det < 1:
+        raise ModelLoadError(f"{model_dir}: key 'max_det' must be >= 1, got {max_det}")
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise ModelLoadError(f"{model_dir}: no model.safetensors (format 'transformers' loads safetensors only)")
 
 
 class TransformersDetector(nn.Module):
@@ -182,10 +194,7 @@ class TransformersDetector(nn.Module):
         if not zero_shot and prompt is not None:
             raise ModelLoadError(f"{model_dir}: key 'prompt' is for zero-shot detectors; {model_type} is closed-set "
                                  f"(its labels are config.json's id2label)")
-        if max_det < 1:
-            raise ModelLoadError(f"{model_dir}: key 'max_det' must be >= 1, got {max_det}")
-        if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-            raise ModelLoadError(f"{model_dir}: no model.safetensors (format 'transformers' loads safetensors only)")
+        check_member_dir(model_dir, max_det)
         phrases = prompt_phrases(prompt, str(model_dir)) if zero_shot else ()
         id2label = dict(enumerate(phrases)) if zero_shot else closed_set_labels(reader)
 
@@ -262,19 +271,23 @@ class TransformersDetector(nn.Module):
             inputs = self.processor(images=pil, return_tensors="pt")
         inputs = inputs.to(device=self.device, dtype=self.dtype)
         outputs = self.model(**inputs)
-        cfg = self.cfg
-        logits = torch.full((len(pil), cfg.max_det, cfg.num_labels), NO_DETECTION, device=self.device)
-        boxes = torch.zeros(len(pil), cfg.max_det, 4, device=self.device)
-        for b, ((scores, labels, xyxy), (height, width)) in enumerate(zip(self.post_process(outputs, inputs, sizes),
-                                                                          sizes)):
-            labels = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
-            if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < cfg.num_labels:
-                raise ValueError(f"{cfg.model_type} post-processing gave label ids {labels.unique().tolist()}, "
-                                 f"outside the {cfg.num_labels} labels of id2label")
-            order = torch.argsort(scores.float(), descending=True, stable=True)[:cfg.max_det].to(self.device)
-            rows = torch.arange(order.numel(), device=self.device)
-            logits[b, rows, labels[order]] = score_logits(scores.to(self.device)[order])
-            scale = torch.tensor([width, height, width, height], dtype=torch.float64, device=self.device)
-            x0, y0, x1, y1 = (xyxy.to(self.device)[order].double() / scale).unbind(-1)
-            boxes[b, rows] = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1).float()
-        return DetectorOutput(logits, boxes)
+        return detector_output(self.post_process(outputs, inputs, sizes), sizes, self.cfg, self.device)
+
+
+def detector_output(found: list[tuple], sizes: list[tuple[int, int]], cfg: TransformersDetectorConfig,
+                    device: torch.device) -> DetectorOutput:
+    """Per image (scores [N], label ids [N], pixel xyxy boxes [N, 4]) -> the DetectorOutput of the module doc."""
+    logits = torch.full((len(sizes), cfg.max_det, cfg.num_labels), NO_DETECTION, device=device)
+    boxes = torch.zeros(len(sizes), cfg.max_det, 4, device=device)
+    for b, ((scores, labels, xyxy), (height, width)) in enumerate(zip(found, sizes)):
+        labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < cfg.num_labels:
+            raise ValueError(f"{cfg.model_type} post-processing gave label ids {labels.unique().tolist()}, "
+                             f"outside the {cfg.num_labels} labels of id2label")
+        order = torch.argsort(scores.float(), descending=True, stable=True)[:cfg.max_det].to(device)
+        rows = torch.arange(order.numel(), device=device)
+        logits[b, rows, labels[order]] = score_logits(scores.to(device)[order])
+        scale = torch.tensor([width, height, width, height], dtype=torch.float64, device=device)
+        x0, y0, x1, y1 = (xyxy.to(device)[order].double() / scale).unbind(-1)
+        boxes[b, rows] = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1).float()
+    return DetectorOutput(logits, boxes)

@@ -103,7 +103,7 @@ def mean_std(r: ConfigReader, defaults: tuple[tuple[float, ...], tuple[float, ..
 
 
 def preprocess_spec(cfg: dict, source: str = FILE) -> PreprocessSpec:
-    """A ViT*, DINOv3*, RTDetr* or RfDetr* image processor's config as the spec of one fixed-size model input."""
+    """A ViT*, DINOv3*, RTDetr*, RfDetr* or Sam3* image processor's config as the spec of one fixed-size model input."""
     r = ConfigReader(cfg, source)
     unknown_keys(r, IMAGE_KEYS)
     kind = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
@@ -111,7 +111,7 @@ def preprocess_spec(cfg: dict, source: str = FILE) -> PreprocessSpec:
     normalize_default, antialias = True, True
     if kind.startswith("DINOv3"):
         resize_in_float, defaults = True, IMAGENET_DEFAULT
-    elif kind.startswith("ViT"):
+    elif kind.startswith(("ViT", "Sam3")):  # Sam3: torchvision's uint8 antialiased resize, which is Pillow's
         resize_in_float, defaults = False, IMAGENET_STANDARD
     elif kind.startswith("RTDetr"):  # RT-DETR, D-FINE, DEIMv2: uint8 resize, then rescale; no normalization
         resize_in_float, defaults, normalize_default = False, IMAGENET_DEFAULT, False
@@ -120,8 +120,8 @@ def preprocess_spec(cfg: dict, source: str = FILE) -> PreprocessSpec:
         r.check(cfg.get("resample", BILINEAR) == BILINEAR, f"resample={cfg.get('resample')!r}: RfDetr* processors "
                                                             "are supported with bilinear (2) only")
     else:
-        r.fail(f"image_processor_type={kind!r} is not supported (ViT*, DINOv3*, RTDetr* and RfDetr* image "
-               "processors are)")
+        r.fail(f"image_processor_type={kind!r} is not supported (ViT*, DINOv3*, RTDetr*, RfDetr* and Sam3* "
+               "image processors are)")
 
     r.check(cfg.get("do_resize", True), "do_resize=false is not supported: the static batch buffer needs one "
                                         "input size, so every image is resized")
