@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         engine = Engine.load(config.model, device=config.device, dtype=config.dtype, max_batch=config.batch_size,
-                             quantize=config.quantize)
+                             quantize=config.quantize, precision_cache=config.precision_cache_path)
     except ModelLoadError as e:
         log.error("cannot load model from %s: %s", config.model, e)
         return 1

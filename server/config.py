@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from runtime.cascade.bundle import QUANTIZE_MODES
+from runtime.models.precision_cache import default_path as default_precision_cache
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "bundles" / "default"
 ENV_PREFIX = "ROADWORK_"
@@ -26,6 +27,7 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "auto"                   # "auto": measured at startup (runtime/models/precision.py)
     quantize: str = "auto"                # "auto": models cascade.toml leaves unset are measured; else every one
+    precision_cache: str = "default"      # auto's measurements across starts: "default", "off" or a file
     max_batch: int | None = None          # images per Engine.predict call; None: the device's (batch_size)
     max_delay_ms: float = 5.0             # longest an image waits for its batch to fill
     queue_size: int = 1024                # images being decoded or waiting for a batch; beyond this: 503
@@ -94,6 +96,12 @@ class ServerConfig:
         return CPU_BATCH if self.device == "cpu" else CUDA_BATCH
 
     @property
+    def precision_cache_path(self) -> Path | None:
+        if self.precision_cache == "off":
+            return None
+        return default_precision_cache() if self.precision_cache == "default" else Path(self.precision_cache)
+
+    @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
 
@@ -121,6 +129,10 @@ _HELP = {
     "quantize": "auto, none, int8 (torch._int_mm), int8-fbgemm or int8-onednn for every classifier and detector, "
                 "over cascade.toml's per-model 'quantize'; auto (default): measured with --dtype, for the models "
                 "cascade.toml leaves unset",
+    "precision_cache": "JSON file keeping auto's measurements across starts, keyed by the model's bytes, the CPU, "
+                       "the library versions and the settings: a start that finds its key serves the same "
+                       "precision without measuring; 'off' measures every start (default: 'default', "
+                       "$XDG_CACHE_HOME/roadwork-cascade/precision.json, else ~/.cache/...)",
     "max_batch": f"largest batch per model call (default {CPU_BATCH} on cpu, {CUDA_BATCH} on cuda)",
     "max_delay_ms": "longest a request waits for its batch to fill, in ms; 0 runs whatever is queued as soon as "
                     "the model is free (default 5)",

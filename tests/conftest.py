@@ -8,6 +8,9 @@ import torch
 # CUDA graphs cannot capture interpreted kernels. Either way this must happen before any module applies @triton.jit.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Servers the tests start measure precision afresh and write nothing to the home directory; the tests of the
+# precision cache name their own files.
+os.environ.setdefault("ROADWORK_PRECISION_CACHE", "off")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import compile as compile_bench
-from bench import flops, int8, kernels, mfu, peak, scaling, serve_vs_miner, vision
+from bench import auto_precision, flops, int8, kernels, mfu, peak, scaling, serve_vs_miner, vision
 from bench.common import preset_config
 from runtime.models.classifier import load_classifier
 from fixtures.checkpoints import make_dinov3, make_vit
@@ -105,6 +105,19 @@ def test_mfu(capsys):
                                                                  rel=0.01)
         assert printed[name]["speedup_vs_fp32"] == pytest.approx(printed[name]["img_s"] / printed["fp32"]["img_s"],
                                                                  rel=0.01)
+
+
+def test_auto_precision(tmp_path, capsys):
+    out = tmp_path / "auto.json"
+    result = auto_precision.main(["--preset", "tiny-vit", "--starts", "2", "--held-out", "8", "--json", str(out)])
+    starts = {r["start"]: r for r in result["starts"]}
+    assert list(starts) == ["uncached 1", "uncached 2", "writes the cache", "cached"]
+    assert sum(result["choices"].values()) == 2 and starts["cached"]["chosen"] == starts["writes the cache"]["chosen"]
+    assert starts["cached"]["seconds"] < starts["writes the cache"]["seconds"]
+    chosen = result["drifts"][0]
+    assert chosen["chosen"] and chosen["candidate"] == starts["cached"]["chosen"]
+    assert all(d["held_out_max_drift"] >= 0 and d["held_out_flips"] >= 0 for d in result["drifts"])
+    assert "held-out images" in capsys.readouterr().out and json.loads(out.read_text())["drifts"] == result["drifts"]
 
 
 def test_kernels(capsys):

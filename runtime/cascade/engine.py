@@ -27,6 +27,7 @@ from runtime.errors import ModelLoadError
 from runtime.cascade.vlm_stage import VLMOutput, VLMStage
 from runtime.models import precision
 from runtime.models.precision import Candidate, PrecisionChoice
+from runtime.models.precision_cache import PrecisionCache
 from runtime.models.preprocessor import read_preprocess
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,15 @@ CHOICES: dict[tuple, PrecisionChoice] = {}  # one measurement per model and sett
 
 
 def settle_precision(bundle: Bundle, device: torch.device, dtype: str | torch.dtype | None, quantize: str | None,
-                     max_batch: int) -> tuple[Bundle, torch.dtype, PrecisionChoice | None]:
+                     max_batch: int, cache: PrecisionCache | None = None
+                     ) -> tuple[Bundle, torch.dtype, PrecisionChoice | None]:
     """(bundle with quantize resolved for Cascade, dtype, the measurement or None) for Engine.load's settings.
 
     dtype "auto" / any model's quantize "auto" (the server's defaults; quantize "auto" fills the models that
     cascade.toml leaves unset): the first stage's classifier is measured (runtime/models/precision.py) and the
     choice applies to the engine's dtype and every "auto" model. An explicit non-fp32 setting is measured against
-    fp32 for a warning. dtype None / quantize None: the library defaults (the device's dtype, unset = "none")."""
+    fp32 for a warning. dtype None / quantize None: the library defaults (the device's dtype, unset = "none").
+    `cache`: where measurements persist across starts (runtime/models/precision_cache.py); None: measured here."""
     if quantize == "auto" or quantize is None:
         bundle = with_unset_quantize(bundle, quantize or "none")
     else:
@@ -93,11 +96,11 @@ def settle_precision(bundle: Bundle, device: torch.device, dtype: str | torch.dt
             choice = None  # the library default or plain fp32: nothing to choose or warn about
         else:
             config = first.model / "config.json"
-            key = (str(first.model.resolve()), config.stat().st_mtime_ns, max_batch, fixed_dtype, fixed_quantize)
+            key = (str(first.model.resolve()), config.stat().st_mtime_ns, max_batch, fixed_dtype, fixed_quantize,
+                   None if cache is None else str(cache.path))
             if key not in CHOICES:
-                preprocess = read_preprocess(first.model)
-                CHOICES[key] = precision.choose(precision.load_in(first.model, device), preprocess, max_batch,
-                                                fixed_dtype, fixed_quantize)
+                CHOICES[key] = precision.choose_cached(first.model, device, read_preprocess(first.model), max_batch,
+                                                       fixed_dtype, fixed_quantize, cache)
             choice = CHOICES[key]
             if explicit is None:
                 log.info("precision auto chose %s for this engine", choice.candidate.name)
@@ -140,11 +143,12 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-             max_batch: int = 32, quantize: str | None = None) -> Engine:
+             max_batch: int = 32, quantize: str | None = None, precision_cache: str | Path | None = None) -> Engine:
         """`model_dir`: a bundle directory with cascade.toml, or one Hugging Face classifier directory.
         `dtype`: a DTYPES name, "auto" (measured, runtime/models/precision.py) or None (bf16 where the CPU has it).
         `quantize`: a bundle QUANTIZE_MODES name for every classifier and detector, over what cascade.toml says;
-        "auto": for those cascade.toml leaves unset; None: unset means "none". See settle_precision."""
+        "auto": for those cascade.toml leaves unset; None: unset means "none". See settle_precision.
+        `precision_cache`: a JSON file keeping `auto`'s measurements across starts; None: measure every start."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelLoadError(f"model directory '{model_dir}' does not exist")
@@ -152,7 +156,9 @@ class Engine:
             raise ModelLoadError(f"max_batch must be >= 1, got {max_batch}")
         device = resolve_device(device)
         try:
-            bundle, dtype, choice = settle_precision(load_bundle(model_dir), device, dtype, quantize, max_batch)
+            cache = None if precision_cache is None else PrecisionCache(Path(precision_cache))
+            bundle, dtype, choice = settle_precision(load_bundle(model_dir), device, dtype, quantize, max_batch,
+                                                     cache)
             return cls(bundle, device, dtype, max_batch, choice)
         except ModelLoadError:
             raise
