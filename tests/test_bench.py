@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import compile as compile_bench
-from bench import auto_precision, flops, int8, kernels, mfu, peak, scaling, serve_vs_miner, vision
+from bench import auto_precision, engines, flops, int8, kernels, mfu, peak, scaling, serve_vs_miner, vision
 from bench.common import preset_config
 from runtime.models.classifier import load_classifier
 from fixtures.checkpoints import make_dinov3, make_vit
@@ -118,6 +118,20 @@ def test_auto_precision(tmp_path, capsys):
     assert chosen["chosen"] and chosen["candidate"] == starts["cached"]["chosen"]
     assert all(d["held_out_max_drift"] >= 0 and d["held_out_flips"] >= 0 for d in result["drifts"])
     assert "held-out images" in capsys.readouterr().out and json.loads(out.read_text())["drifts"] == result["drifts"]
+
+
+def test_engines(tmp_path, capsys):
+    out = tmp_path / "engines.json"
+    rows = engines.main(["--preset", "tiny-vit", "--batches", "1,2", "--inputs", "4", "--rounds", "1",
+                         "--json", str(out)])
+    by = {r["engine"]: r for r in rows}
+    assert set(by) == {e for e in engines.DEFAULT_ENGINES
+                       if not e.startswith("runtime+") or engines.backend_available(e.split("+")[1])}
+    assert by["runtime"]["max_dP"] == 0 and by["transformers"]["max_dP"] < 1e-5 and by["ort"]["max_dP"] < 1e-5
+    for r in rows:
+        assert r["b2_vs_transformers"] == pytest.approx(r["b2_img_s"] / by["transformers"]["b2_img_s"])
+        assert 0 <= r["flips"] <= 4
+    assert json.loads(out.read_text())["rows"] == rows and "ort+int8-static" in capsys.readouterr().out
 
 
 def test_kernels(capsys):
