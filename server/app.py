@@ -8,6 +8,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -772,6 +773,16 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 # --- middleware and factory --------------------------------------------------------------------------------
 
+# A client's own X-Request-ID is kept (echoed, and in our log lines) when it is short and plain: it goes into logs
+# and headers, so no control characters, spaces or quotes. Anything else gets a new id.
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_of(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    return given if CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Callable) -> web.StreamResponse:
     """JSON errors for every failure, plus per-request metrics and a structured debug line."""
@@ -779,7 +790,7 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     status = 500
-    request_id = uuid.uuid4().hex[:16]
+    request_id = request_id_of(request)
     REQUEST_ID.set(request_id)  # this task's context: the handler and what it awaits
     try:
         try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -187,6 +188,13 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("roadwork-cascade")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run from a source tree without pip install)"
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
@@ -194,6 +202,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         description="Serve roadwork predictions over HTTP. Every option can also be set with the environment "
                     f"variable named in brackets ({ENV_PREFIX}<OPTION>); the command line wins.",
     )
+    parser.add_argument("--version", action="version", version=f"roadwork-cascade {package_version()}")
     defaults = ServerConfig()
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")

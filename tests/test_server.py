@@ -73,6 +73,25 @@ def test_predict_forms_match_engine(engine, model_dir):
     assert answers[2][1]["scores"]["classifier"] == pytest.approx(expected[2], abs=TOL)
 
 
+def test_a_client_request_id_is_kept_and_echoed(engine, model_dir):
+    """A plain X-Request-ID (up to 64 of [A-Za-z0-9._:-]) is the request's id in our answer and logs; anything else
+    (too long, spaces, control characters: it would go into log lines and headers) is replaced by a new one."""
+    async def scenario():
+        async with serving(engine, model_dir, cache_entries=0) as s:
+            out = {}
+            for given in ("trace-42:a.b_c", "x" * 65, "two words", "a\tb"):
+                _, _, headers = await s.post("/v1/predict", {"image": b64(jpeg(0))}, headers={"X-Request-ID": given})
+                out[given] = headers["X-Request-ID"]
+            _, _, headers = await s.post("/v1/predict", {"image": b64(jpeg(0))})
+            return out, headers["X-Request-ID"]
+
+    given, fresh = run(scenario())
+    assert given["trace-42:a.b_c"] == "trace-42:a.b_c"
+    for bad in ("x" * 65, "two words", "a\tb"):
+        assert given[bad] != bad and len(given[bad]) == 16
+    assert len(fresh) == 16
+
+
 def test_batch_mixes_good_and_bad_images_in_order(engine, model_dir):
     good = [jpeg(10 + i) for i in range(5)]
     huge = png(jpeg(99, size=(400, 300)))  # 120k pixels: over the limit below

@@ -40,10 +40,17 @@ def test_help_documents_every_option_and_its_environment_variable():
     assert done.returncode == 0
     for flag in ("--model", "--host", "--port", "--device", "--dtype", "--max-batch", "--max-delay-ms",
                  "--queue-size", "--timeout-s", "--max-body-mb", "--max-pixels", "--cache-entries", "--cache-ttl-s",
-                 "--access-log", "--log-level"):
+                 "--access-log", "--log-level", "--precision-cache"):
         assert flag in done.stdout, flag
         env = "ROADWORK_" + flag[2:].replace("-", "_").upper()
         assert env in done.stdout, env
+
+
+def test_version():
+    import importlib.metadata
+    done = run_server_cli("--version", timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == (
+        f"roadwork-cascade {importlib.metadata.version('roadwork-cascade')}")
 
 
 def test_bad_settings_exit_with_usage_error():
