@@ -29,7 +29,7 @@ from server.batcher import (BatcherClosed, Batcher, Computed, DeadlineExceeded, 
 from server.body import RETRY_AFTER_S, read_body
 from server.cache import ResultCache, image_key
 from server.config import ServerConfig
-from server.errors import ApiError, error_response, from_http_exception, json_response
+from server.errors import ApiError, error_response, error_response_for, from_http_exception, json_response
 from server.guard import ByteBudget, CappedRunner, ConnectionCap
 from server.hardcases import hard_case_capture
 from server.kserve import add_kserve_routes
@@ -796,15 +796,16 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
         try:
             response = await handler(request)
         except ApiError as e:
-            response = error_response(e, request_id if e.status >= 500 else None)
+            response = error_response_for(request.path)(e, request_id if e.status >= 500 else None)
         except web.HTTPException as e:
-            response = error_response(from_http_exception(e))
+            response = error_response_for(request.path)(from_http_exception(e))
         except asyncio.CancelledError:
             status = 499  # client closed the connection before the answer
             raise
         except Exception:
             log.exception("request %s: unhandled error on %s %s", request_id, request.method, request.path)
-            response = error_response(ApiError(500, "internal_error", "internal server error"), request_id)
+            response = error_response_for(request.path)(ApiError(500, "internal_error", "internal server error"),
+                                                        request_id)
         if not response.prepared:
             response.headers["X-Request-ID"] = request_id
         status = response.status

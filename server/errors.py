@@ -37,6 +37,20 @@ def error_response(error: ApiError, request_id: str | None = None) -> web.Respon
     return response
 
 
+def kserve_error_response(error: ApiError, request_id: str | None = None) -> web.Response:
+    """KServe v2's error form, {"error": "<message>"}: what tritonclient and other v2 clients parse."""
+    message = error.message if request_id is None else f"{error.message} (request id {request_id})"
+    response = json_response({"error": message}, status=error.status, headers=error.headers or None)
+    if error.close:
+        response.force_close()
+    return response
+
+
+def error_response_for(path: str):
+    """Every /v2 path answers errors in KServe's form, unknown ones included; the rest in /v1's."""
+    return kserve_error_response if path == "/v2" or path.startswith("/v2/") else error_response
+
+
 # Codes for errors aiohttp raises itself (routing, body size), so they share the JSON error format.
 HTTP_ERROR_CODES = {
     404: "not_found",

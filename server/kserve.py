@@ -15,18 +15,17 @@ Request parameters: "timeout" (microseconds; shortens the server's deadline), "b
 give; one image that fails fails the request (the protocol has no per-element errors)."""
 from __future__ import annotations
 
-import functools
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from server.body import read_body
-from server.errors import ApiError, from_http_exception
+from server.errors import ApiError
 from server.payload import decode_base64_image, parse_json_object
 
 if TYPE_CHECKING:
@@ -67,24 +66,6 @@ class ModelStats:
                 "inference_count": self.inference_count, "execution_count": self.execution_count,
                 "inference_stats": {k: {"count": d.count, "ns": d.ns} for k, d in self.durations.items()},
                 "batch_stats": []}
-
-
-def kserve_error(e: ApiError) -> web.Response:
-    return web.Response(body=orjson.dumps({"error": e.message}), status=e.status, headers=e.headers or None,
-                        content_type="application/json")
-
-
-def kserve_errors(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """Errors in KServe's {"error": "..."} form (the app's middleware would give /v1's {"error": {...}})."""
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ApiError as e:
-            return kserve_error(e)
-        except web.HTTPException as e:
-            return kserve_error(from_http_exception(e))
-    return wrapped
 
 
 def json_ok(payload: object) -> web.Response:
@@ -263,6 +244,19 @@ def add_kserve_routes(app: web.Application, service: Service) -> None:
                         "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
                         "outputs": [{"name": n, "datatype": t, "shape": [-1]} for n, t in OUTPUTS.items()]})
 
+    async def model_config(request: web.Request) -> web.Response:
+        """Triton's model configuration form, which tritonclient's get_model_config reads."""
+        model = model_of(request)
+        return json_ok({"name": model, "platform": "roadwork-cascade", "versions": [VERSION],
+                        "max_batch_size": 0,  # one request carries up to max_batch_images images in one tensor
+                        "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
+                        "output": [{"name": n, "data_type": "TYPE_STRING" if t == "BYTES" else f"TYPE_{t}",
+                                    "dims": [-1]} for n, t in OUTPUTS.items()]})
+
+    async def repository_index(request: web.Request) -> web.Response:
+        state = "READY" if service.ready else "UNAVAILABLE"
+        return json_ok([{"name": name, "version": VERSION, "state": state}])
+
     async def model_stats(request: web.Request) -> web.Response:
         models = [model_of(request)] if "model" in request.match_info else [name]
         return json_ok({"model_stats": [stats.as_json(m) for m in models]})
@@ -305,9 +299,10 @@ def add_kserve_routes(app: web.Application, service: Service) -> None:
             d["compute_infer"].add(t["compute"] / 1e3)
 
     routes = [("GET", "/v2", server_metadata), ("GET", "/v2/health/live", live), ("GET", "/v2/health/ready", ready),
-              ("GET", "/v2/models/stats", model_stats)]
+              ("GET", "/v2/models/stats", model_stats), ("POST", "/v2/repository/index", repository_index)]
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         routes += [("GET", base, model_metadata), ("GET", base + "/ready", model_ready),
-                   ("POST", base + "/infer", infer), ("GET", base + "/stats", model_stats)]
+                   ("GET", base + "/config", model_config), ("POST", base + "/infer", infer),
+                   ("GET", base + "/stats", model_stats)]
     for method, path, handler in routes:
-        app.router.add_route(method, path, kserve_errors(handler))
+        app.router.add_route(method, path, handler)  # errors: the app's middleware, in KServe's form under /v2

@@ -147,6 +147,35 @@ def test_tritonclient_errors_are_kserve_errors(model_dir):
             client.close()
 
 
+def test_tritonclient_config_repository_index_and_unknown_routes(model_dir):
+    """What tritonclient calls beyond inference: the model config, the repository index, and any /v2 path we do
+    not serve answering in KServe's error form, so the client raises its own exception with our message."""
+    with server_thread(model_dir) as (url, service):
+        client = httpclient.InferenceServerClient(url)
+        try:
+            wait_ready(client)
+            config = client.get_model_config("roadwork")
+            assert config["name"] == "roadwork" and config["input"] == [
+                {"name": "image", "data_type": "TYPE_STRING", "dims": [-1]}]
+            assert {o["name"]: o["data_type"] for o in config["output"]} == {
+                "prediction": "TYPE_FP32", "label": "TYPE_STRING", "stage": "TYPE_STRING"}
+            assert client.get_model_config(model_dir.name, model_version="1")["name"] == model_dir.name
+            assert client.get_model_repository_index() == [{"name": model_dir.name, "version": "1", "state": "READY"}]
+            with pytest.raises(InferenceServerException) as unknown_model:
+                client.get_model_config("nope")
+            assert unknown_model.value.status() == "404" and "'roadwork'" in unknown_model.value.message()
+            with pytest.raises(InferenceServerException) as no_route:
+                client.load_model("roadwork")  # POST /v2/repository/models/roadwork/load: not served
+            assert no_route.value.status() == "404" and no_route.value.message()
+            # The shapes side by side: /v2 paths {"error": "<message>"}, the rest /v1's {"error": {"code", ...}}.
+            for path, shape in (("/v2/nope", str), ("/v2/models/roadwork/infer", str), ("/v1/nope", dict)):
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(f"http://{url}{path}", timeout=10)  # GET: unknown path or method
+                assert e.value.code in (404, 405) and isinstance(orjson.loads(e.value.read())["error"], shape)
+        finally:
+            client.close()
+
+
 def test_raw_binary_request_with_truncated_element_is_400(model_dir):
     """What tritonclient cannot send: a binary element cut short, checked by hand."""
     with server_thread(model_dir) as (url, service):

@@ -193,7 +193,7 @@ def test_error_statuses(engine, model_dir):
                 "batch_raw": await s.post("/v1/predict/batch", data=image, content_type="image/jpeg"),
                 "not_image": await s.post("/v1/predict", data=b"GIF89a....", content_type="image/gif"),
                 "pixels": await s.post("/v1/predict", data=png(jpeg(51, size=(64, 64))), content_type="image/png"),
-                "no_route": await s.post("/v2/predict", {"image": b64(image)}),
+                "no_route": await s.post("/v1/nope", {"image": b64(image)}),  # /v2 paths: test_kserve.py
                 "method": await s.post("/v1/predict", {"image": b64(image)}, method="PUT"),
             }
 
