@@ -4,9 +4,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
-                               ProcessCollector, generate_latest)
+                               ProcessCollector, disable_created_metrics, generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+# No <counter>_created / <histogram>_created series: they double the exposition and nothing here reads them
+# (Prometheus' own rate() and the dashboards use the samples). prometheus_client's switch is process-wide.
+disable_created_metrics()
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 9.0, 15.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -159,6 +159,17 @@ def test_greedy_generation_matches_transformers_generate(tmp_path, cfg, pixels):
     assert result.finish_reason == "length" and result.num_prompt_tokens == len(prompt)
 
 
+def test_a_cpu_engine_does_not_look_for_flashinfer(tmp_path, monkeypatch):
+    """flashinfer is CUDA-only: a CPU start neither imports it nor logs that it is missing."""
+    from runtime.vlm import runner
+
+    looked = []
+    monkeypatch.setattr(runner, "flashinfer_module", lambda: looked.append(1))
+    make_qwen3_vl(tmp_path)
+    engine = VLMEngine.load(tmp_path, config=ENGINE)
+    assert looked == [] and engine.runner.attention_backend == "cpu"
+
+
 @pytest.mark.slow
 def test_qwen3_vl_2b_real_layer_shapes_prefill_and_greedy_tokens(tmp_path):
     """Qwen3-VL-2B's real per-layer shapes and vocabulary (fewer layers: fixtures/vlm_checkpoints.py says which):

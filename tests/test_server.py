@@ -416,6 +416,11 @@ def test_metrics_exposition(engine, model_dir):
     assert requests[("/v1/predict", "200")] == 1 and requests[("/v1/predict", "400")] == 1
     exits = [s for s in families["roadwork_stage_exits"].samples if s.name.endswith("_total")]
     assert [(s.labels["stage"], s.value) for s in exits] == [("classifier", 1)]
+    assert "_created" not in text  # no creation-time twin of every counter and histogram
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in families:  # README's list of metrics stays complete
+        if name.startswith("roadwork_"):
+            assert name in readme, name
     if shutil.which("promtool") is None:
         pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
     check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)

@@ -59,9 +59,12 @@ def test_bad_settings_exit_with_usage_error():
 
 
 def test_bad_models_exit_nonzero_with_one_clear_line(tmp_path, model_dir):
-    """Missing directory, unsupported model_type, truncated weights: each refuses to start, in one line."""
+    """Missing directory, a file, a folder of images, unsupported model_type, truncated weights: each refuses to
+    start, in one line."""
     cases = {}
     cases[tmp_path / "missing"] = "does not exist"
+    cases[REPO / "README.md"] = "is a file; --model takes a directory"
+    cases[REPO / "samples"] = "has neither cascade.toml (a bundle) nor config.json"
     unsupported = tmp_path / "unsupported"
     shutil.copytree(model_dir, unsupported)
     config = json.loads((unsupported / "config.json").read_text())
@@ -73,7 +76,7 @@ def test_bad_models_exit_nonzero_with_one_clear_line(tmp_path, model_dir):
     weights.write_bytes(weights.read_bytes()[:1000])
     cases[truncated] = "model.safetensors"
 
-    # All three at once: each pays the interpreter and torch start-up, in parallel.
+    # All at once: each pays the interpreter and torch start-up, in parallel.
     procs = {path: subprocess.Popen([sys.executable, "-m", "server", "--model", str(path), "--port", "0"],
                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for path in cases}

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from runtime.cascade.bundle import (Bundle, ClassifierStageSpec, load_bundle, quantize_settings, resolved_quantize,
-                                    with_quantize, with_unset_quantize)
+from runtime.cascade.bundle import (BUNDLE_FILE, Bundle, ClassifierStageSpec, load_bundle, quantize_settings,
+                                    resolved_quantize, with_quantize, with_unset_quantize)
 from runtime.cascade.build import build_cascade
 from runtime.cascade.bundle_digest import bundle_digest
 from runtime.cascade.classifier_stage import image_tensor
@@ -150,8 +150,14 @@ class Engine:
         "auto": for those cascade.toml leaves unset; None: unset means "none". See settle_precision.
         `precision_cache`: a JSON file keeping `auto`'s measurements across starts; None: measure every start."""
         model_dir = Path(model_dir)
-        if not model_dir.is_dir():
+        if not model_dir.exists():
             raise ModelLoadError(f"model directory '{model_dir}' does not exist")
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"'{model_dir}' is a file; --model takes a directory: a bundle (with cascade.toml) "
+                                 f"or a Hugging Face classifier (with config.json)")
+        if not (model_dir / BUNDLE_FILE).is_file() and not (model_dir / "config.json").is_file():
+            raise ModelLoadError(f"'{model_dir}' has neither {BUNDLE_FILE} (a bundle) nor config.json (a Hugging Face "
+                                 f"classifier); --model takes one of those directories, e.g. bundles/default")
         if max_batch < 1:
             raise ModelLoadError(f"max_batch must be >= 1, got {max_batch}")
         device = resolve_device(device)

@@ -79,8 +79,9 @@ class ModelRunner:
                                                   kv_cache.dtype, text.head_dim ** -0.5)
         self.attention_note = ""  # why "auto" did not pick flashinfer after all (logged, and in /v1/models)
         if attention_backend == "auto":
-            attention_backend = choose_decode_backend(self.device, kv_cache.dtype, text.head_dim,
-                                                      flashinfer_module() is not None,
+            # flashinfer is looked for (and its absence logged) only where it could run
+            have_flashinfer = self.device.type == "cuda" and flashinfer_module() is not None
+            attention_backend = choose_decode_backend(self.device, kv_cache.dtype, text.head_dim, have_flashinfer,
                                                       text.num_heads // text.num_kv_heads)
         # flashinfer's wrappers share one float workspace (zeroed before first use, as flashinfer asks).
         self.workspace = (torch.zeros(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
