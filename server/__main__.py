@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
-from server.app import SERVICE, create_app, start_site
+from server.app import SERVICE, bind_socket, create_app, start_site
 from server.config import ServerConfig, parse_config
 
 if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
@@ -31,11 +32,11 @@ class Shutdown:
         return config.shutdown_timeout_s - (time.monotonic() - (cls.started or time.monotonic()))
 
 
-async def serve(config: ServerConfig, engine: Engine) -> int:
+async def serve(config: ServerConfig, engine: Engine, sock: socket.socket) -> int:
     app = create_app(engine, config)
     try:
         runner, host, port = await start_site(app, config.host, config.port, config.access_log,
-                                              config.shutdown_timeout_s)
+                                              config.shutdown_timeout_s, sock)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
         return 1
@@ -72,6 +73,12 @@ async def serve(config: ServerConfig, engine: Engine) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = bind_socket(config.host, config.port)  # before the model: a busy port fails in milliseconds
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s (--host/--port; another server there?)", config.host, config.port,
+                  e.strerror or e)
+        return 1
     # Imported here so `--help` and argument errors answer without loading torch.
     from runtime.cascade.engine import Engine
     from runtime.errors import ModelLoadError
@@ -81,10 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              quantize=config.quantize, precision_cache=config.precision_cache_path)
     except ModelLoadError as e:
         log.error("cannot load model from %s: %s", config.model, e)
+        sock.close()
         return 1
     code = 1
     try:
-        code = uvloop.run(serve(config, engine))
+        code = uvloop.run(serve(config, engine, sock))
     finally:
         # Stops the VLM loop thread, if the bundle has a VLM; within what is left of the shutdown timeout.
         closer = threading.Thread(target=engine.close, name="engine close", daemon=True)

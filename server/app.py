@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -821,9 +822,26 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
                                             "remote": request.remote}).decode())
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: a free port), not yet listening: taken before the model loads, so a busy
+    port fails the start at once, and connections are refused, not left waiting, until the server listens."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's own sites do
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def start_site(app: web.Application, host: str, port: int, access_log: bool = False,
-                     shutdown_timeout_s: float = 30.0) -> tuple[web.AppRunner, str, int]:
-    """Start serving app on host:port (0 picks a free port); returns the runner and the bound address.
+                     shutdown_timeout_s: float = 30.0, sock: socket.socket | None = None
+                     ) -> tuple[web.AppRunner, str, int]:
+    """Start serving app on host:port (0 picks a free port), or on `sock` (bind_socket's) when given; returns the
+    runner and the bound address.
 
     Slow clients: aiohttp's keep-alive timer runs from the moment a connection opens until a request's headers are
     complete, so keepalive_timeout_s bounds silent sockets, trickled headers and idle keep-alive alike; bodies must
@@ -836,7 +854,7 @@ async def start_site(app: web.Application, host: str, port: int, access_log: boo
                           shutdown_timeout=shutdown_timeout_s, keepalive_timeout=config.keepalive_timeout_s)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await (web.TCPSite(runner, host, port) if sock is None else web.SockSite(runner, sock)).start()
     except OSError:
         await runner.cleanup()
         raise

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,19 @@ def test_version():
     done = run_server_cli("--version", timeout=30)
     assert done.returncode == 0 and done.stdout.strip() == (
         f"roadwork-cascade {importlib.metadata.version('roadwork-cascade')}")
+
+
+def test_a_busy_port_fails_before_the_model_loads(tmp_path):
+    """The port is taken first: with it busy, the start fails in one line naming it, and the model (here one that
+    does not exist) is never read."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_server_cli("--model", str(tmp_path / "no-model"), "--port", str(port), timeout=30)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and "cannot load model" not in done.stderr
 
 
 def test_bad_settings_exit_with_usage_error():
