@@ -37,8 +37,21 @@ def preset_config(preset: str) -> dict:
     return {"model_type": kind, **cfg, "num_labels": 2}
 
 
+def require_transformers() -> None:
+    """The benchmarks build their checkpoints and baselines with transformers, which only the test extra installs:
+    say so instead of a bare ModuleNotFoundError."""
+    try:
+        import transformers  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "transformers":
+            raise
+        raise SystemExit("this benchmark needs transformers (random-weight checkpoints, the baselines): "
+                         "pip install -e '.[test]'") from None
+
+
 def make_checkpoint(preset: str, path: Path):
     """Write a random-weight checkpoint of `preset`; returns transformers' model on the same weights."""
+    require_transformers()
     from fixtures.checkpoints import make_dinov3, make_vit  # transformers: a benchmark/test dependency only
 
     kind, cfg = PRESETS[preset]

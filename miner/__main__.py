@@ -10,7 +10,10 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from miner.bt import VERSION, Axon, Subtensor, Wallet, btlogging, keep_logging
+try:
+    from miner.bt import VERSION, Axon, Subtensor, Wallet, btlogging, keep_logging
+except ImportError as e:  # no bittensor, or one without an Axon: say which extra, not a traceback
+    sys.exit(f"python -m miner: {e}")
 
 log = logging.getLogger("miner")
 

@@ -42,7 +42,13 @@ def _no_argv() -> Iterator[None]:
 
 
 with keep_logging(), _no_argv():
-    import bittensor as bittensor  # noqa: PLC0414 (re-exported)
+    try:
+        import bittensor as bittensor  # noqa: PLC0414 (re-exported)
+    except ModuleNotFoundError as e:
+        if e.name != "bittensor":
+            raise
+        raise ModuleNotFoundError("the miner needs bittensor (9.9 to 10.x), which the base install leaves out: "
+                                  "pip install -e '.[miner]'", name="bittensor") from None
 
 VERSION: str = bittensor.__version__
 _MAJOR = int(VERSION.split(".")[0])
