@@ -42,7 +42,8 @@ async def serve(config: ServerConfig, engine: Engine, sock: socket.socket) -> in
         return 1
     precision = engine.describe().get("precision")
     log.info("listening on http://%s:%d (model %s, device %s, precision %s)", host, port, config.model, config.device,
-             "library default" if precision is None else f"{precision['chosen']} ({precision['how']})")
+             f"{config.dtype}, quantize {config.quantize} (as set)" if precision is None
+             else f"{precision['chosen']} ({precision['how']})")
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

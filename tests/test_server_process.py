@@ -110,7 +110,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(model_dir):
     async def scenario():
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server", "--model", str(model_dir), "--port", "0", "--dtype", "float32",
-            "--max-batch", "8", "--max-delay-ms", "10000", "--log-level", "info", cwd=REPO,
+            "--quantize", "none", "--max-batch", "8", "--max-delay-ms", "10000", "--log-level", "info", cwd=REPO,
             stderr=asyncio.subprocess.PIPE)
         log_lines: list[str] = []
         try:
@@ -121,6 +121,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(model_dir):
                 log_lines.append(line)
                 found = re.search(r"listening on (http://\S+)", line)
                 url = found.group(1) if found else None
+            assert "precision float32, quantize none (as set)" in log_lines[-1]  # explicit: no "library default"
 
             async def drain_log():
                 while line := await proc.stderr.readline():

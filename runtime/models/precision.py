@@ -329,8 +329,10 @@ def report(choice: PrecisionChoice) -> None:
                       for t in choice.trials)
     when = (f"measured in {choice.seconds:.2f} s" if choice.cached_at is None
             else f"measured {choice.cached_at}, read from the precision cache in {choice.seconds * 1e3:.0f} ms")
-    log.info("precision %s: %s (%s on %s at %d rows: %s)", choice.how, choice.candidate.name, when,
-             torch.backends.cpu.get_cpu_capability(), choice.rows, rates)
+    # Each rate is the model's GEMMs once at `rows` rows (a slow candidate's is extrapolated from one call per
+    # layer shape), not time the measurement spent.
+    log.info("precision %s: %s (%s on %s; the model's GEMMs once at %d rows: %s)", choice.how,
+             choice.candidate.name, when, torch.backends.cpu.get_cpu_capability(), choice.rows, rates)
     chosen = choice.trial(choice.candidate)
     for t in choice.trials:  # why each faster candidate was not taken
         if t.candidate != choice.candidate and t.seconds is not None and (
