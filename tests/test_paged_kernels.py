@@ -8,9 +8,11 @@ import triton
 
 from fixtures.paged_attention import dense_attention, paged_layout
 from fixtures.triton_mode import KERNEL_DEVICE
-from kernels.kv_store import kv_store, kv_store_reference, kv_store_triton
-from kernels.paged_attention import (decode_tile_tokens, paged_decode, paged_decode_reference, paged_decode_triton,
-                                     paged_prefill, paged_prefill_reference)
+from kernels.kv_store import kv_store, kv_store_reference
+from kernels.kv_store_triton import kv_store_triton
+from kernels.paged_attention import (decode_tile_tokens, paged_decode, paged_decode_reference, paged_prefill,
+    paged_prefill_reference)
+from kernels.paged_attention_triton import paged_decode_triton
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -7,7 +7,8 @@ from PIL import Image
 from transformers import RTDetrImageProcessorPil, ViTImageProcessorPil
 
 from fixtures.triton_mode import KERNEL_DEVICE
-from kernels.preprocess import PreprocessSpec, preprocess_into, preprocess_reference, preprocess_triton
+from kernels.preprocess import PreprocessSpec, preprocess_into, preprocess_reference
+from kernels.preprocess_triton import preprocess_triton
 from runtime.errors import ModelLoadError
 from runtime.models.preprocessor import preprocess_spec
 

@@ -14,7 +14,8 @@ from fixtures.images import random_image
 from fixtures.quantized_checkpoints import (AWQ_PACK_ORDER, pack_awq, pack_sequential, quantize_fp8, write_dequantized,
                                             write_quantized)
 from fixtures.vlm_checkpoints import make_qwen3_vl
-from kernels.int4_gemm import int4_gemm_reference, int4_gemm_triton, pack_int4_k, unpack_int4_k
+from kernels.int4_gemm import int4_gemm_reference, pack_int4_k, unpack_int4_k
+from kernels.int4_gemm_triton import int4_gemm_triton
 from runtime.errors import ModelLoadError, WeightError
 from runtime.models.qwen3_vl import load_qwen3_vl
 from runtime.models.quantized_linear import Fp8Linear, Int4Linear

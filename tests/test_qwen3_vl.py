@@ -11,8 +11,8 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from kernels.vlm_preprocess import (patchify_reference, patchify_triton, smart_resize, vision_input_reference,
-                                    vision_input_triton)
+from kernels.vlm_preprocess import patchify_reference, smart_resize, vision_input_reference
+from kernels.vlm_preprocess_triton import patchify_triton, vision_input_triton
 from fixtures.triton_mode import KERNEL_DEVICE
 from runtime.errors import ModelLoadError, WeightError
 from runtime.models.preprocessor import vision_preprocess_spec

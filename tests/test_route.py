@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fixtures.triton_mode import KERNEL_DEVICE
-from kernels.route import route, route_reference, route_triton
+from kernels.route import route, route_reference
+from kernels.route_triton import route_triton
 
 
 def run(fn, prob: torch.Tensor, rows: int, below: float, above: float, index_len: int | None = None):

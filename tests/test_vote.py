@@ -8,7 +8,8 @@ import torch
 
 from fixtures.vote_formula import vote_formula
 from fixtures.triton_mode import KERNEL_DEVICE
-from kernels.vote import vote, vote_reference, vote_triton
+from kernels.vote import vote, vote_reference
+from kernels.vote_triton import vote_triton
 
 INF = float("inf")
 

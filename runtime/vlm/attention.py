@@ -5,7 +5,7 @@ host-side block tables and context lengths, then every layer calls the planned b
               fp16/bf16, a head_dim and GQA group size flashinfer ships kernels for, when flashinfer imports and
               a one-row plan + run at startup works (flashinfer_unusable: its kernels JIT-compile on first use,
               which needs nvcc or the prebuilt flashinfer-cubin / flashinfer-jit-cache packages)
-  triton:     kernels.paged_attention.paged_decode_triton (the rest of CUDA)
+  triton:     kernels.paged_attention_triton.paged_decode_triton (the rest of CUDA)
   cpu:        runtime.vlm.cpu_attention.CpuDecodeAttention (CPU: planned once per step, equal to the reference)
   reference:  kernels.paged_attention.paged_decode_reference
 
@@ -18,12 +18,12 @@ import functools
 import logging
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from kernels.launch import launch_device
-from kernels.paged_attention import paged_decode_reference, paged_decode_triton
+from kernels.paged_attention import paged_decode_reference
 from runtime.vlm.cpu_attention import CpuDecodeAttention
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,14 @@ class KernelDecodeAttention:
     """Our kernels read the device block tables and context lengths directly: nothing to plan."""
 
     name: str  # "triton" or "reference"
+    kernel: Callable[..., torch.Tensor]
 
     def plan(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
         pass
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        kernel = paged_decode_triton if self.name == "triton" else paged_decode_reference
-        return kernel(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return self.kernel(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 @dataclass(frozen=True)
@@ -215,4 +215,7 @@ def make_decode_attention(backend: str, spec: DecodeAttentionSpec, workspace: to
         return FlashInferDecodeAttention(spec, workspace, fixed_batch, max_pages)
     if backend == "cpu":
         return CpuDecodeAttention(spec.block_size)
-    return KernelDecodeAttention(backend)
+    if backend == "triton":
+        from kernels.paged_attention_triton import paged_decode_triton  # triton imports only where it launches
+        return KernelDecodeAttention(backend, paged_decode_triton)
+    return KernelDecodeAttention(backend, paged_decode_reference)
