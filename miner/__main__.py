@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from miner.backends import EngineBackend, ServerBackend
     from miner.metagraph import ChainSource, MetagraphSync, load_static
-    from miner.neuron import AxonSettings, Miner
+    from miner.neuron import AxonSettings, Miner, describe
     from miner.policy import AccessPolicy
 
     try:
@@ -104,8 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         wallet.hotkey  # unlocks or fails now, not at the first request  # noqa: B018
         wallet.coldkeypub  # noqa: B018
     except Exception as e:
-        log.error("cannot load the wallet %s/%s under %s: %s", opt(config, "wallet.name"),
-                  opt(config, "wallet.hotkey"), opt(config, "wallet.path"), e)
+        log.error("cannot load the wallet %s/%s under %s (%s): point --wallet.name/--wallet.hotkey/--wallet.path at "
+                  "an existing one, or make it with btcli wallet create", opt(config, "wallet.name"),
+                  opt(config, "wallet.hotkey"), opt(config, "wallet.path"), describe(e))
         return 1
     endpoint = opt(config, "subtensor.chain_endpoint")  # has a default (finney's): only an explicit one wins
     explicit = endpoint != build_parser().get_default("subtensor.chain_endpoint")
@@ -118,19 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             view = load_static(config.static_metagraph)
         except (OSError, ValueError) as e:
-            log.error("cannot read --metagraph.static: %s", e)
+            log.error("cannot read --metagraph.static: %s", describe(e))
             return 1
         source = lambda: view  # noqa: E731
     else:
         source = ChainSource(new_subtensor, config.netuid)
-    subtensor = None
-    if config.serve:
-        try:
-            subtensor = new_subtensor()
-        except Exception as e:
-            log.error("cannot connect to subtensor %s to serve the axon: %s", network, e)
-            return 1
-
     if config.server_url is not None:
         backend = ServerBackend(config.server_url, connections=config.concurrency)
     else:
@@ -138,9 +131,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             backend = EngineBackend(config.model, config.device, config.dtype)
         except ModelLoadError as e:
-            log.error("cannot load model from %s: %s", config.model, e)
+            log.error("cannot load --model %s: %s", config.model, describe(e))
             return 1
         backend.warmup()
+
+    subtensor = None  # after the model: an early return leaves no connection open
+    if config.serve:
+        try:
+            subtensor = new_subtensor()
+        except Exception as e:
+            log.error("cannot connect to subtensor %s to serve the axon (%s): check --subtensor.network or "
+                      "--subtensor.chain_endpoint, or run without the chain with --no-serve", network, describe(e))
+            return 1
 
     axon = AxonSettings(port=opt(config, "axon.port"), bind_host=config.bind_host,
                         external_ip=opt(config, "axon.external_ip"), external_port=opt(config, "axon.external_port"),
@@ -153,9 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         miner.start(subtensor, config.netuid, config.metrics_host,
                     None if config.metrics_port < 0 else config.metrics_port)
     except Exception as e:
-        log.error("cannot start the miner: %s", e)
+        log.error("cannot start the miner: %s", describe(e))
         miner.stop()
         return 1
+    finally:
+        if subtensor is not None:
+            subtensor.close()  # only serving the axon needed it
     log.info("mining on netuid %d with %s (bittensor %s); /metrics on %s:%s", config.netuid, backend.url, VERSION,
              config.metrics_host, miner.metrics_port)
     if miner.metagraph.wait_synced(60) and miner.metagraph.view.get(miner.hotkey) is None \

@@ -71,3 +71,10 @@ AxonInfo = bittensor.AxonInfo
 TerminalInfo = bittensor.TerminalInfo
 Keypair = bittensor.Keypair
 btlogging = bittensor.logging
+get_external_ip = bittensor.utils.networking.get_external_ip
+
+
+def serve_outcome(result) -> tuple[bool, str]:
+    """Whether Subtensor.serve_axon published the axon, and the chain's reason if not: 10.x answers an
+    ExtrinsicResponse (truthy even on failure), 9.x a bool."""
+    return bool(getattr(result, "success", result)), getattr(result, "message", None) or "no reason given"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from miner.backends import Failure
-from miner.bt import VERSION, Axon, TerminalInfo
+from miner.bt import VERSION, Axon, TerminalInfo, get_external_ip, serve_outcome
 from miner.gate import PriorityGate
 from miner.metagraph import MetagraphSync
 from miner.metrics import MinerMetrics
@@ -26,7 +26,7 @@ START_TIMEOUT_S = 15.0
 class AxonSettings:
     port: int = 8091
     bind_host: str = "0.0.0.0"            # bittensor's Axon always binds 0.0.0.0; tests bind 127.0.0.1
-    external_ip: Optional[str] = None     # None: bittensor looks it up (a network call)
+    external_ip: Optional[str] = None     # None: looked up at start (public_ip, a network call)
     external_port: Optional[int] = None
     max_workers: Optional[int] = None
 
@@ -41,6 +41,23 @@ def time_left_s(synapse: ImageSynapse, now_ns: int) -> float:
     if not 0.0 <= elapsed <= timeout:
         elapsed = 0.0
     return timeout - elapsed - min(0.5, 0.1 * timeout)
+
+
+def describe(e: BaseException) -> str:
+    """An exception as one line for a user: some of bittensor's carry no message (ExternalIPNotFound)."""
+    return str(e) or type(e).__name__
+
+
+def public_ip() -> str:
+    """This machine's public IP as bittensor finds it (asking checkip.amazonaws.com, ifconfig.me, ...). Looked up
+    here rather than by Axon(): a lookup failing in there leaves a half-built Axon whose __del__ raises at exit."""
+    log.info("looking up this machine's public IP for the axon to advertise (--axon.external_ip skips this)")
+    try:
+        return get_external_ip()
+    except Exception as e:  # 10.x raises ExternalIPNotFound, 9.x whatever requests raised first
+        raise OSError(f"cannot look up this machine's public IP, which the axon advertises to validators "
+                      f"(bittensor's lookup failed: {describe(e)}): pass it with --axon.external_ip "
+                      f"(any address, e.g. 127.0.0.1, with --no-serve)") from e
 
 
 class Miner:
@@ -128,8 +145,9 @@ class Miner:
               metrics_port: Optional[int] = None) -> None:
         """Start the metagraph sync, the Axon (served on chain first when a subtensor is given) and /metrics."""
         settings = self.settings
+        external_ip = settings.external_ip or public_ip()  # first: a failed lookup leaves nothing to stop
         self.metagraph.start()
-        self.axon = Axon(wallet=self.wallet, port=settings.port, external_ip=settings.external_ip,
+        self.axon = Axon(wallet=self.wallet, port=settings.port, external_ip=external_ip,
                          external_port=settings.external_port, max_workers=settings.max_workers)
         self.axon.fast_config.host = settings.bind_host  # the config its server object reads when it starts
         self.axon.attach(forward_fn=self.forward, blacklist_fn=self.blacklist, priority_fn=self.priority)
@@ -137,17 +155,24 @@ class Miner:
             assert netuid is not None
             log.info("serving the axon on chain: netuid %d, %s:%d", netuid, self.axon.external_ip,
                      self.axon.external_port)
-            subtensor.serve_axon(netuid=netuid, axon=self.axon)
+            published, why_not = serve_outcome(subtensor.serve_axon(netuid=netuid, axon=self.axon))
+            if not published:
+                raise RuntimeError(f"the chain did not publish the axon on netuid {netuid} ({why_not}): is the "
+                                   f"hotkey registered there (btcli subnet register)? --no-serve skips publishing")
         self.axon.start()
         give_up = time.monotonic() + START_TIMEOUT_S
         while not self.axon.fast_server.started:  # a port in use never starts, and says so only in uvicorn's log
             if time.monotonic() > give_up:
                 self.axon.stop()
                 raise OSError(f"the axon did not start listening on {settings.bind_host}:{settings.port} within "
-                              f"{START_TIMEOUT_S:g} s (port in use?)")
+                              f"{START_TIMEOUT_S:g} s: if that port is in use, choose another with --axon.port")
             time.sleep(0.01)
         if metrics_port is not None:
-            self.metrics_server = self.metrics.serve(metrics_host, metrics_port)
+            try:
+                self.metrics_server = self.metrics.serve(metrics_host, metrics_port)
+            except OSError as e:
+                raise OSError(f"cannot serve /metrics on {metrics_host}:{metrics_port} ({describe(e)}): choose "
+                              f"another --metrics-port, or -1 for none") from e
         log.info("axon listening on %s:%d as %s (bittensor %s)", settings.bind_host, settings.port, self.hotkey, VERSION)
 
     @property

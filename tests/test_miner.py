@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -17,6 +18,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -485,9 +487,38 @@ def test_synapse_matches_the_subnets_wire_format():
 
 # --- tests: the command line -----------------------------------------------------------------------------------
 
-def run_miner_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_miner_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "miner", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+def local_run_args(tmp_path: Path) -> list[str]:
+    """A chainless miner command line (--no-serve, a static metagraph, a fresh wallet), all on loopback."""
+    make_wallet(tmp_path / "wallets")
+    static = tmp_path / "metagraph.json"
+    static.write_text("[]")
+    return ["--server-url", f"http://{LOOPBACK}:{free_port()}", "--no-serve", "--metagraph.static", str(static),
+            "--wallet.name", "miner", "--wallet.hotkey", "default", "--wallet.path", str(tmp_path / "wallets"),
+            "--axon.port", str(free_port()), "--bind-host", LOOPBACK, "--metrics-host", LOOPBACK,
+            "--metrics-port", "-1"]
+
+
+def offline_env() -> dict[str, str]:
+    """Every HTTP(S) request of the child (bittensor's public-IP lookup asks through requests, urllib and curl) goes
+    through a proxy on a closed loopback port: the lookup fails whether or not this machine reaches the internet."""
+    closed = f"http://{LOOPBACK}:{free_port()}"
+    env = {name: value for name, value in os.environ.items() if name.lower() != "no_proxy"}
+    return env | {name: closed for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                                            "ALL_PROXY")}
+
+
+def startup_error(done: subprocess.CompletedProcess) -> str:
+    """The one ERROR line of a failed start, once stderr is checked to hold no traceback."""
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
 
 
 def test_cli_help_and_usage_errors():
@@ -536,3 +567,44 @@ def test_cli_serves_a_dendrite_then_stops_on_sigterm(tmp_path, people, server_ur
             proc.kill()
             proc.wait()
 
+
+
+def test_cli_without_a_public_ip_says_to_pass_axon_external_ip(tmp_path):
+    done = run_miner_cli(*local_run_args(tmp_path), env=offline_env())
+    error = startup_error(done)
+    assert "public IP" in error and "pass it with --axon.external_ip" in error, error
+
+
+def test_cli_startup_failures_name_the_flag_to_change(tmp_path):
+    args = local_run_args(tmp_path) + ["--axon.external_ip", LOOPBACK]
+    no_wallet = startup_error(run_miner_cli(*args, "--wallet.path", str(tmp_path / "nowhere")))
+    assert "--wallet.name/--wallet.hotkey/--wallet.path" in no_wallet and "btcli wallet create" in no_wallet, \
+        no_wallet
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        busy = startup_error(run_miner_cli(*args, "--metrics-port", str(taken.getsockname()[1])))
+    assert "Address already in use" in busy and "--metrics-port" in busy, busy
+
+
+class RefusingSubtensor:
+    """serve_axon answers a failure as each bittensor does: 9.x False, 10.x an ExtrinsicResponse (success False)."""
+
+    def __init__(self, result) -> None:
+        self.result = result
+
+    def serve_axon(self, netuid, axon):
+        return self.result
+
+
+@pytest.mark.parametrize("result, reason", [(False, "no reason given"),
+                                            (SimpleNamespace(success=False, message="NotRegistered"), "NotRegistered")])
+def test_an_axon_the_chain_did_not_publish_fails_the_start(tmp_path, people, result, reason):
+    miner = Miner(make_wallet(tmp_path), ServerBackend(f"http://{LOOPBACK}:{free_port()}"),
+                  MetagraphSync(people.view, interval_s=3600), people.policy(),
+                  AxonSettings(port=free_port(), bind_host=LOOPBACK, external_ip=LOOPBACK))
+    try:
+        with pytest.raises(RuntimeError, match=rf"not publish the axon on netuid 72 \({reason}\).*btcli subnet"):
+            miner.start(RefusingSubtensor(result), 72)
+    finally:
+        miner.stop()
