@@ -37,15 +37,17 @@ class EventStream:
 
 
 class Explanation:
-    """`async with Explanation(engine, image, idle_s) as e: async for out in e: ...` streams one explanation.
+    """`async with Explanation(engine, image, roadwork, idle_s) as e: async for out in e: ...` streams one
+    explanation of an image the cascade labelled roadwork (True) or none; its first text is that forced answer.
 
     Engine.explain_stream and Engine.cancel block until the VLM loop thread takes the command, so both run on an
     executor thread. Leaving the block before the last output (client gone, error, timeout) cancels the request
     and waits until the runtime has freed its KV blocks."""
 
-    def __init__(self, engine: Engine, image: np.ndarray, idle_s: float) -> None:
+    def __init__(self, engine: Engine, image: np.ndarray, roadwork: bool, idle_s: float) -> None:
         self.engine = engine
         self.image = image
+        self.roadwork = roadwork
         self.idle_s = idle_s
         self.final: Any | None = None  # the output with finished=True, once it came
         self._loop = asyncio.get_running_loop()
@@ -57,7 +59,8 @@ class Explanation:
         self._loop.call_soon_threadsafe(self._outputs.put_nowait, output)
 
     async def __aenter__(self) -> Explanation:
-        self._started = self._loop.run_in_executor(None, self.engine.explain_stream, self.image, self._on_output)
+        self._started = self._loop.run_in_executor(None, self.engine.explain_stream, self.image, self.roadwork,
+                                                   self._on_output)
         try:
             await asyncio.shield(self._started)  # a cancel here must still learn the request id, to cancel it
         except asyncio.CancelledError:

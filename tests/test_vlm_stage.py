@@ -118,9 +118,12 @@ def test_explanations_and_streams(vlm_cascade_models, routing, tmp_path, engines
     exited = next(i for i, r in enumerate(plain) if r.stage == "classifier")
     reference = reference_engine(vlm_cascade_models)
 
-    def greedy(image):
-        result, = reference.generate([EXPLAIN], [[image]], SamplingParams(max_new_tokens=48))
-        return result
+    def greedy(image, roadwork: bool):
+        """The explanation as the stage asks for it: the answer forced to open with the decided yes/no token."""
+        yes, no = reference.score_token_ids
+        prompt = reference.prompt_ids(EXPLAIN, 1) + [yes if roadwork else no]
+        result, = reference.generate([prompt], [[image]], SamplingParams(max_new_tokens=48))
+        return result, reference.tokenizer.decode([yes if roadwork else no]) + result.text
 
     with pytest.raises(ValueError, match="explain has 1 entries for 12 images"):
         engine.predict(imgs, explain=[True])
@@ -129,12 +132,12 @@ def test_explanations_and_streams(vlm_cascade_models, routing, tmp_path, engines
         assert r.prediction == pytest.approx(plain[i].prediction, abs=1e-5) and r.stage == plain[i].stage
         if i not in (scored, exited):
             assert r.explanation is None
-    ref = greedy(imgs[exited])
-    assert results[exited].explanation == ref.text and ref.text
+    ref, text = greedy(imgs[exited], results[exited].label == "roadwork")
+    assert results[exited].explanation == text and ref.text
     assert results[exited].tokens == {"prompt": ref.num_prompt_tokens, "cached": 0, "generated": len(ref.token_ids)}
-    ref = greedy(imgs[scored])
+    ref, text = greedy(imgs[scored], results[scored].label == "roadwork")
     r = results[scored]
-    assert r.explanation == ref.text
+    assert r.explanation == text
     # Scoring and explaining add up; the explanation's prompt starts with the scored image's cached blocks.
     assert r.tokens["prompt"] == plain[scored].tokens["prompt"] + ref.num_prompt_tokens
     assert r.tokens["generated"] == len(ref.token_ids) and r.tokens["cached"] > 0
@@ -148,9 +151,9 @@ def test_explanations_and_streams(vlm_cascade_models, routing, tmp_path, engines
         if out.finished:
             done.set()
 
-    engine.explain_stream(imgs[scored], collect)
+    engine.explain_stream(imgs[scored], r.label == "roadwork", collect)
     assert done.wait(60)
-    assert "".join(c.text for c in chunks) == ref.text and chunks[-1].finish_reason == ref.finish_reason
+    assert "".join(c.text for c in chunks) == text and chunks[-1].finish_reason == ref.finish_reason
     assert chunks[-1].generated_tokens == len(ref.token_ids) and threads == {"vlm loop (vlm)"}
 
     # Cancelling a stream (a slow consumer: the test acts while it runs) frees its blocks before cancel returns.
@@ -162,7 +165,7 @@ def test_explanations_and_streams(vlm_cascade_models, routing, tmp_path, engines
         first.set()
         time.sleep(0.01)
 
-    request_id = engine.explain_stream(imgs[exited], slow)
+    request_id = engine.explain_stream(imgs[exited], True, slow)
     assert first.wait(60)
     assert engine.cancel(request_id)
     assert outputs[-1].finished and outputs[-1].finish_reason == "cancelled" and outputs[-1].generated_tokens < 48
@@ -185,7 +188,7 @@ def test_explanations_and_streams(vlm_cascade_models, routing, tmp_path, engines
             errors.append(str(e))
             raise
 
-    engine.explain_stream(imgs[0], raising)
+    engine.explain_stream(imgs[0], False, raising)
     assert ended.wait(60)
     assert errors == ["vlm stage 'vlm': called from its own loop thread (inside an on_output callback); raise from "
                       "on_output to cancel that stream instead"]
@@ -226,14 +229,14 @@ def test_warmup_describe_close(vlm_cascade_models, routing, tmp_path, engines):
         first.set()
         time.sleep(0.01)
 
-    engine.explain_stream(routing["images"][0], slow)
+    engine.explain_stream(routing["images"][0], True, slow)
     assert first.wait(60)
     engine.close()
     engine.close()
     assert not engine.cascade.vlm.thread.is_alive()
     assert outputs[-1].finished and outputs[-1].finish_reason == "cancelled"
     with pytest.raises(RuntimeError, match="vlm stage 'vlm' is closed"):
-        engine.explain_stream(routing["images"][0], outputs.append)
+        engine.explain_stream(routing["images"][0], True, outputs.append)
     assert engine.cancel(0) is False
     stats = engine.vlm_stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["generated_tokens"] > 0
@@ -244,7 +247,7 @@ def test_warmup_describe_close(vlm_cascade_models, routing, tmp_path, engines):
 def test_without_a_vlm_stage(vlm_cascade_models, routing):
     engine = Engine.load(vlm_cascade_models / "cls", "cpu", "float32")
     assert engine.vlm_stats() is None
-    for call in (lambda: engine.explain_stream(routing["images"][0], print), lambda: engine.cancel(0)):
+    for call in (lambda: engine.explain_stream(routing["images"][0], True, print), lambda: engine.cancel(0)):
         with pytest.raises(RuntimeError, match="this bundle has no vlm stage"):
             call()
     results = engine.predict(routing["images"][:3], explain=[True] * 3)

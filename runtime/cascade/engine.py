@@ -196,10 +196,11 @@ class Engine:
                                                 shifted, auto_explain))
         return results
 
-    def explain_stream(self, image: np.ndarray, on_output: Callable[[VLMOutput], None]) -> int:
-        """Start explaining one decoded image; returns the request id. `on_output` is called on the VLM loop
-        thread with each VLMOutput (text chunk, ..., the last with finished=True)."""
-        return self._vlm().explain_stream(image_tensor(image), on_output)
+    def explain_stream(self, image: np.ndarray, roadwork: bool, on_output: Callable[[VLMOutput], None]) -> int:
+        """Start explaining one decoded image that predict() labelled roadwork (True) or none (False); the
+        explanation opens with that answer. Returns the request id. `on_output` is called on the VLM loop thread
+        with each VLMOutput (text chunk, ..., the last with finished=True)."""
+        return self._vlm().explain_stream(image_tensor(image), roadwork, on_output)
 
     def cancel(self, request_id: int) -> bool:
         """End an explain_stream request; its KV blocks are free when this returns. False if unknown or done."""

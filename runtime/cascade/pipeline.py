@@ -96,7 +96,8 @@ class Cascade:
         if not wanted or not vlm.breaker.allow():
             return
         try:
-            answers = vlm.explain([image_tensor(images[i]) for i in wanted])
+            answers = vlm.explain([image_tensor(images[i]) for i in wanted],
+                                  [results[i].label == "roadwork" for i in wanted])
         except Exception:
             log.exception("stage '%s' failed to explain %d image(s); they go without an explanation", vlm.name,
                           len(wanted))

@@ -1,5 +1,6 @@
 """The VLM stage: a Qwen3-VL answers the bundle's prompt for the images earlier stages left undecided, and writes
-explanations (runtime/vlm/engine.py does the model work).
+explanations (runtime/vlm/engine.py does the model work). An explanation is asked for once the cascade has decided,
+and its answer is forced to open with that decision (the yes or no token), so it never contradicts the label.
 
 One "vlm loop" thread owns the VLMEngine and alone calls add_request / step / cancel; every other thread posts a
 command to its queue and waits on a future. So the cascade's scoring calls (the worker thread) and the server's
@@ -234,18 +235,29 @@ class VLMStage:
             raise TimeoutError(f"vlm stage '{self.name}': scoring {len(images)} image(s) took over "
                                f"{self.time_budget_s or SCORE_TIMEOUT_S:g} s") from None
 
-    def explain(self, images: list[torch.Tensor], sampling: SamplingParams | None = None,
+    def explain(self, images: list[torch.Tensor], roadwork: list[bool], sampling: SamplingParams | None = None,
                 digests: list[int] | None = None) -> list[VLMAnswer]:
-        """The explain prompt's greedy answer for each image (up to max_explain_tokens); blocks until done."""
+        """The explain prompt's greedy answer for each image (up to max_explain_tokens), opening with the
+        cascade's decision about it (`roadwork`, per image); blocks until done."""
+        assert len(roadwork) == len(images), (len(roadwork), len(images))
         sampling = sampling or self.explain_sampling
         digests = digests or [image_digest(image) for image in images]
         ready = handover(images)
+        prefixes = [self.answer_prefix(r) for r in roadwork]
         return self._call(lambda: self._submit(self.spec.explain_prompt, self._adopt(images, ready), sampling,
-                                               digests)).result()
+                                               digests, prefixes)).result()
 
-    def explain_stream(self, image: torch.Tensor, on_output: Callable[[VLMOutput], None]) -> int:
-        """Start explaining one image; returns its request id. `on_output` runs on the vlm loop thread; if it
-        raises, the request is cancelled."""
+    def answer_prefix(self, roadwork: bool) -> tuple[int, ...]:
+        """What an explanation is forced to open with: the yes token for a roadwork decision, else the no token.
+        The bundled VLM was trained to open its explanations so ("Yes: ..." / "No roadwork: ...", train/vlm.py),
+        and continues from the forced token: decision first, then the words that go with it."""
+        assert self.engine.score_token_ids is not None, "a vlm stage scores, so its model has a tokenizer"
+        yes, no = self.engine.score_token_ids
+        return (yes if roadwork else no,)
+
+    def explain_stream(self, image: torch.Tensor, roadwork: bool, on_output: Callable[[VLMOutput], None]) -> int:
+        """Start explaining one image the cascade decided `roadwork` about (the answer opens with that decision);
+        returns its request id. `on_output` runs on the vlm loop thread; if it raises, the request is cancelled."""
         def forward(out: RequestOutput) -> None:
             self._account(out)
             if out.finished:
@@ -264,7 +276,8 @@ class VLMStage:
 
         def add() -> int:
             request_id = self.engine.add_request(self.spec.explain_prompt, self._adopt([image], ready),
-                                                 sampling=self.explain_sampling, on_output=forward, digests=[digest])
+                                                 sampling=self.explain_sampling, on_output=forward, digests=[digest],
+                                                 answer_prefix=self.answer_prefix(roadwork))
             self.streams.add(request_id)
             return request_id
 
@@ -290,7 +303,7 @@ class VLMStage:
         keep a pool of their own); the token counters start after it."""
         image = torch.full((*WARMUP_IMAGE, 3), 128, dtype=torch.uint8)
         self.score([image])
-        self.explain([image], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        self.explain([image], [True], SamplingParams(max_new_tokens=2, ignore_eos=True))
         self._call(lambda: self.counters.update(dict.fromkeys(self.counters, 0)))
 
     def close(self) -> None:
@@ -402,8 +415,9 @@ class VLMStage:
                     command.future.set_exception(StageClosed(f"vlm stage '{self.name}' is closed"))
 
     def _submit(self, prompt: str, images: list[torch.Tensor], sampling: SamplingParams | None,
-                digests: list[int]) -> Future:
-        """Queue one request per image (sampling None: scoring); the future resolves when all have finished."""
+                digests: list[int], prefixes: list[tuple[int, ...]] | None = None) -> Future:
+        """Queue one request per image (sampling None: scoring; else each answer opens with its `prefixes` entry);
+        the future resolves when all have finished."""
         done: Future = Future()
         done.request_ids = []  # score() cancels these when it stops waiting
         if not images:
@@ -425,9 +439,9 @@ class VLMStage:
                 done.set_result([VLMAnswer(finals[i].p_yes, "".join(texts[i]), tokens_of(finals[i])) for i in ids])
 
         try:
-            for image, digest in zip(images, digests):
+            for image, digest, prefix in zip(images, digests, prefixes or [()] * len(images)):
                 ids.append(self.engine.add_request(prompt, [image], sampling=sampling, score=sampling is None,
-                                                   on_output=collect, digests=[digest]))
+                                                   on_output=collect, digests=[digest], answer_prefix=prefix))
             done.request_ids = ids
         except Exception as e:
             done.set_exception(e)  # first: the cancellations below must not resolve it otherwise

@@ -5,6 +5,7 @@ and prefix caching (images included, keyed by content).
     engine.score(images, "Is there roadwork in this image? Answer Yes or No.")   # -> [ScoreResult(p_yes, ...)]
     for out in engine.stream("Why?", [image]): ...                                # token by token
     rid = engine.add_request(...); engine.step(); engine.cancel(rid)            # the loop a server thread drives
+    engine.add_request("Why?", [image], answer_prefix=(engine.score_token_ids[0],))  # the answer opens with "Yes"
 
 Not thread-safe: one thread calls add_request / step / cancel (the other methods drive step themselves)."""
 from __future__ import annotations
@@ -174,14 +175,17 @@ class VLMEngine:
 
     def add_request(self, prompt: Prompt, images: list[Image] = (), *, sampling: SamplingParams | None = None,
                     score: bool = False, on_output: Callable[[RequestOutput], None] | None = None,
-                    digests: list[int] | None = None) -> int:
+                    digests: list[int] | None = None, answer_prefix: tuple[int, ...] = ()) -> int:
         """Queue a request; returns its id. score=True: one prefill, then P(yes) (no tokens are generated).
         digests: image_digest of each image, computed by the caller from its host copy (hashing a CUDA tensor
-        here would copy the full image back to the host on the VLM loop)."""
+        here would copy the full image back to the host on the VLM loop). answer_prefix: tokens the answer is
+        forced to open with (e.g. the decided yes/no token); they follow the prompt as prompt tokens (prefilled,
+        counted in num_prompt_tokens) and their text opens the request's first output text."""
         assert digests is None or len(digests) == len(images), (len(images), digests)
+        assert not (score and answer_prefix), "a score request reads the first answer token; it cannot be forced"
         sampling = sampling or SamplingParams()
         image_token = self.model.cfg.image_token_id
-        ids = self.prompt_ids(prompt, len(images))
+        ids = self.prompt_ids(prompt, len(images)) + list(answer_prefix)
         if ids.count(image_token) != len(images):
             raise ValueError(f"prompt has {ids.count(image_token)} image placeholders (token {image_token}) for "
                              f"{len(images)} images")
@@ -221,7 +225,7 @@ class VLMEngine:
         if on_output is not None:
             self._callbacks[request_id] = on_output
         if self.tokenizer is not None and not score:
-            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, answer_prefix)
         return request_id
 
     def cancel(self, request_id: int) -> bool:

@@ -7,6 +7,7 @@ encoded without added special tokens, as apply_chat_template does."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -117,11 +118,12 @@ class ChatTokenizer:
 
 
 class IncrementalDetokenizer:
-    """Text deltas of a growing token list; holds back a trailing partial UTF-8 character."""
+    """Text deltas of a growing token list; holds back a trailing partial UTF-8 character. `prefix_ids` (a forced
+    answer prefix) are decoded with the tokens that follow them, so the first delta carries their text."""
 
-    def __init__(self, tokenizer: ChatTokenizer):
+    def __init__(self, tokenizer: ChatTokenizer, prefix_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(prefix_ids)
         self.text = ""
 
     def push(self, token_id: int) -> str:
