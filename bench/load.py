@@ -21,13 +21,15 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
 from PIL import Image
+
+from runtime.cascade.settings import EngineSettings, add_engine_flags, engine_settings
 
 log = logging.getLogger("bench.load")
 
@@ -73,26 +75,25 @@ def make_jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
     return images
 
 
-def offline_throughput(args: argparse.Namespace, images: list[bytes]) -> dict:
+def offline_throughput(settings: EngineSettings, batches: int, images: list[bytes]) -> dict:
     """Images/s of Engine.predict on full batches of already-decoded images: the ceiling for the server."""
     from runtime.image_decode import decode_image
-    from runtime.cascade.engine import Engine
 
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    engine = settings.load()
     engine.warmup()
     decoded = [decode_image(im) for im in images]
-    batch = [decoded[i % len(decoded)] for i in range(args.max_batch)]
+    batch = [decoded[i % len(decoded)] for i in range(engine.max_batch)]
     engine.predict(batch)
     start = time.perf_counter()
-    for _ in range(args.offline_batches):
+    for _ in range(batches):
         engine.predict(batch)
     seconds = time.perf_counter() - start
     decode_start = time.perf_counter()
     for im in images:
         decode_image(im)
     decode_ms = (time.perf_counter() - decode_start) / len(images) * 1e3
-    return {"images_per_s": round(args.offline_batches * args.max_batch / seconds, 2), "batch": args.max_batch,
-            "batches": args.offline_batches, "decode_ms_per_image": round(decode_ms, 3),
+    return {"images_per_s": round(batches * engine.max_batch / seconds, 2), "batch": engine.max_batch,
+            "batches": batches, "decode_ms_per_image": round(decode_ms, 3),
             "engine": engine.describe()}
 
 
@@ -124,11 +125,9 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 
 async def start_server(args: argparse.Namespace) -> tuple[asyncio.subprocess.Process, str]:
-    command = [sys.executable, "-m", "server", "--model", str(args.model), "--host", "127.0.0.1", "--port", "0",
-               "--device", args.device, "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-               "--cache-entries", "0", "--queue-size", str(args.queue_size), "--log-level", "info"]
-    if args.dtype:
-        command += ["--dtype", args.dtype]
+    command = [sys.executable, "-m", "server", *args.engine.argv(), "--host", "127.0.0.1", "--port", "0",
+               "--max-delay-ms", str(args.max_delay_ms), "--cache-entries", "0", "--queue-size", str(args.queue_size),
+               "--log-level", "info"]
     return await start_listening(command)
 
 
@@ -216,11 +215,8 @@ async def run_load(args: argparse.Namespace, images: list[bytes]) -> tuple[list[
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / "bundles" / "default")
+    add_engine_flags(parser)  # the offline engine's, and the server's it starts
     parser.add_argument("--url", help="a server already running on loopback (default: start one)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--queue-size", type=int, default=4096)
     parser.add_argument("--image-size", type=int, default=224, help="side of the square test JPEGs")
@@ -233,10 +229,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a few seconds in all: for tests and smoke runs")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
+    settings = engine_settings(parser, args)
     if args.tiny:
         args.images, args.image_size, args.concurrency = min(args.images, 16), min(args.image_size, 64), 4
         args.requests, args.duration, args.rate, args.offline_batches = 48, 3.0, 40.0, 3
-        args.max_batch = min(args.max_batch, 8)
+        settings = replace(settings, max_batch=min(settings.batch_size, 8))
+    args.engine = settings
     if args.url and urlsplit(args.url).hostname not in LOOPBACK:
         parser.error(f"--url must point at loopback ({', '.join(sorted(LOOPBACK))}), got {args.url}")
     return args
@@ -246,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     images = make_jpegs(args.images, args.image_size)
-    offline = offline_throughput(args, images)
+    offline = offline_throughput(args.engine, args.offline_batches, images)
     log.info("offline Engine.predict: %.1f images/s (batch %d); decode %.2f ms/image",
              offline["images_per_s"], offline["batch"], offline["decode_ms_per_image"])
     phases, exit_code = asyncio.run(run_load(args, images))
@@ -256,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                  s["phase"], s["sent"], s["ok"], s["errors"], s["throughput_per_s"], s["p50_ms"], s["p90_ms"],
                  s["p99_ms"])
     closed = summaries[0]["throughput_per_s"]
-    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    settings = {k: v for k, v in vars(args).items() if k != "engine"} | {"max_batch": args.engine.batch_size}
+    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
               "offline": offline, "phases": summaries,
               "server_vs_offline_throughput": round(closed / offline["images_per_s"], 3),
               "server_exit_code": exit_code}

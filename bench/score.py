@@ -25,7 +25,7 @@ import torch
 from bench.common import jpeg_images, machine, write_json
 from runtime.cascade.engine import Engine
 from runtime.image_decode import decode_image
-from server.config import CPU_BATCH, CUDA_BATCH, DEFAULT_MODEL_DIR
+from runtime.cascade.settings import EngineSettings, add_engine_flags, engine_settings
 from tools.score import score
 
 log = logging.getLogger("bench.score")
@@ -60,9 +60,9 @@ def score_images_per_s(engine: Engine, folder: Path, out: Path, n_images: int,
     return summary["images_per_s"], n_images / cpu, summary
 
 
-def run(model: Path, n_images: int, rounds: int, max_batch: int, dtype: str | None, decode_threads: int,
-        device: str) -> dict:
-    engine = Engine.load(model, device=device, dtype=dtype, max_batch=max_batch)
+def run(settings: EngineSettings, n_images: int, rounds: int, decode_threads: int) -> dict:
+    engine = settings.load()
+    max_batch = engine.max_batch
     try:
         engine.warmup()
         with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +91,7 @@ def run(model: Path, n_images: int, rounds: int, max_batch: int, dtype: str | No
     finally:
         engine.close()
     off, sc = statistics.median(offline), statistics.median(bulk)
-    return {"model": str(model), "images": n_images, "rounds": rounds, "max_batch": max_batch,
+    return {"model": str(settings.model), "images": n_images, "rounds": rounds, "max_batch": max_batch,
             "decode_threads": decode_threads, "dtype": description["dtype"], "device": description["device"],
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags(),
             "stages_decided": stages,
@@ -106,21 +106,18 @@ def run(model: Path, n_images: int, rounds: int, max_batch: int, dtype: str | No
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.score", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    add_engine_flags(ap)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-batch", type=int, help=f"default: the server's ({CPU_BATCH} cpu, {CUDA_BATCH} cuda)")
-    ap.add_argument("--dtype", help="default: the engine's choice for the device")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode-threads", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="16 images, 1 round")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
+    settings = engine_settings(ap, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.tiny:
         args.images, args.rounds = 16, 1
-    max_batch = args.max_batch or (CPU_BATCH if args.device == "cpu" else CUDA_BATCH)
-    result = run(args.model, args.images, args.rounds, max_batch, args.dtype, args.decode_threads, args.device)
+    result = run(settings, args.images, args.rounds, args.decode_threads)
     info = machine()
     print(json.dumps({"machine": info, **result}, indent=2))
     write_json(args.json, result)

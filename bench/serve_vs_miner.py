@@ -47,7 +47,7 @@ import orjson
 from bench.common import PRESETS, jpeg_images, machine, make_checkpoint, print_table, write_json
 from bench.load import start_listening
 from bench.peak import measure_peaks
-from server.config import CPU_BATCH
+from runtime.cascade.settings import CPU_BATCH
 
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = ("baseline", "server-auto", "server", "server-int8", "server-fbgemm", "server-onednn")

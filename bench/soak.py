@@ -33,6 +33,7 @@ import numpy as np
 
 from bench.load import make_jpegs, offline_throughput, start_listening, wait_ready
 from fixtures.hostile import flat_webp, png_header_only, scan_bomb, strip_png
+from runtime.cascade.settings import EngineSettings
 
 log = logging.getLogger("bench.soak")
 REPO = Path(__file__).resolve().parents[1]
@@ -206,9 +207,8 @@ async def overload(url: str, traffic: Traffic, clients: int, seconds: float) -> 
 
 def offline(args: argparse.Namespace, traffic: Traffic) -> float:
     """Images/s of Engine.predict on full batches in this process (bench.load's measure)."""
-    offline_args = argparse.Namespace(model=args.model, device="cpu", dtype=None, max_batch=args.max_batch,
-                                      offline_batches=args.offline_batches)
-    images_per_s = offline_throughput(offline_args, traffic.images)["images_per_s"]
+    settings = EngineSettings(args.model, max_batch=args.max_batch)  # the server's defaults, as it gets them
+    images_per_s = offline_throughput(settings, args.offline_batches, traffic.images)["images_per_s"]
     log.info("offline Engine.predict: %.1f images/s", images_per_s)
     return images_per_s
 

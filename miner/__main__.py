@@ -10,6 +10,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from runtime.cascade.settings import ENGINE_HELP, add_engine_flags, engine_settings
+
 try:
     from miner.bt import VERSION, Axon, Subtensor, Wallet, btlogging, keep_logging
 except ImportError as e:  # no bittensor, or one without an Axon: say which extra, not a traceback
@@ -27,10 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("where predictions come from (exactly one)")
     source.add_argument("--server-url", help="the roadwork server (or nginx in front of replicas), e.g. "
                                              "http://127.0.0.1:8080; the miner POSTs to its /v1/predict")
-    source.add_argument("--model", type=Path, help="a bundle directory to run in this process instead "
-                                                   "(one image at a time; the server batches and caches)")
-    source.add_argument("--device", default="cpu", help="with --model: cpu, cuda or cuda:N")
-    source.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="with --model")
+    source.add_argument("--model", type=Path, help=f"{ENGINE_HELP['model']} to run in this process instead (one "
+                                                   "image at a time; the server batches and caches)")
+    add_engine_flags(parser, model=False)  # how the --model engine runs: the server's flags
     parser.add_argument("--concurrency", type=int, default=64,
                         help="forwards in flight at once; beyond it callers wait, highest stake first")
     parser.add_argument("--bind-host", default="0.0.0.0", help="address the axon listens on")
@@ -71,6 +72,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     config = parser.parse_args(argv)
     if (config.server_url is None) == (config.model is None):
         parser.error("give exactly one of --server-url or --model")
+    config.engine = None if config.model is None else engine_settings(parser, config)
     if config.concurrency < 1:
         parser.error(f"--concurrency must be >= 1, got {config.concurrency}")
     if config.sync_interval_s <= 0:
@@ -129,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from runtime.errors import ModelLoadError
         try:
-            backend = EngineBackend(config.model, config.device, config.dtype)
+            backend = EngineBackend(config.engine)
         except ModelLoadError as e:
             log.error("cannot load --model %s: %s", config.model, describe(e))
             return 1

@@ -6,11 +6,13 @@ import asyncio
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
+
+if TYPE_CHECKING:
+    from runtime.cascade.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +89,17 @@ class EngineBackend:
     """An Engine loaded in this process, one image at a time on one worker thread. For batching across callers and
     the result cache, run the server and use ServerBackend instead."""
 
-    def __init__(self, model: str | Path, device: str = "cpu", dtype: str | None = None,
-                 quantize: str | None = None) -> None:
-        # runtime/ is imported here only: `python -m miner --server-url` never loads torch.
+    def __init__(self, settings: EngineSettings) -> None:
+        # The engine's modules are imported here only: `python -m miner --server-url` never loads torch.
         from runtime.image_decode import ImageDecodeError, decode_image
-        from runtime.cascade.engine import Engine
         from server.payload import decode_base64_image
         from server.errors import ApiError
 
         self._decode_image, self._decode_error = decode_image, ImageDecodeError
         self._decode_base64, self._api_error = decode_base64_image, ApiError
-        self.engine = Engine.load(model, device=device, dtype=dtype, max_batch=1, quantize=quantize)
+        self.engine = settings.load()
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="miner-engine")
-        self.url = f"engine:{model}"
+        self.url = f"engine:{settings.model}"
 
     def warmup(self) -> None:
         self.worker.submit(self.engine.warmup).result()

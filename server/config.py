@@ -2,34 +2,31 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from runtime.cascade.bundle import QUANTIZE_MODES
-from runtime.models.precision_cache import default_path as default_precision_cache
+from runtime.cascade.settings import ENV_PREFIX, EngineSettings, add_engine_flags, env_default, env_name, flag
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "bundles" / "default"
-ENV_PREFIX = "ROADWORK_"
+log = logging.getLogger(__name__)
 
-
-CPU_BATCH, CUDA_BATCH = 8, 32  # default max_batch per device
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+LOG_FORMATS = ("text", "json")
+# ROADWORK_* variables that are not server options but are read in this environment: graphs/nvtx.py's switch, and
+# deploy/'s pm2 and compose settings (pm2 hands its environment on to every replica).
+OTHER_ENV = ("ROADWORK_NVTX", "ROADWORK_REPLICAS", "ROADWORK_BASE_PORT", "ROADWORK_DEVICES", "ROADWORK_PYTHON",
+             "ROADWORK_LOG_DIR", "ROADWORK_BUILD_DEVICE", "ROADWORK_IMAGE")
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    model: Path = DEFAULT_MODEL_DIR
+class ServerConfig(EngineSettings):
+    """The engine flags (runtime/cascade/settings.py) and the server's own."""
     host: str = "127.0.0.1"
     port: int = 8080
-    device: str = "cpu"
-    dtype: str = "auto"                   # "auto": measured at startup (runtime/models/precision.py)
-    quantize: str = "auto"                # "auto": models cascade.toml leaves unset are measured; else every one
-    precision_cache: str = "default"      # auto's measurements across starts: "default", "off" or a file
-    max_batch: int | None = None          # images per Engine.predict call; None: the device's (batch_size)
     max_delay_ms: float = 5.0             # longest an image waits for its batch to fill
     queue_size: int = 1024                # images being decoded or waiting for a batch; beyond this: 503
     timeout_s: float = 9.0                # per-request deadline (the validator's timeout)
@@ -54,53 +51,38 @@ class ServerConfig:
     redis_timeout_ms: float = 5.0         # deadline of every Redis call; slower counts as a failure
     access_log: bool = False
     log_level: str = "info"
+    log_format: str = "text"              # "json": one JSON object per log line (server/logs.py)
     hardcases: Path | None = None         # capture hard cases into this directory (off when None)
     hardcases_rules: Path | None = None   # TOML with the capture rates and caps (server/hardcase_capture.py)
 
     def __post_init__(self) -> None:
-        positive = ("max_batch", "queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
+        super().__post_init__()
+        # Errors name the flags: parse_config shows them as usage errors.
+        positive = ("queue_size", "timeout_s", "max_body_mb", "max_pixels", "max_batch_images",
                     "decode_threads", "body_memory_mb", "max_jpeg_scans", "decode_memory_mb", "max_explanations",
                     "keepalive_timeout_s", "max_connections", "max_connections_per_ip",
                     "redis_ttl_s", "redis_timeout_ms")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
         for name in ("max_delay_ms", "cache_entries", "cache_mb", "cache_ttl_s", "shutdown_timeout_s"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        if self.quantize not in QUANTIZE_MODES:
-            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+            raise ValueError(f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be text or json, got {self.log_format!r}")
         if self.redis_url is not None and not re.match(r"(redis|rediss|unix)://", self.redis_url):
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+            raise ValueError(f"--redis-url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if self.max_aspect_ratio < 1:
-            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+            raise ValueError(f"--max-aspect-ratio must be >= 1, got {self.max_aspect_ratio}")
         if self.body_memory_mb < self.max_body_mb:
-            raise ValueError(f"body_memory_mb ({self.body_memory_mb}) must be >= max_body_mb ({self.max_body_mb}): "
+            raise ValueError(f"--body-memory-mb ({self.body_memory_mb}) must be >= --max-body-mb ({self.max_body_mb}): "
                              f"the largest allowed body must fit")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.hardcases_rules is not None and self.hardcases is None:
-            raise ValueError("hardcases_rules needs hardcases (the directory to capture into)")
-
-    @property
-    def batch_size(self) -> int:
-        """max_batch, else 8 on CPU and 32 on CUDA: on CPU, ViT-B/16 runs slower per image at batch 32 than at 8
-        (BENCHMARKS.md, sections 3 and 5)."""
-        if self.max_batch is not None:
-            return self.max_batch
-        return CPU_BATCH if self.device == "cpu" else CUDA_BATCH
-
-    @property
-    def precision_cache_path(self) -> Path | None:
-        if self.precision_cache == "off":
-            return None
-        return default_precision_cache() if self.precision_cache == "default" else Path(self.precision_cache)
+            raise ValueError("--hardcases-rules needs --hardcases (the directory to capture into)")
 
     @property
     def max_body_bytes(self) -> int:
@@ -120,21 +102,8 @@ class ServerConfig:
 
 
 _HELP = {
-    "model": "bundle directory (cascade.toml) or Hugging Face classifier directory; default: bundles/default",
     "host": "address to bind (default 127.0.0.1)",
     "port": "TCP port; 0 picks a free one (default 8080)",
-    "device": "cpu, cuda or cuda:N (default cpu)",
-    "dtype": "auto, float32, bfloat16 or float16; auto (default) measures the candidates on this CPU at startup "
-             "and picks the fastest whose drift against fp32 is within bounds (never slower than fp32; on CUDA: "
-             "bf16, else fp16). An explicit slower-than-fp32 choice is kept with a warning",
-    "quantize": "auto, none, int8 (torch._int_mm), int8-fbgemm or int8-onednn for every classifier and detector, "
-                "over cascade.toml's per-model 'quantize'; auto (default): measured with --dtype, for the models "
-                "cascade.toml leaves unset",
-    "precision_cache": "JSON file keeping auto's measurements across starts, keyed by the model's bytes, the CPU, "
-                       "the library versions and the settings: a start that finds its key serves the same "
-                       "precision without measuring; 'off' measures every start (default: 'default', "
-                       "$XDG_CACHE_HOME/roadwork-cascade/precision.json, else ~/.cache/...)",
-    "max_batch": f"largest batch per model call (default {CPU_BATCH} on cpu, {CUDA_BATCH} on cuda)",
     "max_delay_ms": "longest a request waits for its batch to fill, in ms; 0 runs whatever is queued as soon as "
                     "the model is free (default 5)",
     "queue_size": "images admitted at once (being decoded or waiting for a batch); beyond it requests get 503 "
@@ -169,14 +138,12 @@ _HELP = {
                         "(default 5)",
     "access_log": "log one aiohttp access line per request",
     "log_level": "debug, info, warning or error (default info); debug adds one structured line per request",
+    "log_format": "text, or json: one JSON object a line (time, level, logger, message; request_id on every line "
+                  "about a request) for log collectors (default text)",
     "hardcases": "capture hard cases (near the threshold, stages disagreeing, degraded, VLM-decided, ?capture=1) "
                  "into this directory as a FiftyOne dataset (default: off)",
     "hardcases_rules": "TOML file with the capture rates per rule and the caps (default: built-in rates and caps)",
 }
-
-
-def _env_name(field_name: str) -> str:
-    return ENV_PREFIX + field_name.upper()
 
 
 def _parse_bool(text: str) -> bool:
@@ -203,10 +170,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                     f"variable named in brackets ({ENV_PREFIX}<OPTION>); the command line wins.",
     )
     parser.add_argument("--version", action="version", version=f"roadwork-cascade {package_version()}")
+    add_engine_flags(parser, environ)
+    engine = {f.name for f in fields(EngineSettings)}
     defaults = ServerConfig()
     for f in fields(ServerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        env = _env_name(f.name)
+        if f.name in engine:
+            continue
+        env = env_name(f.name)
         default = getattr(defaults, f.name)
         help_text = f"{_HELP[f.name]} [{env}]"
         if f.name == "access_log":
@@ -215,25 +185,33 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                     default = _parse_bool(environ[env])
                 except ValueError as e:
                     parser.error(f"environment variable {env}: {e}")
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
-        kind = {"model": Path, "dtype": str, "quantize": str, "max_batch": int, "hardcases": Path,
-                "hardcases_rules": Path, "redis_url": str}.get(f.name, type(default))
-        choices = {"dtype": list(DTYPE_CHOICES), "quantize": list(QUANTIZE_MODES),
-                   "log_level": ["debug", "info", "warning", "error"]}.get(f.name)
-        if env in environ:
-            try:
-                default = kind(environ[env])
-            except ValueError:
-                parser.error(f"environment variable {env}={environ[env]!r} is not a valid {kind.__name__}")
-        parser.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
+        kind = {"hardcases": Path, "hardcases_rules": Path, "redis_url": str}.get(f.name, type(default))
+        choices = {"log_level": ["debug", "info", "warning", "error"], "log_format": list(LOG_FORMATS)}.get(f.name)
+        default = env_default(parser, environ, f.name, kind, default)
+        parser.add_argument(flag(f.name), type=kind, default=default, choices=choices, help=help_text)
     return parser
 
 
+def warn_unknown_env(environ: Mapping[str, str]) -> None:
+    """One warning per ROADWORK_* variable that nothing reads, naming the closest one that is read: a misspelt
+    setting would otherwise be ignored without a word."""
+    known = [env_name(f.name) for f in fields(ServerConfig)] + list(OTHER_ENV)
+    options = [k.removeprefix(ENV_PREFIX) for k in known]  # compared without the prefix every name shares
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), options, n=1)
+        log.warning("environment variable %s is not a setting%s; it is ignored", name,
+                    f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else "")
+
+
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
-    """Command line over environment over defaults; exits with a usage error on a bad value."""
+    """Command line over environment over defaults; exits with a usage error on a bad value. Warns once about
+    ROADWORK_* variables that are no setting."""
+    environ = os.environ if environ is None else environ
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    warn_unknown_env(environ)
     try:
         return ServerConfig(**vars(args))
     except ValueError as e:

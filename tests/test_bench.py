@@ -235,7 +235,7 @@ def test_score_bench(tmp_path):
     from bench import score as score_bench
 
     make_vit(tmp_path / "vit", seed=1)
-    result = score_bench.main(["--tiny", "--model", str(tmp_path / "vit"), "--dtype", "float32",
+    result = score_bench.main(["--tiny", "--model", str(tmp_path / "vit"), "--dtype", "float32", "--quantize", "none",
                                "--json", str(tmp_path / "r.json")])
     assert result["images"] == 16 and result["offline_images_per_s"] > 0 and result["score_images_per_s"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["machine"]["cpu"]

@@ -376,11 +376,12 @@ def test_priority_is_stake_order_under_load(tmp_path, people, upstream):
 def test_in_process_engine_backend(tmp_path, people, model_dir):
     from runtime.image_decode import decode_image
     from runtime.cascade.engine import Engine
+    from runtime.cascade.settings import EngineSettings
 
     image = jpeg(8, (224, 224))
     engine = Engine.load(model_dir, dtype="float32", max_batch=1)
     expected = engine.predict([decode_image(image)])[0].prediction
-    backend = EngineBackend(model_dir, dtype="float32")
+    backend = EngineBackend(EngineSettings(model_dir, dtype="float32", quantize="none", max_batch=1))
     backend.warmup()
     with running_miner(tmp_path, people, backend) as m:
         answer, _ = asyncio.run(query(people.validators[5], m.axon.info(), b64(image)))

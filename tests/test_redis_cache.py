@@ -159,7 +159,7 @@ def test_redis_options_are_validated():
     assert parse_config([], environ={"ROADWORK_REDIS_URL": "unix:///run/redis.sock"}).redis_url.startswith("unix")
     done = subprocess.run(["python", "-m", "server", "--redis-url", "http://x"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode == 2 and "redis_url must start with redis://" in done.stderr
+    assert done.returncode == 2 and "--redis-url must start with redis://" in done.stderr
 
 
 def test_stored_value_is_plain_json():

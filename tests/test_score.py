@@ -119,7 +119,8 @@ def test_csv_and_parquet_hold_the_jsonl_answers(model_dir, engine, tmp_path):
     tool.score(engine, inputs_of(tmp_path), tmp_path / "out.jsonl", detail=True, progress=False)
     want = {row["id"]: row for row in rows_of(tmp_path / "out.jsonl")}
     assert tool.main(inputs_of(tmp_path) + ["--out", str(tmp_path / "out.csv"), "--model", str(model_dir),
-                                            "--dtype", "float32", "--max-batch", "4", "--detail", "--no-progress",
+                                            "--dtype", "float32", "--quantize", "none", "--max-batch", "4",
+                                            "--detail", "--no-progress",
                                             "--summary", str(tmp_path / "s.json")]) == 0
     with open(tmp_path / "out.csv", newline="") as f:
         got = {row["id"]: row for row in csv.DictReader(f)}

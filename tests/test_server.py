@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import Engine
 from server.app import Service
-from server.config import CPU_BATCH
+from runtime.cascade.settings import CPU_BATCH
 from fixtures.checkpoints import make_vit
 from fixtures.images import b64, jpeg, png
 from fixtures.serving import MAX_BATCH, serving
@@ -71,6 +71,55 @@ def test_predict_forms_match_engine(engine, model_dir):
         assert set(body["timings_ms"]) == {"decode", "queue", "compute", "total"}
     assert "scores" not in answers[0][1]
     assert answers[2][1]["scores"]["classifier"] == pytest.approx(expected[2], abs=TOL)
+
+
+def test_multipart_uploads_answer_like_raw_bytes(engine, model_dir):
+    """`curl -F image=@x.jpg` (a form part named image, other parts ignored) answers what the raw bytes answer, on
+    /v1/predict and /v1/predict/stream; a form without that part, or cut short, is a 400 naming it."""
+    image = jpeg(7)
+    [want] = direct(engine, [image])
+    boundary = "b0undary"
+
+    def form(*parts: tuple[str, bytes], close: bool = True) -> bytes:
+        body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"x\"\r\n"
+                        f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n" for name, data in parts)
+        return body + (f"--{boundary}--\r\n".encode() if close else b"")
+
+    async def scenario():
+        async with serving(engine, model_dir, cache_entries=0) as s:
+            data = aiohttp.FormData()
+            data.add_field("note", "ignored")
+            data.add_field("image", image, filename="x.jpg", content_type="image/jpeg")
+            async with s.client.post(s.url + "/v1/predict", data=data) as r:  # aiohttp writes the form itself
+                by_client = r.status, await r.json()
+            async with s.client.post(s.url + "/v1/predict/stream?explain=0", data=form(("image", image)),
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                              "X-Request-ID": "form-1"}) as r:
+                streamed = r.status, await r.text()
+                assert r.headers["X-Request-ID"] == "form-1"  # a stream's headers leave before the middleware sees it
+            typed = f"multipart/form-data; boundary={boundary}"
+            return by_client, streamed, {
+                "no_image": await s.post("/v1/predict", data=form(("file", image)), content_type=typed),
+                "truncated": await s.post("/v1/predict", data=form(("image", image), close=False)[:-2],
+                                          content_type=typed),
+                "no_boundary": await s.post("/v1/predict", data=form(("image", image)),
+                                            content_type="multipart/form-data"),
+                "empty_part": await s.post("/v1/predict", data=form(("image", b"")), content_type=typed),
+                "many_parts": await s.post("/v1/predict", data=form(*[("x", b"1")] * 40, ("image", image)),
+                                           content_type=typed),
+            }
+
+    (status, body), (stream_status, events), errors = run(scenario())
+    assert status == 200 and body["prediction"] == pytest.approx(want, abs=TOL), body
+    assert stream_status == 200 and "event: result" in events, events
+    result = orjson.loads(events.split("event: result\ndata: ")[1].split("\n")[0])
+    assert result["prediction"] == pytest.approx(want, abs=TOL)
+    assert {name: (code, answer["error"]["code"]) for name, (code, answer, _) in errors.items()} == {
+        "no_image": (400, "missing_field"), "truncated": (400, "invalid_multipart"),
+        "no_boundary": (400, "invalid_multipart"), "empty_part": (400, "invalid_field"),
+        "many_parts": (400, "missing_field")}
+    assert "curl -F image=@photo.jpg" in errors["no_image"][1]["error"]["message"]
+    assert "['file']" in errors["no_image"][1]["error"]["message"]
 
 
 def test_a_client_request_id_is_kept_and_echoed(engine, model_dir):

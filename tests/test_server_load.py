@@ -15,7 +15,7 @@ def test_tiny_load_run_reports_throughput_latency_and_overhead(tmp_path):
     make_vit(tmp_path / "model", seed=7)
     report_path = tmp_path / "load.json"
     done = subprocess.run([sys.executable, "-m", "bench.load", "--tiny", "--model", str(tmp_path / "model"),
-                           "--dtype", "float32", "--json", str(report_path)],
+                           "--dtype", "float32", "--quantize", "none", "--json", str(report_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(report_path.read_text())

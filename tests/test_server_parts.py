@@ -8,7 +8,8 @@ import pytest
 
 from runtime.cascade.engine import ImageResult
 from server.cache import ResultCache, image_key
-from server.config import DEFAULT_MODEL_DIR, ServerConfig, parse_config
+from runtime.cascade.settings import DEFAULT_MODEL_DIR
+from server.config import ServerConfig, parse_config
 from server.errors import ApiError
 from server.payload import decode_base64_image, parse_json_object
 

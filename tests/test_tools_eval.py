@@ -86,7 +86,8 @@ def test_list_labeled_and_spread(data):
 
 def test_eval_report_matches_engine(data, bundle, tmp_path, capsys):
     out = tmp_path / "report.json"
-    eval_main([str(bundle), str(data), "--dtype", "float32", "--max-batch", "8", "--json", str(out)])
+    eval_main([str(bundle), str(data), "--dtype", "float32", "--quantize", "none", "--max-batch", "8",
+               "--json", str(out)])
     report = json.loads(out.read_text())
     assert "MCC" in capsys.readouterr().out
     engine = Engine.load(bundle, "cpu", "float32", max_batch=8)
@@ -169,7 +170,8 @@ def test_bundle_toml_round_trip(which, request, tmp_path):
 def test_tune_cli_writes_a_loadable_bundle(data, bundle, tmp_path, capsys):
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
-    tune_main([str(copy), str(data), "--dtype", "float32", "--max-batch", "8", "--max-routed", "0.5", "--write"])
+    tune_main([str(copy), str(data), "--dtype", "float32", "--quantize", "none", "--max-batch", "8",
+               "--max-routed", "0.5", "--write"])
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 16 and result["chosen"]["routed"] <= 0.5
     assert result["chosen"]["mcc"] >= result["classifier_alone"]["mcc"]
@@ -183,8 +185,8 @@ def test_tune_cli_writes_a_loadable_bundle(data, bundle, tmp_path, capsys):
 def test_tune_cli_with_a_vlm_stage(data, vlm_bundle, tmp_path, capsys):
     copy = tmp_path / "b"
     shutil.copytree(vlm_bundle, copy)
-    tune_main([str(copy), str(data), "--dtype", "float32", "--max-batch", "8", "--max-routed", "1.0",
-               "--max-vlm", "0.5", "--write"])
+    tune_main([str(copy), str(data), "--dtype", "float32", "--quantize", "none", "--max-batch", "8", "--max-routed",
+               "1.0", "--max-vlm", "0.5", "--write"])
     result = json.loads(capsys.readouterr().out)
     chosen = result["chosen"]
     assert chosen["to_vlm"] <= 0.5 and chosen["vlm_exit_below"] <= chosen["vlm_exit_above"]

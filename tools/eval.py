@@ -1,6 +1,6 @@
 """Score a classifier or cascade bundle on a labeled folder, as the subnet scores miners.
 
-    python -m tools.eval MODEL_DIR DATA_DIR [--device cpu] [--dtype bfloat16] [--json report.json]
+    python -m tools.eval MODEL_DIR DATA_DIR [--device cpu] [--dtype auto] [--json report.json] [--no-progress]
 
 DATA_DIR holds DIR/roadwork/* and DIR/none/* images (what train.generate writes) and optionally DIR/meta.jsonl
 with each image's augmentation level. Predictions are rounded like the validator's: roadwork only when
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from runtime.image_decode import decode_image
+from runtime.cascade.settings import ENGINE_HELP, add_engine_flags, engine_settings
 
 log = logging.getLogger(__name__)
 
@@ -210,18 +211,16 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from runtime.cascade.engine import Engine
-
     ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", type=Path, help="bundle directory (cascade.toml) or classifier directory")
+    ap.add_argument("model", type=Path, help=ENGINE_HELP["model"])
     ap.add_argument("data", type=Path, help="labeled folder: DATA/roadwork/*, DATA/none/*, optional meta.jsonl")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 where fast, else fp32)")
-    ap.add_argument("--max-batch", type=int, default=32)
+    add_engine_flags(ap, model=False)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--limit", type=int, help="score only N images, evenly spread over the folder")
     ap.add_argument("--json", type=Path, help="also write the report here as JSON")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    settings = engine_settings(ap, args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,9 +230,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error(str(e))
     if args.limit:
         data = data.spread(args.limit)
-    engine = Engine.load(args.model, args.device, args.dtype, args.max_batch)
+    engine = settings.load()
     engine.warmup()
-    scored = run_engine(engine, data)
+    scored = run_engine(engine, data, progress=not args.no_progress)
     result = report(scored, str(args.model), str(args.data), str(engine.device),
                     str(engine.dtype).removeprefix("torch."))
     print(format_report(result))

@@ -119,8 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"{args.dir}: labels.json and detections.json list {count} samples")
         return 0
-    samples = select(read_index(args.dir), args)
+    every = read_index(args.dir)
+    samples = select(every, args)
     if args.command == "list":
+        if not samples:  # on stderr: stdout stays a (here empty) listing for pipes
+            print(f"no hard case in {args.dir} matches these filters ({len(every)} in all)", file=sys.stderr)
         for s in samples:
             if args.json:
                 print(json.dumps(s.__dict__))

@@ -7,7 +7,7 @@ Decode threads read and decode ahead while the engine runs full batches (--max-b
 the server's default). Rows are written as each batch finishes; a rerun with the same --out skips every image
 already there (resume), so an interrupted run loses at most the batch in flight. A file that cannot be read or
 decoded becomes a row with `error` set; the run goes on. At the end: counts per label and per deciding stage,
-errors, and throughput. Parquet needs pyarrow (`pip install roadwork-cascade[parquet]`): rows go to
+errors, and throughput. Parquet needs pyarrow (`pip install -e '.[parquet]'`): rows go to
 OUT.partial.jsonl as they come and OUT is written from them at the end."""
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from runtime.image_decode import ImageDecodeError, decode_image
+from runtime.cascade.settings import add_engine_flags, engine_settings
 from server.hardcase_store import cut_torn_tail
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 COLUMNS = ("id", "prediction", "label", "stage", "degraded", "error", "scores")
 DETAIL_COLUMNS = ("detector_scores", "boxes", "tokens")
+PARQUET_EXTRA = "pip install -e '.[parquet]'"  # as README.md says it
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ def open_writer(path: Path, detail: bool):
         try:
             return ParquetWriter(path)
         except ImportError:
-            raise ValueError("--out *.parquet needs pyarrow: pip install 'roadwork-cascade[parquet]'") from None
+            raise ValueError(f"--out *.parquet needs pyarrow: {PARQUET_EXTRA}") from None
     return JsonlWriter(path)
 
 
@@ -386,18 +388,11 @@ def run_batch(engine: Any, batch: list[Loaded], failed: list[dict], writer: Any,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from server.config import DEFAULT_MODEL_DIR
-
     ap = argparse.ArgumentParser(prog="python -m tools.score", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("paths", nargs="+", help="image files, folders (recursive), glob patterns, tar archives")
     ap.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="bundle or classifier directory")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the engine's choice for the device)")
-    ap.add_argument("--quantize", choices=("int8", "none"), help="override cascade.toml's per-model quantize")
-    ap.add_argument("--max-batch", type=int, help="images per Engine.predict (default: the server's, 8 on cpu and "
-                                                  "32 on cuda)")
+    add_engine_flags(ap)
     ap.add_argument("--decode-threads", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--max-pixels", type=int, default=40_000_000, help="larger decoded images become error rows")
@@ -415,26 +410,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from runtime.cascade.engine import Engine
     from runtime.errors import ModelLoadError
-    from server.config import CPU_BATCH, CUDA_BATCH
     from server.hardcase_capture import CaptureConfig, HardCaseCapture, engine_digest, vlm_stage_name
 
     ap = build_parser()
     args = ap.parse_args(argv)
+    settings = engine_settings(ap, args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.hardcases_rules and not args.hardcases:
         ap.error("--hardcases-rules needs --hardcases")
     if args.decode_threads < 1:
-        ap.error("--decode-threads must be >= 1")
+        ap.error(f"--decode-threads must be >= 1, got {args.decode_threads}")
     if args.out.suffix.lower() not in FORMATS:
         ap.error(f"--out {args.out}: the suffix must be one of {', '.join(FORMATS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    max_batch = args.max_batch or (CPU_BATCH if args.device == "cpu" else CUDA_BATCH)
     try:
         rules = CaptureConfig.from_toml(args.hardcases_rules) if args.hardcases_rules else CaptureConfig()
-        engine = Engine.load(args.model, args.device, args.dtype, max_batch, args.quantize)
+        engine = settings.load()
     except (ModelLoadError, ValueError) as e:
         ap.error(str(e))
     try:

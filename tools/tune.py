@@ -37,6 +37,7 @@ import torch
 from kernels.vote import vote_reference
 from runtime.cascade.bundle import (BUNDLE_FILE, Bundle, ClassifierStageSpec, DetectorStageSpec, VLMStageSpec,
                                     read_bundle)
+from runtime.cascade.settings import EngineSettings, add_engine_flags, engine_settings
 from tools.eval import Confusion, LabeledSet, list_labeled, run_engine
 
 log = logging.getLogger(__name__)
@@ -87,19 +88,24 @@ def stage_specs(bundle: Bundle) -> tuple[ClassifierStageSpec, DetectorStageSpec,
     return first, second, (vlm[0] if vlm else None)
 
 
-def observe(bundle: Bundle, data: LabeledSet, device: str, dtype: str | None, max_batch: int) -> Observed:
-    """Run every image through every stage and collect the scores and stage times."""
-    from runtime.cascade.engine import Engine, resolve_device, resolve_dtype
+def observe(bundle: Bundle, data: LabeledSet, settings: EngineSettings, progress: bool = True) -> Observed:
+    """Run every image through every stage, at the precision `settings` give the engine (as Engine.load settles
+    it), and collect the scores and stage times."""
+    from runtime.cascade.engine import Engine, resolve_device, settle_precision
+    from runtime.models.precision_cache import PrecisionCache
 
     first, second, vlm = stage_specs(bundle)
     stages = [dataclasses.replace(first, exit_below=0.0, exit_above=1.0), second]
     if vlm is not None:
         stages = [stages[0], dataclasses.replace(second, exit_below=0.0, exit_above=1.0), vlm]
-    dev = resolve_device(device)
-    engine = Engine(dataclasses.replace(bundle, stages=tuple(stages)), dev, resolve_dtype(dtype, dev), max_batch)
+    device = resolve_device(settings.device)
+    cache = None if settings.precision_cache_path is None else PrecisionCache(settings.precision_cache_path)
+    routed, dtype, choice = settle_precision(dataclasses.replace(bundle, stages=tuple(stages)), device,
+                                             settings.dtype, settings.quantize, settings.batch_size, cache)
+    engine = Engine(routed, device, dtype, settings.batch_size, choice)
     try:
         engine.warmup()
-        scored = run_engine(engine, data)
+        scored = run_engine(engine, data, progress)
     finally:
         engine.close()
     last = stages[-1].name
@@ -276,26 +282,27 @@ def apply(bundle: Bundle, best: Setting) -> Bundle:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tools.tune", description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundle", type=Path, help="bundle directory with cascade.toml (classifier + detectors [+ vlm])")
+    ap.add_argument("model", type=Path, metavar="bundle",
+                    help="bundle directory with cascade.toml (classifier + detectors [+ vlm])")
     ap.add_argument("data", type=Path, help="labeled folder to tune on (not the one you report on)")
     ap.add_argument("--max-routed", type=float, default=0.5, help="largest share of images sent to the detectors")
     ap.add_argument("--max-vlm", type=float, default=0.2, help="largest share of all images sent to the VLM "
                                                                "(bundles with a vlm stage)")
     ap.add_argument("--budget-ms", type=float, help="largest expected milliseconds per image (measured here)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype")
-    ap.add_argument("--max-batch", type=int, default=32)
+    add_engine_flags(ap, model=False)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--limit", type=int, help="tune on N images evenly spread over the folder")
     ap.add_argument("--write", action="store_true", help="write the chosen thresholds into BUNDLE/cascade.toml")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    settings = engine_settings(ap, args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("max_routed", "max_vlm"):
         if not 0 <= getattr(args, name) <= 1:
             ap.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    bundle = read_bundle(args.bundle)
+    bundle = read_bundle(args.model)
     try:
         _, detectors_stage, _ = stage_specs(bundle)
     except ValueError as e:
@@ -303,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = list_labeled(args.data)
     if args.limit:
         data = data.spread(args.limit)
-    obs = observe(bundle, data, args.device, args.dtype, args.max_batch)
+    obs = observe(bundle, data, settings, progress=not args.no_progress)
     weights = [d.weight for d in detectors_stage.detectors]
     best, alone = search(obs, weights, args.max_routed, args.budget_ms, args.max_vlm)
     result = {"data": str(args.data), "images": len(data), "stage1_ms": round(obs.stage1_ms, 3),
@@ -315,14 +322,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps(result, indent=2))
     if args.write:
         vlm = obs.v is not None
-        header = (f"Thresholds chosen by: python -m tools.tune {args.bundle} {args.data} --max-routed "
+        header = (f"Thresholds chosen by: python -m tools.tune {args.model} {args.data} --max-routed "
                   f"{args.max_routed}" + (f" --max-vlm {args.max_vlm}" if vlm else "")
                   + (f" --budget-ms {args.budget_ms}" if args.budget_ms is not None else "")
                   + f"\nOn that set: MCC {best.mcc:.4f} (classifier alone {alone.mcc:.4f}), "
                   f"{100 * best.routed:.1f}% of images go to the detectors"
                   + (f", {100 * best.to_vlm:.1f}% to the VLM." if vlm else "."))
-        (args.bundle / BUNDLE_FILE).write_text(bundle_toml(apply(bundle, best), header))
-        log.warning("wrote %s", args.bundle / BUNDLE_FILE)
+        (args.model / BUNDLE_FILE).write_text(bundle_toml(apply(bundle, best), header))
+        log.warning("wrote %s", args.model / BUNDLE_FILE)
+    else:
+        log.warning("nothing written: --write puts these thresholds into %s", args.model / BUNDLE_FILE)
 
 
 if __name__ == "__main__":
