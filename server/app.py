@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import io
 import logging
@@ -30,12 +29,15 @@ from server.batcher import (BatcherClosed, Batcher, Computed, DeadlineExceeded, 
 from server.body import RETRY_AFTER_S, read_body
 from server.cache import ResultCache, image_key
 from server.config import ServerConfig
-from server.errors import ApiError, error_response, error_response_for, from_http_exception, json_response
+from server.errors import ApiError, error_response_for, from_http_exception, json_response
 from server.guard import ByteBudget, CappedRunner, ConnectionCap
 from server.hardcases import hard_case_capture
 from server.kserve import add_kserve_routes
+from server.logs import ACCESS_LOG_FORMAT, REQUEST_ID
 from server.metrics import ServerMetrics
-from server.payload import decode_base64_image, parse_json_object, required_field
+from server.openapi import add_openapi_route
+from server.payload import (IMAGE_FIELD, decode_base64_image, multipart_boundary, multipart_image, parse_json_object,
+                            required_field)
 from server.stream import EventStream, Explanation
 
 if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
@@ -49,8 +51,6 @@ request_log = logging.getLogger("server.requests")
 OFFLOAD_BYTES = 1 << 20
 # /readyz says "saturated" while every decode thread has been busy on one image for longer than this.
 DECODE_STALL_S = 1.0
-# The id of the request being handled, for log lines about it; clients get it in X-Request-ID and error bodies.
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # Refusing before the body: bodies up to this are drained and the connection kept (a reconnect costs more than
 # reading them); larger ones close the connection unread.
 DRAIN_BELOW_BYTES = 256 << 10
@@ -512,7 +512,9 @@ def _wants_detail(request: web.Request) -> bool:
     return _flag(request, "detail")
 
 
-def _extract_single(body: bytes, content_type: str) -> tuple[bytes, dict | None]:
+def _extract_single(body: bytes, content_type: str, boundary: bytes | None = None) -> tuple[bytes, dict | None]:
+    if boundary is not None:
+        return multipart_image(body, boundary), None
     if _is_json(content_type):
         payload = parse_json_object(body)
         return decode_base64_image(required_field(payload, "image"), "image"), payload
@@ -545,23 +547,27 @@ def _deadline(service: Service, start: float, requested_s: object = None) -> flo
 
 # --- handlers ----------------------------------------------------------------------------------------------
 
-def _require_single_image(request: web.Request) -> str:
+def _require_single_image(request: web.Request) -> tuple[str, bytes | None]:
+    """The request's media type, and the boundary of a multipart/form-data one."""
     content_type = request.content_type
+    if content_type == "multipart/form-data":
+        return content_type, multipart_boundary(request.headers.get("Content-Type", ""))
     if not (_is_json(content_type) or content_type.startswith("image/")
             or content_type == "application/octet-stream"):
         raise ApiError(415, "unsupported_media_type",
-                       f"Content-Type {content_type!r} is not supported; send application/json or image/*")
-    return content_type
+                       f"Content-Type {content_type!r} is not supported; send image/*, application/json "
+                       f"({{\"image\": base64}}) or multipart/form-data (an {IMAGE_FIELD!r} part)")
+    return content_type, None
 
 
 async def predict(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     start = time.monotonic()
-    content_type = _require_single_image(request)
+    content_type, boundary = _require_single_image(request)
     detail, explain = _wants_detail(request), _flag(request, "explain")
     deadline = _deadline(service, start)
     async with read_body(request, service, deadline) as body:
-        data, _ = await service.offload(len(body), _extract_single, body, content_type)
+        data, _ = await service.offload(len(body), _extract_single, body, content_type, boundary)
     [answer] = await service.predict([data], start, deadline, detail, explain,
                                      _flag(request, "capture"))
     if isinstance(answer, ApiError):
@@ -575,18 +581,19 @@ async def predict_stream(request: web.Request) -> web.StreamResponse:
     after, one `error` event ends the stream. A client that leaves cancels its work at once."""
     service = request.app[SERVICE]
     start = time.monotonic()
-    content_type = _require_single_image(request)
+    content_type, boundary = _require_single_image(request)
     detail, explain = _wants_detail(request), _flag(request, "explain", default=service.has_vlm)
     service.check_explain(explain)
     with service.explaining(1 if explain else 0):
-        return await _predict_stream(request, service, start, content_type, detail, explain)
+        return await _predict_stream(request, service, start, content_type, boundary, detail, explain)
 
 
-async def _predict_stream(request: web.Request, service: Service, start: float, content_type: str, detail: bool,
-                          explain: bool) -> web.StreamResponse:
+async def _predict_stream(request: web.Request, service: Service, start: float, content_type: str,
+                          boundary: bytes | None, detail: bool, explain: bool) -> web.StreamResponse:
     deadline = _deadline(service, start)
+    capture = _flag(request, "capture")  # a bad value is a 400 before the stream opens, not an error event in it
     async with read_body(request, service, deadline) as body:
-        data, _ = await service.offload(len(body), _extract_single, body, content_type)
+        data, _ = await service.offload(len(body), _extract_single, body, content_type, boundary)
     key = await service.offload(len(data), image_key, data)
     hit = service.cached(key, explain) or await service.cached_shared(key, explain)
     stages: asyncio.Queue[dict | None] = asyncio.Queue()
@@ -606,7 +613,7 @@ async def _predict_stream(request: web.Request, service: Service, start: float, 
         answer["tokens"] = result.tokens
         service.count_image(answer)
         if service.hardcases is not None:
-            service.hardcases.offer(data, result, _flag(request, "capture"))
+            service.hardcases.offer(data, result, capture)
         await events.send("result", answer)
         await events.close()
     except ApiError as e:
@@ -667,11 +674,12 @@ async def _stream_computed(service: Service, events: EventStream, key: bytes,
 async def _stream_explanation(service: Service, events: EventStream | None, key: bytes, image: np.ndarray,
                               result: Any) -> Any:
     """Engine.explain_stream's text (as token events, given `events`); the result with its explanation and all of
-    its tokens."""
+    its tokens. Asked for after the cascade decided: the explanation opens with the result's label (the yes or no
+    token), the first token event included, so it cannot contradict the answer it comes with."""
     idle_s = service.config.timeout_s
     pieces: list[str] = []
     try:
-        async with Explanation(service.engine, image, idle_s) as explanation:
+        async with Explanation(service.engine, image, result.label == "roadwork", idle_s) as explanation:
             async for output in explanation:
                 if output.text:
                     pieces.append(output.text)
@@ -817,9 +825,9 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
         server_metrics.requests.labels(route, str(status)).inc()
         server_metrics.request_latency.labels(route).observe(took)
         if request_log.isEnabledFor(logging.DEBUG):
-            request_log.debug(orjson.dumps({"method": request.method, "route": route, "status": status,
-                                            "ms": round(took * 1e3, 3), "bytes_in": request.content_length,
-                                            "remote": request.remote}).decode())
+            request_log.debug(orjson.dumps({"request_id": request_id, "method": request.method, "route": route,
+                                            "status": status, "ms": round(took * 1e3, 3),
+                                            "bytes_in": request.content_length, "remote": request.remote}).decode())
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -851,6 +859,7 @@ async def start_site(app: web.Application, host: str, port: int, access_log: boo
     runner = CappedRunner(app, service.connections,
                           handler_cancellation=True,  # a client that hangs up cancels its handler
                           access_log=logging.getLogger("aiohttp.access") if access_log else None,
+                          access_log_format=ACCESS_LOG_FORMAT,
                           shutdown_timeout=shutdown_timeout_s, keepalive_timeout=config.keepalive_timeout_s)
     await runner.setup()
     try:
@@ -875,6 +884,7 @@ def create_app(engine: Engine, config: ServerConfig) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics_endpoint)
+    add_openapi_route(app)
     add_kserve_routes(app, service)
 
     async def on_startup(_: web.Application) -> None:

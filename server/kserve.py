@@ -118,12 +118,18 @@ class InferRequest:
     capture: bool
 
 
+def parameters_of(element: dict, whose: str) -> dict:
+    """The optional "parameters" object of a request, an input or an output; anything else but an object is a 400."""
+    params = element.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ApiError(400, "invalid_field", f"{whose} parameters must be an object")
+    return params
+
+
 def parse_infer(body: bytes, header_length: str | None, max_images: int) -> InferRequest:
     head, binary = split_body(body, header_length)
     payload = parse_json_object(head)
-    params = payload.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ApiError(400, "invalid_field", "parameters must be an object")
+    params = parameters_of(payload, "the request's")
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ApiError(400, "invalid_field", f"inputs must be a list of exactly one tensor, '{INPUT}'")
@@ -140,7 +146,7 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Infe
     count = shape[0]
     if count > max_images:
         raise ApiError(413, "too_many_images", f"input '{INPUT}' has {count} images; the limit is {max_images}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = parameters_of(tensor, f"input '{INPUT}'").get("binary_data_size")
     if size is not None:
         if type(size) is not int or not 0 <= size <= len(binary):
             raise ApiError(400, "invalid_tensor", f"input '{INPUT}': binary_data_size {size!r} exceeds the "
@@ -173,7 +179,7 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Infe
             name = out.get("name") if isinstance(out, dict) else None
             if name not in OUTPUTS:
                 raise ApiError(400, "invalid_field", f"unknown output {name!r}; outputs are {', '.join(OUTPUTS)}")
-            outputs[name] = (out.get("parameters") or {}).get("binary_data", binary_default) is True
+            outputs[name] = parameters_of(out, f"output {name!r}").get("binary_data", binary_default) is True
     timeout_us = params.get("timeout")
     timeout_s = timeout_us / 1e6 if type(timeout_us) in (int, float) and timeout_us > 0 else None
     request_id = payload.get("id")

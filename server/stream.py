@@ -10,6 +10,8 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+from server.logs import REQUEST_ID
+
 if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
     from runtime.cascade.engine import Engine
 
@@ -23,7 +25,9 @@ class EventStream:
     def __init__(self, request: web.Request) -> None:
         self.request = request
         # no-cache and X-Accel-Buffering: proxies (nginx) must pass each event on as it comes, not buffer them.
-        self.response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # X-Request-ID here: the middleware cannot add it once the stream's headers are sent.
+        self.response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                    "X-Request-ID": REQUEST_ID.get()})
         self.response.content_type = "text/event-stream"
 
     async def open(self) -> None:

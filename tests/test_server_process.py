@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -69,7 +70,7 @@ def test_a_busy_port_fails_before_the_model_loads(tmp_path):
 
 def test_bad_settings_exit_with_usage_error():
     done = run_server_cli("--max-batch", "0", timeout=30)
-    assert done.returncode == 2 and "max_batch must be > 0" in done.stderr
+    assert done.returncode == 2 and "--max-batch must be > 0, got 0" in done.stderr
 
 
 def test_bad_models_exit_nonzero_with_one_clear_line(tmp_path, model_dir):
@@ -167,3 +168,41 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(model_dir):
     assert [a[1]["prediction"] for a in answers] == pytest.approx(expected, abs=1e-5)
     assert answered_after < 8.0, "draining must run the queued batch at once, not after the 10 s batch delay"
     assert "shutting down" in log and "stopped" in log
+
+
+def test_json_logs_carry_the_request_id_on_every_request_line(tmp_path, model_dir):
+    """--log-format json: every stderr line is one JSON object; the access line and the per-request debug line of a
+    request carry the client's X-Request-ID, and a request without one gets the id echoed to it."""
+    log_file = tmp_path / "server.log"
+    with log_file.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model_dir), "--port", "0",
+                                 "--dtype", "float32", "--quantize", "none", "--log-format", "json",
+                                 "--log-level", "debug", "--access-log"], cwd=REPO, stderr=stderr)
+    try:
+        give_up, url = time.monotonic() + 60, None
+        while url is None:
+            assert proc.poll() is None and time.monotonic() < give_up, log_file.read_text()
+            found = re.search(r"listening on (http://[\d.]+:\d+)", log_file.read_text())
+            url = found.group(1) if found else None
+            time.sleep(0.05)
+        while urllib.request.urlopen(url + "/readyz", timeout=10).status != 200:
+            assert time.monotonic() < give_up, log_file.read_text()
+            time.sleep(0.05)
+        asked = urllib.request.Request(url + "/v1/predict", data=jpeg(9), method="POST",
+                                       headers={"Content-Type": "image/jpeg", "X-Request-ID": "client-42"})
+        with urllib.request.urlopen(asked, timeout=30) as r:
+            assert r.status == 200 and r.headers["X-Request-ID"] == "client-42"
+        bare = urllib.request.Request(url + "/v1/predict", data=jpeg(10), method="POST",
+                                      headers={"Content-Type": "image/jpeg"})
+        with urllib.request.urlopen(bare, timeout=30) as r:
+            generated = r.headers["X-Request-ID"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]  # every line is JSON
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    for request_id in ("client-42", generated):
+        about = [line for line in lines if line.get("request_id") == request_id]
+        assert {line["logger"] for line in about} == {"aiohttp.access", "server.requests"}, lines
+        access = next(line for line in about if line["logger"] == "aiohttp.access")
+        assert '"POST /v1/predict HTTP/1.1" 200' in access["message"]
