@@ -97,7 +97,7 @@ class Target:
             self.slowest_s, self.slowest = took, data
 
     def payload(self, data: bytes) -> None:
-        from server.app import _extract_batch, _extract_single
+        from server.routes import _extract_batch, _extract_single
         from runtime.image_decode import ImageDecodeError
         for extract in (lambda: [_extract_single(data, "application/json")[0]], lambda: _extract_batch(data, 256)):
             try:
@@ -135,9 +135,9 @@ def atheris_child(args: argparse.Namespace) -> None:
     import numpy  # noqa: F401 - imported first so that only the request surface gets instrumented
     import PIL.Image  # noqa: F401
 
-    surface = ["runtime.image_decode", "server.payload", "server.app"]
+    surface = ["runtime.image_decode", "server.payload", "server.routes"]
     with atheris.instrument_imports(include=surface):  # coverage feedback from our parsing and decoding code
-        import server.app  # noqa: F401 - imports the other two
+        import server.routes  # noqa: F401 - imports the other two
     target = Target(args.target)
     stats, crash_dir = Path(args.stats), Path(args.crash_dir)
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
-from server.app import SERVICE, bind_socket, create_app, start_site
+from server.app import bind_socket, create_app, start_site
+from server.service import SERVICE
 from server.config import ServerConfig, parse_config
 from server.logs import configure_logging
 

@@ -267,7 +267,7 @@ class Batcher:
         listening = any(item.on_stage is not None for item in live)
         try:
             # Boxes cost only a post-processing step for detector-decided images; `?detail=1` shows them.
-            # Explanations are decoded on the VLM's loop thread (server/app.py), never in the batch.
+            # Explanations are decoded on the VLM's loop thread (server/service.py), never in the batch.
             return self.engine.predict([item.image for item in live], boxes=True,
                                        on_stage=self._stage_relay(live) if listening else None, auto_explain=False)
         except Exception as e:  # a model failure fails the failing image only; the server keeps serving

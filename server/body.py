@@ -1,5 +1,5 @@
 """Reading a request body only once the server would take the request, within its deadline and the global body
-byte budget: shared by every route that takes a body (server/app.py, server/kserve.py)."""
+byte budget: shared by every route that takes a body (server/routes.py, server/kserve.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +9,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from server.errors import ApiError
+from server.errors import RETRY_AFTER_S, ApiError
 
 if TYPE_CHECKING:
-    from server.app import Service
-
-RETRY_AFTER_S = "1"
+    from server.service import Service
 
 
 @contextlib.asynccontextmanager

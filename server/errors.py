@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
+# Retry-After on every 503 (overload, draining, no explanation slot free), in seconds.
+RETRY_AFTER_S = "1"
+
 
 @dataclass(eq=False)  # exceptions must stay hashable
 class ApiError(Exception):

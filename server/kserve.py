@@ -29,7 +29,7 @@ from server.errors import ApiError
 from server.payload import decode_base64_image, parse_json_object
 
 if TYPE_CHECKING:
-    from server.app import Service
+    from server.service import Service
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 VERSION = "1"
@@ -271,13 +271,11 @@ def add_kserve_routes(app: web.Application, service: Service) -> None:
         start = time.monotonic()
         model = model_of(request)  # an unknown model is no failure of this one
         try:
-            async with read_body(request, service, start + service.config.timeout_s) as body:
+            async with read_body(request, service, service.deadline(start)) as body:
                 parsed = await service.offload(len(body), parse_infer, body, request.headers.get(HEADER_LENGTH),
                                                service.config.max_batch_images)
-            timeout_s = service.config.timeout_s if parsed.timeout_s is None else \
-                min(service.config.timeout_s, parsed.timeout_s)
-            answers = await service.predict(parsed.images, start, start + timeout_s, detail=False,
-                                             capture=parsed.capture)
+            answers = await service.predict(parsed.images, start, service.deadline(start, parsed.timeout_s),
+                                            detail=False, capture=parsed.capture)
             for i, answer in enumerate(answers):
                 if isinstance(answer, ApiError):
                     raise ApiError(answer.status, answer.code, f"{INPUT}[{i}]: {answer.message}", answer.headers)

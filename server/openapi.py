@@ -39,7 +39,7 @@ def errors(kserve: bool, **codes: str) -> dict:
 
 
 def flag(name: str, what: str) -> dict:
-    """A boolean query flag (server/app.py's _flag): 1/true/yes or 0/false/no, any case; anything else is 400."""
+    """A boolean query flag (server/routes.py's _flag): 1/true/yes or 0/false/no, any case; anything else is 400."""
     return {"name": name, "in": "query", "required": False, "description": what,
             "schema": {"type": "string", "enum": ["1", "true", "yes", "0", "false", "no"]}}
 
@@ -66,7 +66,8 @@ BODY_ERRORS = {"e408": "body_timeout",
 IMAGE_ERRORS = {"e422": "undecodable_image, image_too_large, image_refused, unprocessable_image"}
 BASE64_400 = "invalid_json, missing_field, invalid_field, invalid_base64"
 BASE64 = {"type": "string", "minLength": 1, "contentEncoding": "base64"}
-EXAMPLE_IMAGE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="  # 1x1 PNG
+# A 1x1 PNG.
+EXAMPLE_IMAGE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
 
 SINGLE_IMAGE_BODY = {
     "required": True,

@@ -1,8 +1,10 @@
 """Server-sent events for /v1/predict/stream: event framing over an aiohttp StreamResponse, and one
-Engine.explain_stream request seen from the event loop (outputs through a queue, cancelled when left early)."""
+Engine.explain_stream request seen from the event loop (outputs through a queue, cancelled when left early), and
+the result it explains."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +12,8 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+from runtime.cascade.results import TokenCounts, add_tokens
+from server.errors import ApiError
 from server.logs import REQUEST_ID
 
 if TYPE_CHECKING:  # the engine pulls in torch and the models; --help stays fast without them
@@ -96,3 +100,36 @@ class Explanation:
             return  # explain_stream itself failed: there is no request to cancel
         cancelled = await self._loop.run_in_executor(None, self.engine.cancel, request_id)
         log.debug("explanation request %d cancelled (%s)", request_id, "freed" if cancelled else "already done")
+
+
+async def explain_result(engine: Engine, image: np.ndarray, result: Any, idle_s: float,
+                         events: EventStream | None = None) -> Any:
+    """Engine.explain_stream's text (as token events, given `events`, each within `idle_s`); the result with its
+    explanation and all of its tokens. Asked for after the cascade decided: the explanation opens with the result's
+    label (the yes or no token), the first token event included, so it cannot contradict the answer it comes with."""
+    pieces: list[str] = []
+    try:
+        async with Explanation(engine, image, result.label == "roadwork", idle_s) as explanation:
+            async for output in explanation:
+                if output.text:
+                    pieces.append(output.text)
+                    if events is not None:
+                        await events.send("token", {"text": output.text})
+    except TimeoutError:
+        raise ApiError(504, "explanation_timeout", f"the explanation produced nothing for {idle_s:g} s") from None
+    except (ApiError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("request %s: explanation failed", REQUEST_ID.get())
+        raise ApiError(500, "explanation_failed", f"the vlm stage failed to explain this image; request id "
+                                                  f"{REQUEST_ID.get()}") from None
+    final = explanation.final
+    if final.finish_reason == "error":
+        raise ApiError(500, "explanation_failed",
+                       "the vlm stage failed while explaining this image; see the server log")
+    if final.finish_reason == "cancelled":  # not by us: the engine was closed under the stream
+        raise ApiError(503, "shutting_down", "the vlm stage stopped before the explanation finished")
+    # The VLM may have scored this image too: both requests' tokens count.
+    counts = add_tokens(result.tokens, TokenCounts(prompt=final.prompt_tokens, cached=final.cached_tokens,
+                                                   generated=final.generated_tokens))
+    return dataclasses.replace(result, explanation="".join(pieces), tokens=counts)

@@ -17,7 +17,8 @@ import orjson
 import pytest
 
 from runtime.cascade.engine import Engine
-from server.app import SERVICE, create_app, start_site
+from server.app import create_app, start_site
+from server.service import SERVICE
 from server.config import ServerConfig
 from fixtures.checkpoints import make_vit
 from fixtures.images import jpeg

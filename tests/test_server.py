@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import Engine
-from server.app import Service
+from server.service import Service
 from runtime.cascade.settings import CPU_BATCH
 from fixtures.checkpoints import make_vit
 from fixtures.images import b64, jpeg, png
