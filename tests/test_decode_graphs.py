@@ -3,12 +3,18 @@
 CPU: padding of the static inputs, padded decode giving the logits and tokens of eager decode and writing no cache
 slot for padding rows, the block tables as flashinfer's CSR page table (checked against that table's documented
 meaning), the NHD layout check and the backend choice. CUDA: captured graphs replay exactly what the same buckets
-compute eagerly, and flashinfer's decode (planned eagerly and inside a captured graph) matches the reference."""
+compute eagerly, and flashinfer's decode (planned eagerly and inside a captured graph) matches the reference.
+Closing: decode graphs are freed by reference counting, and a vision graph set closed beside them leaves their
+replays right."""
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
 
+from graphs.runner import GraphRunner
 from runtime.vlm.decode_graphs import DecodeGraphs, decode_inputs
 from kernels.paged_attention import paged_decode_reference
 from runtime.vlm.attention import (DecodeAttentionSpec, FlashInferDecodeAttention, check_nhd_layout,
@@ -135,6 +141,30 @@ def test_padded_decode_gives_the_tokens_of_eager_decode(checkpoint):
     assert set(engine.runner.decode_graphs.steps) >= {1, 4}  # batches of 1 and 3 (padded) sequences
 
 
+def eager_buckets(runner: ModelRunner) -> DecodeGraphs:
+    """The runner's decode buckets, run eagerly."""
+    width = runner.decode_graphs.width
+    return DecodeGraphs(runner.model, runner.kv_cache, 8, width, runner.decode_graphs.buckets,
+                        lambda b: runner.new_decode_attention(fixed_batch=b, max_pages=b * width),
+                        use_cuda_graphs=False)
+
+
+def test_closed_decode_graphs_are_freed_without_the_cyclic_gc(checkpoint):
+    engine = VLMEngine.load(checkpoint, config=config(decode_graphs=True))
+    gc.disable()
+    try:
+        graphs = eager_buckets(engine.runner)
+        graphs.capture()
+        refs = [weakref.ref(graphs), weakref.ref(graphs.graphs)]
+        graphs.close()
+        graphs.close()  # idempotent
+        assert not graphs.attention and not graphs.graphs.graphs
+        del graphs
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
 # --- flashinfer's page table and layout, checked on the CPU -------------------------------------------------------
 
 
@@ -212,10 +242,7 @@ def test_captured_decode_replays_what_eager_buckets_compute(tmp_path, backend):
     runner = engine.runner
     assert runner.attention_backend == backend and runner.decode_graphs.graphs.use_cuda_graphs
     batch = decoding_batch(engine)
-    max_blocks = runner.decode_graphs.width
-    eager = DecodeGraphs(engine.model, runner.kv_cache, 8, max_blocks, runner.decode_graphs.buckets,
-                         lambda b: runner.new_decode_attention(fixed_batch=b, max_pages=b * max_blocks),
-                         use_cuda_graphs=False)
+    eager = eager_buckets(runner)
     eager.capture()
     want = eager.run(batch.decode)
     got = runner.run(batch)
@@ -232,6 +259,34 @@ def test_cuda_graph_decode_gives_the_tokens_of_eager_decode(checkpoint):
     assert engine.runner.decode_graphs.graphs.use_cuda_graphs  # on by default on CUDA
     assert generate_staggered(engine) == eager
     assert set(engine.runner.decode_graphs.steps) >= {1, 4}
+
+
+@pytest.mark.cuda
+@cuda
+@compiled_triton
+def test_cuda_decode_graphs_replay_right_after_a_vision_graph_set_is_closed(checkpoint):
+    """Vision and decode graphs captured on one thread, each set on its own stream: closing and freeing the vision
+    set (whose graph destruction may clear its capture stream's cuBLAS workspaces, pytorch#193402) leaves the
+    decode graphs' workspace alone."""
+    engine = VLMEngine.load(checkpoint, device="cuda", config=config(decode_graphs=True))
+    runner = engine.runner
+    assert runner.decode_graphs.graphs.use_cuda_graphs
+    linear = torch.nn.Linear(256, 256).cuda()
+    vision = GraphRunner(lambda x: (linear(x),), (256,), torch.float32, "cuda", (2, 4))
+    vision.warmup()
+    assert vision.stream != runner.decode_graphs.graphs.stream
+    ref = weakref.ref(vision)
+    vision.close()
+    del vision
+    assert ref() is None
+    torch.cuda.empty_cache()
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")  # reuses what was freed, if anything was
+    batch = decoding_batch(engine)
+    eager = eager_buckets(runner)
+    eager.capture()
+    want = eager.run(batch.decode)
+    assert torch.equal(runner.run(batch), want)
+    del junk
 
 
 def flashinfer_case(context_lens: list[int], block_size: int = 16, heads: int = 4, kv_heads: int = 2,

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import graphs.runner as runner_module
 import kernels.kv_store_triton
 import kernels.paged_attention_triton
 import kernels.preprocess_triton
@@ -90,7 +89,6 @@ class FakeCuda:
                           "on wrong device or stream.", UserWarning)
 
     def install(self, monkeypatch):
-        monkeypatch.setattr(runner_module, "_capture_streams", {})
         for name, value in {"device": self.device, "stream": self.stream, "graph": self.graph,
                             "Stream": FakeStream, "current_stream": FakeStream, "CUDAGraph": lambda: object(),
                             "graph_pool_handle": lambda: ("pool", self.current),
@@ -112,14 +110,16 @@ def test_each_device_captures_on_its_own_stream_with_its_device_current(monkeypa
         return fn
 
     order = [("vlm", "cuda:1"), ("classifier", "cuda:0"), ("detectors", "cuda:0")]
-    for name, device in order:
-        BucketGraphs(segment(name), (1, 2), device, use_cuda_graphs=True).warmup()
+    sets = [BucketGraphs(segment(name), (1, 2), device, use_cuda_graphs=True) for name, device in order]
+    for graphs in sets:
+        graphs.warmup()
     assert fake.captures == [(torch.device("cuda:1"), 1)] * 2 + [(torch.device("cuda:0"), 0)] * 4
     # Eager warm-up, the pre-capture runs and the captures themselves: always with the segment's device current.
     assert {name: {d for n, d in calls if n == name} for name, _ in order} == {"vlm": {1}, "classifier": {0},
                                                                              "detectors": {0}}
-    # One capture stream per device, shared by that device's segments.
-    assert set(runner_module._capture_streams) == {torch.device("cuda:0"), torch.device("cuda:1")}
+    # Each set on a capture stream of its own (no cuBLAS workspace shared between sets), on the set's device.
+    assert len({id(graphs.stream) for graphs in sets}) == len(sets)
+    assert [graphs.stream.device for graphs in sets] == [torch.device(device) for _, device in order]
 
 
 def test_an_empty_capture_raises(monkeypatch):

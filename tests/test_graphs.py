@@ -1,12 +1,20 @@
-"""The graph runner: bucketing, splitting, and results independent of batch companions and padding."""
+"""The graph runner: bucketing, splitting, and results independent of batch companions and padding; closing, which
+frees graph sets by reference counting (no cycles), and leaves other sets' graphs replaying right."""
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
 
 from graphs.runner import BucketGraphs, GraphRunner, default_buckets
+from runtime.cascade.engine import Engine
 from runtime.models.classifier import load_classifier
-from fixtures.checkpoints import make_dinov3, make_vit
+from fixtures.bundles import classifier_stage, detector_stage, write_bundle
+from fixtures.checkpoints import make_dinov3, make_vit, write_preprocessor
+from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2
+from fixtures.images import tinted_images
 
 
 def test_default_buckets():
@@ -113,3 +121,77 @@ def test_cuda_segments_share_a_pool_and_replay_in_any_order():
         torch.testing.assert_close(a_out[:4], (a_in[:4] @ w).softmax(-1) + 1)
         segments[1].replay(8)
         torch.testing.assert_close(b_out, (a_out @ w).relu() * 3)
+
+
+def test_a_closed_runner_is_freed_without_the_cyclic_gc():
+    """Graph sets hold no reference cycle, so dropping the last reference frees one (and its graphs) at once, not at
+    whatever time the cyclic GC runs."""
+    weight = torch.randn(4, 2)
+    gc.disable()
+    try:
+        runner = GraphRunner(lambda x: (x @ weight,), (4,), torch.float32, "cpu", (1, 2))
+        runner.warmup()
+        ref = weakref.ref(runner)
+        runner.close()
+        runner.close()  # idempotent
+        del runner
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_engine_close_closes_every_graph_set_and_frees_them_without_the_cyclic_gc(tmp_path, monkeypatch):
+    make_deimv2(tmp_path / "det-a", seed=0)
+    write_preprocessor(tmp_path / "det-a", "dinov3", (64, 64))
+    classifier_sharing_backbone(tmp_path / "det-a", tmp_path / "cls", seed=3, input_size=64)
+    bundle = write_bundle(tmp_path / "bundle", classifier_stage(tmp_path, 0.0, 1.0)
+                          + detector_stage(tmp_path, 0.5, None))  # nothing exits: the detectors run
+    closed: list[BucketGraphs] = []
+    close = BucketGraphs.close
+    monkeypatch.setattr(BucketGraphs, "close", lambda self: closed.append(self) or close(self))
+    gc.disable()
+    try:
+        engine = Engine.load(bundle, "cpu", "float32", max_batch=2)
+        images = tinted_images()[:3]
+        assert {r.stage for r in engine.predict(images)} == {"detectors"}
+        detectors = engine.cascade.later[0]
+        sets = [engine.runner, detectors.graphs, *detectors.member_graphs.values()]
+        assert len(sets) == 3
+        engine.close()
+        assert {id(s) for s in closed} == {id(s) for s in sets}
+        assert {r.stage for r in engine.predict(images)} == {"detectors"}  # closed sets run eagerly
+        refs = [weakref.ref(s) for s in sets]
+        del engine, detectors, sets
+        closed.clear()
+        assert [r() for r in refs] == [None] * 3
+    finally:
+        gc.enable()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_closing_one_graph_set_leaves_another_replaying_right():
+    """Each set captures on its own stream: destroying one set's graphs (on some torch builds that clears its capture
+    stream's cuBLAS workspaces, pytorch#193402) and handing its memory back leaves another set's replays right."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).cuda()
+              for _ in range(2)]
+    keep, drop = [GraphRunner(lambda x, m=m: (m(x),), (256,), torch.float32, "cuda", (4, 8)) for m in models]
+    for runner in (keep, drop):
+        runner.warmup()
+        assert set(runner.graphs) == {4, 8}
+    assert keep.stream != drop.stream
+    ref = weakref.ref(drop)
+    drop.close()
+    del drop
+    assert ref() is None
+    torch.cuda.empty_cache()
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")  # reuses what was freed, if anything was
+    for n in (3, 8):
+        x = torch.randn(n, 256, device="cuda")
+        keep.input[:n] = x
+        got = keep.run(n)[0].clone()
+        with torch.inference_mode():
+            want = models[0](x)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    del junk

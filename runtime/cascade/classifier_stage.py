@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import torch
 
-from graphs.runner import GraphRunner, default_buckets
+from graphs.runner import GraphRunner, default_buckets, weak_method
 from kernels.preprocess import PreprocessSpec, preprocess_into
 from kernels.route import route
 from runtime.cascade.bundle import ClassifierStageSpec
@@ -34,7 +34,7 @@ class ClassifierStage:
                  keep_layers: tuple[int, ...] = ()):
         self.spec, self.name, self.model, self.preprocess = spec, spec.name, model, preprocess
         self.device, self.routes, self.keep_layers = device, routes, keep_layers
-        self.runner = GraphRunner(self.segment, (3, preprocess.height, preprocess.width), dtype, device,
+        self.runner = GraphRunner(weak_method(self.segment), (3, preprocess.height, preprocess.width), dtype, device,
                                   default_buckets(max_batch))
         self.prob = torch.zeros(max_batch, dtype=torch.float32, device=device)
         backbone = model.backbone
@@ -82,6 +82,9 @@ class ClassifierStage:
 
     def warmup(self, pools: GraphPools) -> None:
         warm_segment(self.runner, pools)
+
+    def close(self) -> None:
+        self.runner.close()
 
     def describe(self) -> dict:
         labels, spec = self.model.labels, self.spec

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
 
 from graphs.nvtx import nvtx_range
-from graphs.runner import BucketGraphs, default_buckets
+from graphs.runner import BucketGraphs, default_buckets, weak_method
 from kernels.preprocess import preprocess_into
 from kernels.vote import vote
 from runtime.cascade.breaker import Breaker
@@ -77,28 +78,24 @@ class DetectorStage:
         self.fraction = torch.zeros(max_batch, dtype=torch.float32, device=device)
         self.prob = torch.zeros(max_batch, dtype=torch.float32, device=device)
         buckets = default_buckets(max_batch)
-        self.member_graphs = {d.spec.name: BucketGraphs(self.member_segment(d), buckets, d.device)
-                              for d in detectors if d.graphed}
+        self.member_graphs = {d.spec.name: BucketGraphs(partial(weak_method(self.member_segment), d), buckets,
+                                                        d.device) for d in detectors if d.graphed}
         self.streams = {name: torch.cuda.Stream(g.device) for name, g in self.member_graphs.items()
                         if g.use_cuda_graphs}
-        self.graphs = BucketGraphs(self.vote_segment, buckets, device)
+        self.graphs = BucketGraphs(weak_method(self.vote_segment), buckets, device)
 
     # --- the device work -----------------------------------------------------------------------------------------
 
-    def member_segment(self, d: LoadedDetector) -> Callable[[int], tuple[torch.Tensor, ...]]:
+    def member_segment(self, d: LoadedDetector, c: int) -> tuple[torch.Tensor, ...]:
         """One hand-built member on the first c rows: its input, its model, its roadwork-class logits."""
-        name = d.spec.name
-
-        def run(c: int) -> tuple[torch.Tensor, ...]:
-            if d.shared:
-                idx = self.index[:c].clamp(min=0)  # bucket padding holds -1: it reads row 0, its answer is ignored
-                pixels = self.first.runner.input.index_select(0, idx)
-                out = d.model.forward_from_backbone(pixels, [self.first.hidden[i].index_select(0, idx)
-                                                             for i in d.layer_pos])
-            else:
-                out = d.model(self.own_pixels[self.pixel_keys[name]][:c])
-            return self.keep(d, c, out)
-        return run
+        if d.shared:
+            idx = self.index[:c].clamp(min=0)  # bucket padding holds -1: it reads row 0, its answer is ignored
+            pixels = self.first.runner.input.index_select(0, idx)
+            out = d.model.forward_from_backbone(pixels, [self.first.hidden[i].index_select(0, idx)
+                                                         for i in d.layer_pos])
+        else:
+            out = d.model(self.own_pixels[self.pixel_keys[d.spec.name]][:c])
+        return self.keep(d, c, out)
 
     def keep(self, d: LoadedDetector, c: int, out: DetectorOutput) -> tuple[torch.Tensor, ...]:
         """A member's output into its static buffers (boxes for ?detail=1, roadwork logits for the vote)."""
@@ -252,6 +249,10 @@ class DetectorStage:
             elif d.preprocess is not None:
                 d.model(self.own_pixels[self.pixel_keys[d.spec.name]][:1])
         warm_segment(self.graphs, pools)
+
+    def close(self) -> None:
+        for graphs in (self.graphs, *self.member_graphs.values()):
+            graphs.close()
 
     def member_timings(self) -> dict[str, StageTiming]:
         return {d.spec.name: d.timing for d in self.detectors}

@@ -225,8 +225,12 @@ class Engine:
         return None if self.cascade.vlm is None else self.cascade.vlm.stats()
 
     def close(self) -> None:
-        """Stop the VLM loop thread (requests in flight end); idempotent."""
-        self.cascade.close()
+        """Stop the VLM loop thread (requests in flight end), then release every stage's graphs once no predict
+        runs; idempotent."""
+        if self.cascade.vlm is not None:
+            self.cascade.vlm.close()  # first: a predict waiting on the VLM ends, and frees the lock
+        with self.lock:
+            self.cascade.close()
 
     def _vlm(self) -> VLMStage:
         if self.cascade.vlm is None:

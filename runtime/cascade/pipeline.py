@@ -140,8 +140,9 @@ class Cascade:
         return {stage.name: stage.breaker.state for stage in self.stages if stage.breaker is not None}
 
     def close(self) -> None:
-        if self.vlm is not None:
-            self.vlm.close()
+        """Every stage, the last first: a stage's graphs read buffers of the stages before it."""
+        for stage in reversed(self.stages):
+            stage.close()
 
     def describe(self) -> list[dict]:
         return [stage.describe() for stage in self.stages]

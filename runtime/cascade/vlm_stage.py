@@ -307,13 +307,16 @@ class VLMStage:
         self._call(lambda: self.counters.update(dict.fromkeys(self.counters, 0)))
 
     def close(self) -> None:
-        """Stop the loop thread; requests in flight end (streams with finish_reason "cancelled")."""
+        """Stop the loop thread; requests in flight end (streams with finish_reason "cancelled"). Then release the
+        decode graphs, which only that thread replays."""
         assert threading.current_thread() is not self.thread, "close() from the vlm loop thread would deadlock"
         with self.lock:
             if not self.closed:
                 self.closed = True
                 self.commands.put(None)
         self.thread.join()
+        if self.engine.runner.decode_graphs is not None:
+            self.engine.runner.decode_graphs.close()
 
     def describe(self) -> dict:
         s = self.spec

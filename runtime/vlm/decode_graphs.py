@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from graphs.runner import BucketGraphs
+from graphs.runner import BucketGraphs, weak_method
 from runtime.vlm.attention import DecodeAttention
 from runtime.models.qwen3_vl import Qwen3VL
 from runtime.models.qwen3_vl_text import AttentionMetadata
@@ -66,7 +66,7 @@ class DecodeGraphs:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.width = max_blocks_per_seq
-        self.graphs = BucketGraphs(self._forward, buckets, kv_cache.device, use_cuda_graphs)
+        self.graphs = BucketGraphs(weak_method(self._forward), buckets, kv_cache.device, use_cuda_graphs)
         self.attention = {b: attention(b) for b in buckets}
         rows, dev = self.graphs.max_batch, kv_cache.device
         self.token_ids = torch.zeros(rows, dtype=torch.int64, device=dev)
@@ -124,3 +124,8 @@ class DecodeGraphs:
         logits, = self.graphs.replay(b)
         self.steps[b] += 1
         return logits[:n].clone()
+
+    def close(self) -> None:
+        """The graphs first, then the attention wrappers whose buffers they read. Idempotent."""
+        self.graphs.close()
+        self.attention.clear()
