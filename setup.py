@@ -38,7 +38,8 @@ setup(
         # the startup probe falls back to the Triton kernel if they do not work). flash-attn: varlen prefill.
         # triton: the kernels/*_triton.py kernels, imported only where they launch (CUDA tensors), so CPU installs
         # go without it.
-        "gpu": ["triton>=3.2", "flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13"],
+        "gpu": ["triton>=3.2", "flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13",
+                "flashinfer-jit-cache==0.6.13"],
         "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
         # Detector members with format = "transformers" (runtime/models/hf_detector.py): run by transformers itself.
         "transformers": ["transformers==5.23.0"],

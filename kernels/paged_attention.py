@@ -65,8 +65,11 @@ def paged_prefill_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 def _flash_attn_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        log.info("flash-attn is not installed: CUDA prefill uses SDPA over the gathered context")
+    except Exception as e:  # an ABI or driver mismatch raises RuntimeError or OSError, not ImportError
+        # not installed is routine (info); installed but broken is worth a warning
+        log.log(logging.INFO if isinstance(e, ModuleNotFoundError) else logging.WARNING,
+                "flash-attn does not import (%s: %s): CUDA prefill uses SDPA over the gathered context",
+                type(e).__name__, e)
         return None
     return flash_attn_varlen_func
 

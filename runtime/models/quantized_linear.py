@@ -2,13 +2,16 @@
 (and for layers the GPU path cannot take) the weights dequantized once at load into plain nn.Linear.
 
   Int4Linear: AWQ / pack-quantized weights repacked into kernels/int4_gemm.py's layout, the Triton dequant-GEMM.
-  Fp8Linear:  block-scaled fp8 through torch._scaled_mm (sm89+). Activations are quantized per token per 128-wide
-              input block (dynamic, like the checkpoint's activation_scheme), so each input block is one fp8 GEMM
-              with a row-wise scale on each side, exact for the weight's (out-block, in-block) scales:
+  Fp8Linear:  block-scaled fp8 through torch._scaled_mm (sm90+, CUDA builds of torch). Activations are quantized per
+              token per 128-wide input block (dynamic, like the checkpoint's activation_scheme), so each input block
+              is one fp8 GEMM with a row-wise scale on each side, exact for the weight's (out-block, in-block) scales:
                   y = sum_j (sx[:, j] * x_j) @ (sw[j, :] * w_j)^T
+              On sm90 with CUDA 12.9+ the sum is one _scaled_mm with (1x128, 1x128) block scales (bf16 output);
+              fp8_blockwise_reference is its plain-torch math.
 Both keep their tensors as non-persistent buffers, so the float loader (weights.load_into) never sees them."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
@@ -47,16 +50,50 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+FP8_SCALE_BLOCK = 128  # the input block of _scaled_mm's blockwise recipes
+
+
+def _cuda_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in torch.version.cuda.split(".")[:2]) if torch.version.cuda else ()
+
+
+@functools.cache
 def fp8_gemm_supported(device: torch.device) -> bool:
-    """torch._scaled_mm's fp8 GEMM needs Ada / Hopper (sm89+)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    """Row-wise-scaled torch._scaled_mm with float32 output needs sm90+ in a CUDA build of torch: sm89 raises at the
+    first FP8 layer, and ROCm's row-wise path has bf16 output only. Cached: asked once per layer at load."""
+    if device.type != "cuda":
+        return False
+    capability = torch.cuda.get_device_capability(device)
+    if not torch.version.cuda or capability < (9, 0):
+        log.warning("FP8 GEMM needs a CUDA build of torch on compute capability >= 9.0 (row-wise-scaled "
+                    "torch._scaled_mm with float32 output); this is sm%d%d under torch %s (CUDA %s): FP8 weights are "
+                    "dequantized at load into plain Linear layers", *capability, torch.__version__, torch.version.cuda)
+        return False
+    return True
+
+
+def fp8_blockwise_supported(device: torch.device) -> bool:
+    """One _scaled_mm per layer with (1x128, 1x128) block scales: cuBLASLt 12.9+ on sm90 only (PyTorch's own
+    blockwise tests skip elsewhere, and its newer API refuses other architectures)."""
+    return (fp8_gemm_supported(device) and torch.cuda.get_device_capability(device)[0] == 9
+            and _cuda_version() >= (12, 9))
+
+
+def fp8_blockwise_reference(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor,
+                            scale_b: torch.Tensor) -> torch.Tensor:
+    """Float32 math of the blockwise GEMM: fp8 (rows, blocks, block) activations with (rows, blocks) scales times
+    the fp8 (out, in) weight with (blocks, out) scales."""
+    x = (xq.float() * sx[..., None]).flatten(1)
+    w = (weight.float().view(weight.shape[0], -1, xq.shape[-1]) * scale_b.T[..., None]).flatten(1)
+    return x @ w.T
 
 
 class Fp8Linear(nn.Module):
-    def __init__(self, weight: Fp8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, weight: Fp8Weight, bias: torch.Tensor | None, dtype: torch.dtype, blockwise: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.weight.shape
         bo, self.block_in = weight.block
+        self.blockwise = blockwise and self.block_in == FP8_SCALE_BLOCK
         assert self.in_features % self.block_in == 0 and self.out_features % 16 == 0, (weight.weight.shape, weight.block)
         self.register_buffer("weight", weight.weight, persistent=False)
         # (in blocks, out): row n's scale for input block j, contiguous rows for _scaled_mm's (1, out) scale_b
@@ -65,7 +102,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(dtype), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, block_in={self.block_in}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block_in={self.block_in}, "
+                f"blockwise={self.blockwise}")
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, in) -> fp8 (rows, blocks, block_in) and float32 scales (rows, blocks)."""
@@ -80,11 +118,17 @@ class Fp8Linear(nn.Module):
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))
         xq, sx = self.quantize_input(x2)
-        acc = torch.zeros(x2.shape[0], self.out_features, dtype=torch.float32, device=x.device)
-        for j in range(self.scale_b.shape[0]):
-            w = self.weight[:, j * self.block_in:(j + 1) * self.block_in]
-            acc += torch._scaled_mm(xq[:, j], w.t(), scale_a=sx[:, j:j + 1].contiguous(),
-                                    scale_b=self.scale_b[j:j + 1], out_dtype=torch.float32)
+        if self.blockwise:
+            # 1x128 scales on both sides, outer-dim-major: scale_a (rows, blocks) with strides (1, rows), scale_b
+            # (blocks, out) row-major
+            acc = torch._scaled_mm(xq.flatten(1), self.weight.t(), scale_a=sx.t().contiguous().t(),
+                                   scale_b=self.scale_b, out_dtype=torch.bfloat16)
+        else:
+            acc = torch.zeros(x2.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+            for j in range(self.scale_b.shape[0]):
+                w = self.weight[:, j * self.block_in:(j + 1) * self.block_in]
+                acc += torch._scaled_mm(xq[:, j], w.t(), scale_a=sx[:, j:j + 1].contiguous(),
+                                        scale_b=self.scale_b[j:j + 1], out_dtype=torch.float32)
         y = acc[:rows].to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -134,7 +178,9 @@ def load_quantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], f
             continue
         bias = _bias(out, f"{prefix}.bias", module.out_features, source) if module.bias is not None else None
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer(weight, bias, dtype))
+        built = (Fp8Linear(weight, bias, dtype, blockwise=fp8_blockwise_supported(device)) if layer is Fp8Linear
+                 else layer(weight, bias, dtype))
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, built)
         kinds[layer.__name__] += 1
     if not kinds:
         raise WeightError(f"{source}: quantization_config ({fmt.method}) quantizes no Linear layer of the model")

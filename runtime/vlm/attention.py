@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
-FLASHINFER_GROUP_SIZES = (1, 2, 3, 4, 8)  # query heads per kv head its decode kernels are dispatched for
+# Query heads per kv head its decode kernels are dispatched for: DISPATCH_GQA_GROUP_SIZE in the pinned flashinfer
+# 0.6.13's include/flashinfer/utils.cuh (6 arrives with 0.6.18; until then 6 raises "Unsupported group_size").
+FLASHINFER_GROUP_SIZES = (1, 2, 3, 4, 8)
 FLASHINFER_PROBE_TOLERANCE = 5e-2  # bf16/fp16 attention of a random row vs the float32 reference
 FLASHINFER_WORKSPACE_BYTES = 128 << 20  # the float workspace size flashinfer's documentation recommends
 BACKENDS = ("flashinfer", "triton", "cpu", "reference")
@@ -62,8 +64,11 @@ class DecodeAttention(Protocol):
 def flashinfer_module() -> ModuleType | None:
     try:
         import flashinfer
-    except ImportError:
-        log.info("flashinfer is not installed: CUDA decode attention uses the Triton paged-attention kernel")
+    except Exception as e:  # an ABI or driver mismatch raises RuntimeError or OSError, not ImportError
+        # not installed is routine (info); installed but broken is worth a warning
+        log.log(logging.INFO if isinstance(e, ModuleNotFoundError) else logging.WARNING,
+                "flashinfer does not import (%s: %s): CUDA decode attention uses the Triton paged-attention kernel",
+                type(e).__name__, e)
         return None
     return flashinfer
 
