@@ -183,3 +183,13 @@ def test_errors_name_file_stage_and_key(tmp_path, text, message):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match=message):
         read_bundle(bundle(tmp_path, text))
+
+
+def test_every_spec_kind_is_its_toml_kind_and_runtime_never_asks_a_stage_its_type():
+    """What differs per stage kind lives on the spec (model_dirs, quantize_modes, map_quantize) or the stage: code in
+    runtime/ asks `spec.kind`, never isinstance on a stage or spec class (a new kind would miss such a branch)."""
+    assert set(STAGE_KINDS) == {ClassifierStageSpec.kind, DetectorStageSpec.kind, VLMStageSpec.kind}
+    runtime = Path(__file__).resolve().parents[1] / "runtime"
+    asked = [f"{path.relative_to(runtime.parent)}:{n}" for path in sorted(runtime.rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"isinstance\([^)]*Stage", line)]
+    assert asked == []

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from kernels.preprocess import PreprocessSpec
-from runtime.cascade.bundle import Bundle, ClassifierStageSpec, DetectorStageSpec, StageSpec, VLMStageSpec
+from runtime.cascade.bundle import Bundle, DetectorStageSpec, StageSpec, VLMStageSpec
 from runtime.cascade.classifier_stage import ClassifierStage
 from runtime.cascade.detector_members import LoadedDetector, load_detector
 from runtime.cascade.detector_stage import DetectorStage
@@ -97,12 +97,12 @@ def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtyp
                   precision: PrecisionChoice | None = None) -> Cascade:
     assert len(devices) == len(bundle.stages)
     first_spec, *later_specs = bundle.stages
-    assert isinstance(first_spec, ClassifierStageSpec)
+    assert first_spec.kind == "classifier"
     toml = bundle.root / "cascade.toml"
     where = [f"{toml} stage {i + 1} ('{spec.name}')" for i, spec in enumerate(bundle.stages)]
     classifier = load_classifier(first_spec.model, dtype, devices[0])
     preprocess = read_preprocess(first_spec.model)
-    detector_stages = [i for i, s in enumerate(bundle.stages) if isinstance(s, DetectorStageSpec)]
+    detector_stages = [i for i, s in enumerate(bundle.stages) if s.kind == "detectors"]
     digest = backbone_digest(classifier.backbone) if detector_stages else None
     loaded: dict[int, list[LoadedDetector]] = {}
     for i in detector_stages:
@@ -129,5 +129,5 @@ def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtyp
     later = [LATER_STAGES[type(spec)](spec, StageContext(where[i], devices[i], dtype, max_batch, first,
                                                          loaded.get(i, []), precision))
              for i, spec in enumerate(bundle.stages) if i > 0]
-    vlm = next((stage for stage in later if isinstance(stage, VLMStage)), None)
+    vlm = next((stage for spec, stage in zip(later_specs, later) if spec.kind == "vlm"), None)
     return Cascade(first, later, vlm)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Union
+from typing import Callable, ClassVar, Union
 
 from runtime.config import REQUIRED, ConfigReader
 from runtime.errors import ModelLoadError
@@ -21,6 +21,7 @@ DETECTOR_FORMATS = ("safetensors", "onnx", "transformers")
 @dataclass(frozen=True)
 class ClassifierStageSpec:
     """Stage 1: a Hugging Face image classifier that scores every image and lets the confident ones exit."""
+    kind: ClassVar[str] = "classifier"
     name: str
     model: Path
     device: str | None = None  # None: the device Engine.load was given
@@ -28,6 +29,16 @@ class ClassifierStageSpec:
     exit_above: float | None = None  # stage exists)
     quantize: str | None = None  # a QUANTIZE_MODES name; None: unset (the engine's setting). Cascade gets None
     # (float) or an int8 backend: the encoder's Linear layers compute in int8 (runtime/models/quant.py)
+
+    def model_dirs(self) -> list[Path]:
+        return [self.model]
+
+    def quantize_modes(self) -> list[str | None]:
+        """The quantize setting of each model the stage quantizes (none for a VLM)."""
+        return [self.quantize]
+
+    def map_quantize(self, change: Callable[[str | None], str | None]) -> ClassifierStageSpec:
+        return replace(self, quantize=change(self.quantize))
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class DetectorSpec:
 @dataclass(frozen=True)
 class DetectorStageSpec:
     """Object detectors that vote on the images the classifier did not decide (kernels/vote.py)."""
+    kind: ClassVar[str] = "detectors"
     name: str
     detectors: tuple[DetectorSpec, ...]
     device: str | None = None
@@ -63,11 +75,21 @@ class DetectorStageSpec:
     exit_below: float | None = None  # voted p < exit_below or p > exit_above: decided here; else on to the VLM
     exit_above: float | None = None  # (set iff a vlm stage follows)
 
+    def model_dirs(self) -> list[Path]:
+        return [d.model for d in self.detectors]
+
+    def quantize_modes(self) -> list[str | None]:
+        return [d.quantize for d in self.detectors]
+
+    def map_quantize(self, change: Callable[[str | None], str | None]) -> DetectorStageSpec:
+        return replace(self, detectors=tuple(replace(d, quantize=change(d.quantize)) for d in self.detectors))
+
 
 @dataclass(frozen=True)
 class VLMStageSpec:
     """Last stage: a Qwen3-VL answers the prompt for the images still undecided; P(roadwork) is
     P(yes) / (P(yes) + P(no)) of its next token. It also writes explanations (runtime/cascade/vlm_stage.py)."""
+    kind: ClassVar[str] = "vlm"
     name: str
     model: Path
     prompt: str = "Is there roadwork in this image? Answer Yes or No."
@@ -84,6 +106,15 @@ class VLMStageSpec:
     cooldown_s: float = 30.0
     kv_cache_dtype: str = "auto"  # "auto": the run dtype; "int8": int8 keys/values with per-block-per-head scales
     dtype: str = "auto"  # the VLM's own dtype; "auto": runtime/cascade/vlm_stage.run_dtype
+
+    def model_dirs(self) -> list[Path]:
+        return [self.model]
+
+    def quantize_modes(self) -> list[str | None]:
+        return []  # its weights' own format decides (quantization_config), not a quantize key
+
+    def map_quantize(self, change: Callable[[str | None], str | None]) -> VLMStageSpec:
+        return self
 
 
 StageSpec = Union[ClassifierStageSpec, DetectorStageSpec, VLMStageSpec]
@@ -322,24 +353,11 @@ def single_classifier_bundle(model_dir: str | Path) -> Bundle:
 
 def map_quantize(bundle: Bundle, change) -> Bundle:
     """The bundle with every classifier's and detector's quantize replaced by change(quantize)."""
-    stages = []
-    for stage in bundle.stages:
-        if isinstance(stage, ClassifierStageSpec):
-            stage = replace(stage, quantize=change(stage.quantize))
-        elif isinstance(stage, DetectorStageSpec):
-            stage = replace(stage, detectors=tuple(replace(d, quantize=change(d.quantize)) for d in stage.detectors))
-        stages.append(stage)
-    return replace(bundle, stages=tuple(stages))
+    return replace(bundle, stages=tuple(stage.map_quantize(change) for stage in bundle.stages))
 
 
 def quantize_settings(bundle: Bundle) -> list[str | None]:
-    settings = []
-    for stage in bundle.stages:
-        if isinstance(stage, ClassifierStageSpec):
-            settings.append(stage.quantize)
-        elif isinstance(stage, DetectorStageSpec):
-            settings.extend(d.quantize for d in stage.detectors)
-    return settings
+    return [mode for stage in bundle.stages for mode in stage.quantize_modes()]
 
 
 def with_quantize(bundle: Bundle, mode: str) -> Bundle:

@@ -5,22 +5,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from runtime.cascade.bundle import BUNDLE_FILE, Bundle, ClassifierStageSpec, DetectorStageSpec, VLMStageSpec
+from runtime.cascade.bundle import BUNDLE_FILE, Bundle
 
 CHUNK_BYTES = 1 << 20
 
 
 def model_dirs(bundle: Bundle) -> list[Path]:
     """Every model directory a bundle's stages read, in stage order."""
-    dirs: list[Path] = []
-    for stage in bundle.stages:
-        if isinstance(stage, (ClassifierStageSpec, VLMStageSpec)):
-            dirs.append(stage.model)
-        elif isinstance(stage, DetectorStageSpec):
-            dirs.extend(d.model for d in stage.detectors)
-        else:
-            raise AssertionError(f"unknown stage spec {type(stage).__name__}")
-    return dirs
+    return [directory for stage in bundle.stages for directory in stage.model_dirs()]
 
 
 def bundle_digest(bundle: Bundle) -> str:
@@ -37,7 +29,6 @@ def bundle_digest(bundle: Bundle) -> str:
                 while chunk := f.read(CHUNK_BYTES):
                     h.update(chunk)
     for stage in bundle.stages:
-        modes = [d.quantize for d in stage.detectors] if isinstance(stage, DetectorStageSpec) \
-            else [getattr(stage, "quantize", None)]
+        modes = stage.quantize_modes() or [None]  # [None] for a VLM: digests stay what they were
         h.update(f"\0quantize\0{stage.name}={modes}".encode())
     return h.hexdigest()

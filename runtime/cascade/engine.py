@@ -16,12 +16,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from runtime.cascade.bundle import (BUNDLE_FILE, Bundle, ClassifierStageSpec, load_bundle, quantize_settings,
+from runtime.cascade.bundle import (BUNDLE_FILE, Bundle, load_bundle, quantize_settings,
                                     resolved_quantize, with_quantize, with_unset_quantize)
 from runtime.cascade.build import build_cascade
 from runtime.cascade.bundle_digest import bundle_digest
 from runtime.cascade.classifier_stage import image_tensor
-from runtime.cascade.detector_stage import DetectorStage
 from runtime.cascade.results import Box, ImageResult, OnStage, StageTiming
 from runtime.errors import ModelLoadError
 from runtime.cascade.vlm_stage import VLMOutput, VLMStage
@@ -82,7 +81,7 @@ def settle_precision(bundle: Bundle, device: torch.device, dtype: str | torch.dt
     else:
         bundle = with_quantize(bundle, quantize)
     first = bundle.stages[0]
-    assert isinstance(first, ClassifierStageSpec)
+    assert first.kind == "classifier"
     quantize_auto = "auto" in quantize_settings(bundle)
     dtype_auto = dtype == "auto"
     fixed_dtype = None if dtype_auto else resolve_dtype(dtype, device)
@@ -245,7 +244,7 @@ class Engine:
     def member_timings(self) -> dict[str, dict[str, StageTiming]]:
         """Per detectors stage, each member's cumulative time, calls and images since load (a copy)."""
         return {stage.name: {name: dataclasses.replace(t) for name, t in stage.member_timings().items()}
-                for stage in self.cascade.later if isinstance(stage, DetectorStage)}
+                for stage in self.cascade.later if stage.spec.kind == "detectors"}
 
     def stage_states(self) -> dict[str, str]:
         """Breaker state ("closed", "open", "half_open") of every stage after the first."""

@@ -11,6 +11,7 @@ import torch
 
 from graphs.runner import BucketGraphs
 from runtime.cascade.breaker import Breaker
+from runtime.cascade.bundle import StageSpec
 from runtime.cascade.results import StageAnswer
 
 
@@ -34,6 +35,7 @@ def warm_segment(segment: BucketGraphs, pools: GraphPools) -> None:
 
 class Stage(Protocol):
     name: str
+    spec: StageSpec  # its cascade.toml entry; spec.kind says which kind of stage it is
     breaker: Breaker | None  # None: the stage cannot be skipped (the first stage: nothing earlier answered)
     time_budget_s: float | None  # a call slower than this counts as a failure; None: no budget
 
