@@ -25,22 +25,11 @@ class DINOv3Config:
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> DINOv3Config:
         r = ConfigReader(cfg, source)
-        hidden = r.get("hidden_size", int)
         return cls(
-            block=BlockConfig(
-                hidden_size=hidden,
-                num_heads=r.get("num_attention_heads", int),
-                intermediate_size=r.get("intermediate_size", int),
-                hidden_act=cfg.get("hidden_act", "gelu"),
-                layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-                query_bias=cfg.get("query_bias", True),
-                key_bias=cfg.get("key_bias", False),
-                value_bias=cfg.get("value_bias", True),
-                proj_bias=cfg.get("proj_bias", True),
-                mlp_bias=cfg.get("mlp_bias", True),
-                gated_mlp=cfg.get("use_gated_mlp", False),
-                layer_scale=True,
-            ),
+            block=BlockConfig.from_config(
+                r, 1e-5, query_bias=cfg.get("query_bias", True), key_bias=cfg.get("key_bias", False),
+                value_bias=cfg.get("value_bias", True), proj_bias=cfg.get("proj_bias", True),
+                mlp_bias=cfg.get("mlp_bias", True), gated_mlp=cfg.get("use_gated_mlp", False), layer_scale=True),
             num_layers=r.get("num_hidden_layers", int),
             patch_size=r.pair("patch_size", 16),
             image_size=r.pair("image_size", 224),

@@ -137,14 +137,6 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return ((packed[:, :, None] >> shifts) & 0xF).to(torch.uint8).flatten(1)
 
 
-def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
-    """uint8 (rows, cols * 8) in [0, 15] -> int32 (rows, cols): the inverse of unpack_nibbles."""
-    assert values.shape[1] % 8 == 0, tuple(values.shape)
-    nib = values.to(torch.int64).view(values.shape[0], -1, 8)
-    word = (nib << torch.arange(0, 32, 4, device=values.device)).sum(-1)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)  # the same 32 bits, as int32
-
-
 AWQ_UNDO = torch.tensor([AWQ_ORDER.index(c) for c in range(8)])  # column c sits in nibble AWQ_UNDO[c]
 
 

@@ -50,14 +50,7 @@ class ViTConfig:
         r = ConfigReader(cfg, source)
         qkv_bias = cfg.get("qkv_bias", True)
         return cls(
-            block=BlockConfig(
-                hidden_size=r.get("hidden_size", int),
-                num_heads=r.get("num_attention_heads", int),
-                intermediate_size=r.get("intermediate_size", int),
-                hidden_act=cfg.get("hidden_act", "gelu"),
-                layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
-                query_bias=qkv_bias, key_bias=qkv_bias, value_bias=qkv_bias,
-            ),
+            block=BlockConfig.from_config(r, 1e-12, query_bias=qkv_bias, key_bias=qkv_bias, value_bias=qkv_bias),
             num_layers=r.get("num_hidden_layers", int),
             patch_size=r.pair("patch_size", 16),
             image_size=r.pair("image_size", 224),

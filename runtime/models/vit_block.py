@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.config import ConfigReader
 from runtime.errors import ModelLoadError
 
 ACTIVATIONS = {
@@ -42,6 +43,14 @@ class BlockConfig:
     mlp_bias: bool = True
     gated_mlp: bool = False
     layer_scale: bool = False
+
+    @classmethod
+    def from_config(cls, r: ConfigReader, layer_norm_eps: float, **variant) -> BlockConfig:
+        """The keys ViT and DINOv3 configs name alike (`layer_norm_eps`: the family's default); `variant`: what
+        differs between them (biases, gated MLP, layer scale)."""
+        return cls(hidden_size=r.get("hidden_size", int), num_heads=r.get("num_attention_heads", int),
+                   intermediate_size=r.get("intermediate_size", int), hidden_act=r.data.get("hidden_act", "gelu"),
+                   layer_norm_eps=float(r.data.get("layer_norm_eps", layer_norm_eps)), **variant)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
