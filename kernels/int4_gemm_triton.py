@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from kernels.int4_gemm import check_args
+from kernels.launch import launch_device
 
 
 @triton.jit
@@ -50,6 +51,7 @@ def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if m:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64  # tl.dot needs >= 16 rows; decode batches are small
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
-        int4_gemm_kernel[grid](x2, qweight, scales, zeros, out, m, n, k, x2.stride(0), out.stride(0),
-                               GROUP=group, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32)
+        with launch_device(x.device):
+            int4_gemm_kernel[grid](x2, qweight, scales, zeros, out, m, n, k, x2.stride(0), out.stride(0),
+                                   GROUP=group, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32)
     return out.view(*x.shape[:-1], n)

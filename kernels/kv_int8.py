@@ -10,7 +10,8 @@ the first of them requantize the block's earlier tokens while the others write t
 Rounding is floor(x + 0.5) everywhere, so the kernel and the reference store the same bytes.
 
 Reading: the references dequantize the blocks a batch reads and run kernels/paged_attention.py's references on
-them; the Triton decode kernel dequantizes each page in registers.
+them; the Triton decode kernel (kernels/paged_attention_triton.py's decode kernel, tiled the same way) dequantizes
+each tile of a page in registers.
 Layout: cache types, store, attention (references and dispatch), a layer's entry point; the Triton store and
 decode kernels are in kernels/kv_int8_triton.py, imported only where they launch."""
 from __future__ import annotations

@@ -7,6 +7,9 @@ import triton
 import triton.language as tl
 
 from kernels.kv_int8 import Int8Pages
+from kernels.launch import launch_device
+from kernels.paged_attention_triton import (decode_constants, decode_epilogue, decode_prologue, decode_tile,
+                                            online_softmax_start, online_softmax_tile)
 
 
 @triton.jit
@@ -71,74 +74,56 @@ def store_int8_triton(x: torch.Tensor, pages: Int8Pages, slot_mapping: torch.Ten
         return
     block_size = pages.values.shape[1]
     shape = dict(BLOCK_SIZE=block_size, HEADS=heads, HEADS_PAD=triton.next_power_of_2(heads))
-    _reset_fresh_kernel[(tokens,)](slot_mapping, pages.scales, **shape)
-    old = pages.scales.clone()
     dims = dict(shape, HEAD_DIM=dim, DIM_PAD=triton.next_power_of_2(dim))
-    _grow_scales_kernel[(tokens,)](x, slot_mapping, pages.scales, x.stride(0), **dims)
-    _write_kernel[(tokens,)](x, slot_mapping, pages.values, pages.scales, old, x.stride(0), **dims)
+    with launch_device(x.device):
+        _reset_fresh_kernel[(tokens,)](slot_mapping, pages.scales, **shape)
+        old = pages.scales.clone()
+        _grow_scales_kernel[(tokens,)](x, slot_mapping, pages.scales, x.stride(0), **dims)
+        _write_kernel[(tokens,)](x, slot_mapping, pages.values, pages.scales, old, x.stride(0), **dims)
 
 
-@triton.jit
+# Eager decode steps size the block table to their longest sequence: its stride must not pick kernel variants.
+@triton.jit(do_not_specialize=["block_table_stride"])
 def paged_decode_int8_kernel(
     q_ptr, k_ptr, v_ptr, k_scales_ptr, v_scales_ptr, out_ptr, block_tables_ptr, context_lens_ptr,
     scale, q_stride_seq, q_stride_head, out_stride_seq, out_stride_head, block_table_stride,
     cache_stride_block, cache_stride_token, cache_stride_head, KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, PAGE: tl.constexpr,
+    TOKENS: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    context = tl.load(context_lens_ptr + seq)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, DIM_PAD)
-    t = tl.arange(0, PAGE)
-    g_ok = g < GROUP
-    d_ok = d < HEAD_DIM
-    heads = kv_head * GROUP + g
-    q = tl.load(q_ptr + seq * q_stride_seq + heads[:, None] * q_stride_head + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-    acc = tl.zeros((GROUP_PAD, DIM_PAD), dtype=tl.float32)
+    """kernels/paged_attention_triton.py's paged_decode_kernel over int8 pages, each tile dequantized in registers
+    with its block's scales."""
+    seq, kv_head, context, heads, head_mask, q = decode_prologue(
+        q_ptr, context_lens_ptr, q_stride_seq, q_stride_head, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD)
+    m_i, l_i, acc = online_softmax_start(GROUP_PAD, DIM_PAD)
     for page in range(0, tl.cdiv(context, PAGE)):
         block = tl.load(block_tables_ptr + seq * block_table_stride + page).to(tl.int64)
-        tok_ok = page * PAGE + t < context
-        offs = block * cache_stride_block + t[:, None] * cache_stride_token + kv_head * cache_stride_head + d[None, :]
-        kv_mask = tok_ok[:, None] & d_ok[None, :]
         k_scale = tl.load(k_scales_ptr + block * KV_HEADS + kv_head)
         v_scale = tl.load(v_scales_ptr + block * KV_HEADS + kv_head)
-        k = tl.load(k_ptr + offs, mask=kv_mask, other=0).to(tl.float32) * k_scale
-        v = tl.load(v_ptr + offs, mask=kv_mask, other=0).to(tl.float32) * v_scale
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-        scores = tl.where(tok_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    tl.store(out_ptr + seq * out_stride_seq + heads[:, None] * out_stride_head + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        for first in range(0, PAGE, TOKENS):
+            offs, tok_ok, kv_mask = decode_tile(block, page, first, context, kv_head, cache_stride_block,
+                                                cache_stride_token, cache_stride_head, HEAD_DIM, DIM_PAD, PAGE, TOKENS)
+            k = tl.load(k_ptr + offs, mask=kv_mask, other=0).to(tl.float32) * k_scale
+            v = tl.load(v_ptr + offs, mask=kv_mask, other=0).to(tl.float32) * v_scale
+            m_i, l_i, acc = online_softmax_tile(q, k, v, tok_ok, scale, m_i, l_i, acc)
+    decode_epilogue(out_ptr, seq, heads, head_mask, out_stride_seq, out_stride_head, l_i, acc, DIM_PAD)
 
 
 def paged_decode_int8_triton(q: torch.Tensor, k: Int8Pages, v: Int8Pages, block_tables: torch.Tensor,
-                             context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_dim = k.values.shape
-    assert cache_dim == head_dim and num_heads % num_kv_heads == 0, (tuple(q.shape), tuple(k.values.shape))
-    assert k.values.is_contiguous() and v.values.is_contiguous() and q.stride(2) == 1
+                             context_lens: torch.Tensor, scale: float, tile_tokens: int | None = None) -> torch.Tensor:
+    """Same contract as paged_decode_int8_reference, computed by the Triton kernel. tile_tokens: tokens per tile (a
+    power of two <= block_size), or None for decode_tile_tokens' choice (the float kernel's)."""
+    constants = decode_constants(q, k.values.shape, block_tables, context_lens, tile_tokens)
+    assert k.values.is_contiguous() and v.values.is_contiguous() and k.values.shape == v.values.shape
     assert k.scales.is_contiguous() and v.scales.is_contiguous()
-    assert block_size == triton.next_power_of_2(block_size), f"block_size {block_size} must be a power of two"
-    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
     out = torch.empty_like(q)
-    if num_seqs == 0:
+    if q.shape[0] == 0:
         return out
-    group = num_heads // num_kv_heads
-    paged_decode_int8_kernel[(num_seqs, num_kv_heads)](
-        q, k.values, v.values, k.scales, v.scales, out, block_tables, context_lens,
-        scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k.values.stride(0), k.values.stride(1), k.values.stride(2), KV_HEADS=num_kv_heads,
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
-        DIM_PAD=triton.next_power_of_2(head_dim), PAGE=block_size,
-    )
+    num_kv_heads = k.values.shape[2]
+    with launch_device(q.device):
+        paged_decode_int8_kernel[(q.shape[0], num_kv_heads)](
+            q, k.values, v.values, k.scales, v.scales, out, block_tables, context_lens,
+            scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+            k.values.stride(0), k.values.stride(1), k.values.stride(2), KV_HEADS=num_kv_heads, **constants,
+        )
     return out

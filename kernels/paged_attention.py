@@ -6,7 +6,8 @@ Grouped-query attention: query head h reads kv head h // (num_heads // num_kv_he
 
   decode:  paged_decode_reference (plain torch, what CPU runs) and kernels/paged_attention_triton.py's
            paged_decode_triton (one program per (sequence, kv head), all the heads of its group at once, online
-           softmax over the pages), imported only where it launches.
+           softmax over tiles of each page), imported only where it launches; kernels/kv_int8.py's int8 decode
+           kernel is built from the same parts.
   prefill: paged_prefill_reference gathers each sequence's context and runs causal SDPA with the queries at the
            end of it (CPU, and CUDA without flash-attn); on CUDA flash-attn's varlen kernel when it is installed.
 """

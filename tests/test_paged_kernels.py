@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton
 
-from fixtures.paged_attention import dense_attention, paged_layout
+from fixtures.paged_attention import TILED_DECODE_CASES, dense_attention, paged_layout
 from fixtures.triton_mode import KERNEL_DEVICE
 from kernels.kv_store import kv_store, kv_store_reference
 from kernels.kv_store_triton import kv_store_triton
@@ -86,6 +86,24 @@ def test_paged_decode_kernel_and_reference_match_dense(context_lens, heads, kv_h
         expected = dense_attention(q[s:s + 1], k, v, scale)[0]
         torch.testing.assert_close(ref[s], expected, rtol=0, atol=2e-6)
         torch.testing.assert_close(got[s], expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("context_lens,heads,kv_heads,head_dim,block_size,tile", TILED_DECODE_CASES)
+def test_paged_decode_kernel_tiles_match_dense(context_lens, heads, kv_heads, head_dim, block_size, tile):
+    context_lens = [*context_lens, 0]  # and a padding row
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 2
+    k_cache, v_cache, tables = paged_layout(context_lens, num_blocks, block_size, kv_heads, head_dim, seed=tile)
+    q = torch.randn(len(context_lens), heads, head_dim, generator=torch.Generator().manual_seed(2))
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    scale = head_dim ** -0.5
+    got = paged_decode_triton(*(t.to(KERNEL_DEVICE) for t in (q, k_cache, v_cache, tables, lens)), scale,
+                              tile_tokens=tile).cpu()
+    torch.testing.assert_close(got, paged_decode_reference(q, k_cache, v_cache, tables, lens, scale), rtol=0,
+                               atol=2e-6)
+    assert (got[-1] == 0).all()
+    for s, c in enumerate(context_lens[:-1]):
+        k, v = gather(k_cache, tables[s], c), gather(v_cache, tables[s], c)
+        torch.testing.assert_close(got[s], dense_attention(q[s:s + 1], k, v, scale)[0], rtol=0, atol=2e-6)
 
 
 def test_paged_decode_kernel_with_strided_query():
