@@ -1,12 +1,12 @@
-"""The server's hard-case capture (--hardcases DIR): server/hardcase_capture.py wired to this app's metrics."""
+"""The server's hard-case capture (--hardcases DIR): imagesets/hardcase_capture.py wired to this app's metrics."""
 from __future__ import annotations
 
 import functools
 from typing import Any
 
+from imagesets.hardcase_capture import CaptureConfig, HardCaseCapture, engine_digest, vlm_stage_name
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
-from server.hardcase_capture import CaptureConfig, HardCaseCapture, engine_digest, vlm_stage_name
 
 
 def hard_case_capture(engine: Any, config: ServerConfig, metrics: ServerMetrics) -> HardCaseCapture | None:

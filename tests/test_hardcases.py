@@ -24,8 +24,8 @@ from fixtures.checkpoints import make_vit
 from fixtures.images import b64, jpeg
 from fixtures.serving import ServerProcess, read_events, serving
 from tools import hardcases as cli
-from server.hardcase_capture import CaptureConfig, HardCaseCapture, RateCaps, matched_rules
-from server.hardcase_store import CLASSES, DETECTIONS, INDEX, LABELS, HardCaseStore, image_id, read_index
+from imagesets.hardcase_capture import CaptureConfig, HardCaseCapture, RateCaps, matched_rules
+from imagesets.hardcase_store import CLASSES, DETECTIONS, INDEX, LABELS, HardCaseStore, image_id, read_index
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "default"

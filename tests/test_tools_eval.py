@@ -12,7 +12,9 @@ import pytest
 from runtime.cascade.bundle import read_bundle
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import Engine
-from tools.eval import Confusion, list_labeled, main as eval_main, run_engine
+from imagesets.confusion import Confusion
+from imagesets.labeled import list_labeled
+from tools.eval import main as eval_main, run_engine
 from tools.tune import Observed, apply, bundle_toml, main as tune_main, search, vote_decisions
 from fixtures.checkpoints import make_dinov3, write_preprocessor
 from fixtures.deimv2_checkpoints import make_deimv2

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,103 +20,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from imagesets.confusion import Confusion
+from imagesets.labeled import LabeledSet, list_labeled
 from runtime.image_decode import decode_image
 from runtime.cascade.settings import ENGINE_HELP, add_engine_flags, engine_settings
 
 log = logging.getLogger(__name__)
-
-LABEL_DIRS = ("none", "roadwork")   # index = label
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-def decide(probabilities: np.ndarray | list[float]) -> np.ndarray:
-    """The subnet's rounding: roadwork only when P > 0.5 (exactly 0.5 counts as none)."""
-    return np.asarray(probabilities, np.float64) > 0.5
-
-
-@dataclass(frozen=True)
-class Confusion:
-    tp: int
-    fp: int
-    tn: int
-    fn: int
-
-    @classmethod
-    def of(cls, labels: np.ndarray | list[int], probabilities: np.ndarray | list[float]) -> Confusion:
-        truth = np.asarray(labels).astype(bool)
-        guess = decide(probabilities)
-        assert truth.shape == guess.shape, (truth.shape, guess.shape)
-        return cls(tp=int(np.sum(truth & guess)), fp=int(np.sum(~truth & guess)),
-                   tn=int(np.sum(~truth & ~guess)), fn=int(np.sum(truth & ~guess)))
-
-    @property
-    def n(self) -> int:
-        return self.tp + self.fp + self.tn + self.fn
-
-    @property
-    def accuracy(self) -> float:
-        return (self.tp + self.tn) / self.n if self.n else 0.0
-
-    @property
-    def mcc(self) -> float:
-        """0 when a row or column of the matrix is empty (the usual convention; the formula is 0/0 there)."""
-        denominator = math.sqrt((self.tp + self.fp) * (self.tp + self.fn) * (self.tn + self.fp) * (self.tn + self.fn))
-        return (self.tp * self.tn - self.fp * self.fn) / denominator if denominator else 0.0
-
-    def as_dict(self) -> dict:
-        return {"n": self.n, "accuracy": round(self.accuracy, 4), "mcc": round(self.mcc, 4),
-                "confusion": {"tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn}}
-
-
-@dataclass
-class LabeledSet:
-    root: Path
-    files: list[str]        # relative to root, e.g. "roadwork/000012.jpg"
-    labels: np.ndarray      # (N,) int64: 1 roadwork, 0 none
-    levels: np.ndarray      # (N,) int64 augmentation level, -1 where meta.jsonl says nothing
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def spread(self, n: int) -> LabeledSet:
-        """n images evenly spaced over the sorted list, so both labels stay represented."""
-        pick = np.unique(np.linspace(0, len(self) - 1, min(n, len(self))).round().astype(np.int64))
-        return LabeledSet(self.root, [self.files[i] for i in pick], self.labels[pick], self.levels[pick])
-
-
-def read_levels(root: Path) -> dict[str, int]:
-    """file -> augmentation level from root/meta.jsonl (empty when there is none)."""
-    path = root / "meta.jsonl"
-    if not path.is_file():
-        return {}
-    levels = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            levels[str(row["file"])] = int(row["level"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'file' and integer 'level' ({e})") from e
-    return levels
-
-
-def list_labeled(root: str | Path) -> LabeledSet:
-    """Every image under root/none and root/roadwork, sorted by path, with levels when meta.jsonl has them."""
-    root = Path(root)
-    files, labels = [], []
-    for label, name in enumerate(LABEL_DIRS):
-        sub = root / name
-        if not sub.is_dir():
-            raise ValueError(f"{root}: missing folder '{name}/' (expected {root}/none/ and {root}/roadwork/)")
-        found = sorted(p.name for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        files += [f"{name}/{f}" for f in found]
-        labels += [label] * len(found)
-    if not files:
-        raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in none/ or roadwork/")
-    levels = read_levels(root)
-    return LabeledSet(root, files, np.array(labels, np.int64), np.array([levels.get(f, -1) for f in files], np.int64))
-
 
 class StageClock:
     """Wall time per stage over a run, from the cascade's cumulative stage timings: stage 1 is preprocessing plus

@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from server.hardcase_capture import RULES
-from server.hardcase_store import HardCaseStore, Sample, export, merge, read_index
+from imagesets.hardcase_capture import RULES
+from imagesets.hardcase_store import HardCaseStore, Sample, export, merge, read_index
 
 
 def parse_day(text: str) -> str:

@@ -35,7 +35,7 @@ from runtime.models.classifier import Classifier, Labels
 from runtime.config import read_json
 from runtime.models.dinov3 import DINOv3Config, DINOv3ViT
 from runtime.models.preprocessor import preprocess_spec
-from tools.eval import Confusion
+from imagesets.confusion import Confusion
 from runtime.models.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
 from train.loop import Loop, run

@@ -17,10 +17,10 @@ import numpy as np
 import safetensors.torch as st
 import torch
 
+from imagesets.labeled import list_labeled
 from kernels.preprocess import PreprocessSpec, preprocess_reference
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import image_tensor
-from tools.eval import list_labeled
 
 log = logging.getLogger(__name__)
 

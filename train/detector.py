@@ -27,7 +27,7 @@ import torch
 
 from runtime.config import read_json
 from runtime.models.preprocessor import read_preprocess
-from tools.eval import Confusion
+from imagesets.confusion import Confusion
 from runtime.models.weights import read_safetensors
 from train.data import LabeledFolder, list_folder, load_pixels
 from train.loop import Loop, run

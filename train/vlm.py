@@ -39,7 +39,7 @@ from torch import nn
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from kernels.vlm_preprocess import VisionPreprocessSpec, vision_input_reference
-from tools.eval import Confusion
+from imagesets.confusion import Confusion
 from runtime.models.preprocessor import vision_preprocess_spec
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.tokenizer import ChatTokenizer

@@ -26,6 +26,8 @@ from typing import Iterable
 
 from PIL import Image
 
+from imagesets.durable import cut_torn_tail, write_atomic
+
 log = logging.getLogger(__name__)
 
 INDEX, LABELS, DETECTIONS = "index.jsonl", "labels.json", "detections.json"
@@ -75,25 +77,6 @@ def image_format(data: bytes) -> tuple[str, int, int]:
             return EXTENSIONS.get(im.format or "", (im.format or "img").lower()), im.width, im.height
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"not an image PIL can identify: {e}") from None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Readers see the old file or the whole new one, never part of it; durable once this returns."""
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{time.monotonic_ns()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_index(root: str | Path) -> list[Sample]:
@@ -285,17 +268,3 @@ def merge(sources: list[Path], out: Path) -> tuple[int, int]:
             store.add((src / sample.file).read_bytes(), sample)
             added += 1
     return added, duplicates
-
-
-def cut_torn_tail(path: Path) -> None:
-    """A crash mid-write leaves a last line without its newline: cut it (durably), so the next append starts on a
-    line of its own and no reader sees half a record."""
-    if not path.exists():
-        return
-    with open(path, "rb+") as f:
-        content = f.read()
-        end = content.rfind(b"\n") + 1
-        if end != len(content):
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from server.hardcase_store import HardCaseStore
+from imagesets.hardcase_store import HardCaseStore
 
 if TYPE_CHECKING:
     from runtime.cascade.engine import Engine
