@@ -5,8 +5,8 @@ setup(
     version="0.1.0",
     description="Single-process inference server: is there roadwork in this street image?",
     python_requires=">=3.11",  # tomllib (runtime/cascade/bundle.py)
-    packages=find_packages(include=["kernels*", "runtime*", "server*", "graphs*", "tools*", "train*", "bench*",
-                                    "fixtures*", "miner*", "deploy*", "bundles"]),
+    packages=find_packages(include=["kernels*", "runtime*", "imagesets*", "server*", "graphs*", "tools*", "train*",
+                                    "bench*", "fixtures*", "miner*", "deploy*", "bundles"]),
     # A wheel serves on its own: the bundled default model (server/config.py's DEFAULT_MODEL_DIR) and the
     # configuration files `python -m deploy` renders and starts.
     package_data={
@@ -41,6 +41,7 @@ setup(
         "gpu": ["triton>=3.2", "flash-attn", "flashinfer-python==0.6.13", "flashinfer-cubin==0.6.13",
                 "flashinfer-jit-cache==0.6.13"],
         "parquet": ["pyarrow>=14"],  # python -m tools.score --out results.parquet
+        "ray": ["ray[data]==2.60.0"],  # python -m tools.score --ray: bulk scoring on Ray Data (tools/score_ray.py)
         # Detector members with format = "transformers" (runtime/models/hf_detector.py): run by transformers itself.
         "transformers": ["transformers==5.23.0"],
         # Detector members with format = "onnx" (YOLO exports; runtime/models/onnx_detector.py); python -m tools.export.
@@ -52,7 +53,9 @@ setup(
                  "onnx>=1.16", "onnxruntime>=1.18",  # tests build small ONNX detectors and run them
                  "torchao==0.18.0",  # bench.compile --int8: the PT2E X86 inductor quantizer, evaluated
                  # tests/test_openapi.py: /openapi.json validated, real answers checked, schemathesis against it
-                 "schemathesis>=4.32,<5", "openapi-spec-validator>=0.7", "jsonschema>=4.18"],
+                 "schemathesis>=4.32,<5", "openapi-spec-validator>=0.7", "jsonschema>=4.18",
+                 "kubernetes-validate==1.37.0",  # tests/test_deploy_k8s.py: bundles Kubernetes 1.25-1.37's schemas
+                 "ray[data]==2.60.0"],  # tests/test_score_ray.py: a local Ray cluster
         "fuzz": ["atheris>=2.3"],  # python -m bench.fuzz (falls back to hypothesis without it)
     },
 )

@@ -6,7 +6,6 @@ import asyncio
 import csv
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,12 @@ import pytest
 from runtime.cascade.engine import Engine
 from runtime.image_decode import decode_image
 from fixtures.checkpoints import make_vit
-from fixtures.images import b64, jpeg
+from fixtures.images import b64
+from fixtures.score_inputs import inputs_of, make_inputs, rows_of
 from fixtures.serving import serving
 from tools import score as tool
-from server.hardcase_capture import CaptureConfig, HardCaseCapture, engine_digest, vlm_stage_name
-from server.hardcase_store import read_index
+from imagesets.hardcase_capture import CaptureConfig, HardCaseCapture, engine_digest, vlm_stage_name
+from imagesets.hardcase_store import read_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -36,35 +36,6 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def engine(model_dir):
     return Engine.load(model_dir, "cpu", "float32", max_batch=4)
-
-
-def make_inputs(root: Path) -> dict[str, bytes]:
-    """root/dir/{a,b/c}/*.jpg, a bad .jpg, a tar with two images, loose files for a glob; id -> bytes."""
-    images = {}
-    for i, rel in enumerate(["dir/a/0.jpg", "dir/a/1.jpg", "dir/b/c/2.jpg", "dir/b/3.png", "loose/x4.jpg",
-                             "loose/x5.jpg", "loose/y6.jpg"]):
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(jpeg(40 + i))
-        images[str(path)] = path.read_bytes()
-    (root / "dir" / "notes.txt").write_text("not an image, not listed")
-    (root / "dir" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
-    with tarfile.open(root / "pack.tar.gz", "w:gz") as tar:
-        for i in range(2):
-            member = root / f"m{i}.jpg"
-            member.write_bytes(jpeg(60 + i))
-            tar.add(member, arcname=f"inner/m{i}.jpg")
-            images[f"{root / 'pack.tar.gz'}::inner/m{i}.jpg"] = member.read_bytes()
-    return images
-
-
-def rows_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def inputs_of(root: Path) -> list[str]:
-    return [str(root / "dir"), str(root / "pack.tar.gz"), str(root / "loose" / "x*.jpg"),
-            str(root / "missing.jpg")]
 
 
 def test_scores_every_kind_of_input_and_reports_bad_files(engine, tmp_path):
