@@ -269,7 +269,8 @@ class Batcher:
             # Boxes cost only a post-processing step for detector-decided images; `?detail=1` shows them.
             # Explanations are decoded on the VLM's loop thread (server/service.py), never in the batch.
             return self.engine.predict([item.image for item in live], boxes=True,
-                                       on_stage=self._stage_relay(live) if listening else None, auto_explain=False)
+                                       on_stage=self._stage_relay(live) if listening else None, auto_explain=False,
+                                       deadline=max(item.deadline for item in live))
         except Exception as e:  # a model failure fails the failing image only; the server keeps serving
             if len(live) == 1:
                 log.warning("Engine.predict failed on one image (%dx%d): %r", live[0].image.shape[1],

@@ -19,7 +19,7 @@ from runtime.vlm.decode_graphs import DecodeGraphs, decode_inputs
 from kernels.paged_attention import paged_decode_reference
 from runtime.vlm.attention import (DecodeAttentionSpec, FlashInferDecodeAttention, check_nhd_layout,
                                choose_decode_backend, csr_page_table, flashinfer_module)
-from runtime.vlm.kv_cache import KVCacheSpec
+from runtime.vlm.block_manager import KVCacheSpec
 from runtime.vlm.scheduler import ScheduledBatch
 from runtime.vlm.sequence import SamplingParams
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig

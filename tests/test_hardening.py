@@ -306,7 +306,7 @@ def test_shutdown_is_bounded_by_its_timeout_even_with_decodes_running(model_dir)
 
 def test_scoring_requests_are_scheduled_before_waiting_explanations():
     from fixtures.sequences import make_seq
-    from runtime.vlm.kv_cache import BlockManager
+    from runtime.vlm.block_manager import BlockManager
 
     scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=1, max_num_batched_tokens=64, max_model_len=64)
     explain = [make_seq(i, [1, 2, 3]) for i in range(3)]

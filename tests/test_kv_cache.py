@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.vlm.kv_cache import BlockManager, KVCacheSpec
+from runtime.vlm.block_manager import BlockManager, KVCacheSpec
 from runtime.vlm.sequence import image_digest, image_key
 from fixtures.sequences import make_seq
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from fixtures.images import random_image
-from fixtures.paged_attention import dense_attention
+from fixtures.paged_attention import TILED_DECODE_CASES, dense_attention
+from fixtures.triton_mode import KERNEL_DEVICE
 from fixtures.vlm_checkpoints import make_qwen3_vl
-from kernels.kv_int8 import Int8KVCache, dequantize_blocks, paged_decode_int8_reference, store_int8_reference
+from kernels.kv_int8 import Int8KVCache, Int8Pages, dequantize_blocks, paged_decode_int8_reference, store_int8_reference
 from kernels.kv_int8_triton import paged_decode_int8_triton, store_int8_triton
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
-from runtime.vlm.kv_cache import KVCacheSpec
+from runtime.vlm.block_manager import KVCacheSpec
 from runtime.vlm.sequence import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,9 +63,11 @@ def test_store_kernel_matches_reference_and_error_bound(heads, dim, block_size):
         assert bool(((deq[s] - x).abs() <= bound[s][:, None] * (1 + 1e-4) + 1e-6).all()), s
 
 
-@pytest.mark.parametrize("lens,heads,kv_heads,dim,block_size", [([1, 7, 16, 33], 4, 4, 16, 8), ([5, 12], 8, 2, 64, 4),
-                                                                ([9, 3, 20], 6, 2, 24, 16), ([40], 4, 2, 128, 16)])
-def test_decode_kernel_matches_reference(lens, heads, kv_heads, dim, block_size):
+# tile None: the launcher's choice (a whole page under the interpreter); the tiled cases read each page in tiles.
+@pytest.mark.parametrize("lens,heads,kv_heads,dim,block_size,tile", [
+    ([1, 7, 16, 33], 4, 4, 16, 8, None), ([5, 12], 8, 2, 64, 4, None), ([9, 3, 20], 6, 2, 24, 16, None),
+    ([40], 4, 2, 128, 16, None), ([9, 3, 20], 6, 2, 24, 16, 2), *TILED_DECODE_CASES])
+def test_decode_kernel_matches_reference(lens, heads, kv_heads, dim, block_size, tile):
     g = torch.Generator().manual_seed(sum(lens))
     width = max(-(-n // block_size) for n in lens)
     num_blocks = len(lens) * width + 1
@@ -84,7 +87,9 @@ def test_decode_kernel_matches_reference(lens, heads, kv_heads, dim, block_size)
     lens_t = torch.tensor([*lens, 0], dtype=torch.int32)
     q = torch.randn(len(lens) + 1, heads, dim, generator=g)
     ref = paged_decode_int8_reference(q, cache[0, 0], cache[1, 0], tables, lens_t, dim ** -0.5)
-    out = paged_decode_int8_triton(q, cache[0, 0], cache[1, 0], tables, lens_t, dim ** -0.5)
+    there = [Int8Pages(p.values.to(KERNEL_DEVICE), p.scales.to(KERNEL_DEVICE)) for p in (cache[0, 0], cache[1, 0])]
+    out = paged_decode_int8_triton(q.to(KERNEL_DEVICE), *there, tables.to(KERNEL_DEVICE), lens_t.to(KERNEL_DEVICE),
+                                   dim ** -0.5, tile_tokens=tile).cpu()
     torch.testing.assert_close(out[:-1], ref[:-1], rtol=1e-4, atol=1e-5)
     assert torch.equal(ref[-1], torch.zeros_like(ref[-1]))
     for i in range(len(lens)):  # near attention over the float keys/values
@@ -131,7 +136,7 @@ def test_bundle_key_and_budget_count_int8(tmp_path):
     """kv_cache_dtype in cascade.toml; the startup budget check counts int8 bytes: 0.001 GiB is too little for one
     4096-token fp32 sequence of the tiny VLM (3 MiB) but enough in int8 (0.76 MiB)."""
     from runtime.cascade.bundle import VLMStageSpec, parse_vlm_stage, toml_table, STAGE_KINDS
-    from runtime.cascade.vlm_stage import engine_config
+    from runtime.cascade.vlm_memory import engine_config
     from runtime.errors import ModelLoadError
     make_qwen3_vl(tmp_path / "vlm", seed=2)
     keys = STAGE_KINDS["vlm"][1]

@@ -15,9 +15,10 @@ import torch
 
 from runtime.cascade.bundle import VLMStageSpec
 from runtime.cascade.engine import Engine
-from runtime.cascade.vlm_stage import run_dtype
-from runtime.models import precision
-from runtime.models.precision import FP32, Candidate, PrecisionChoice
+from runtime.cascade.precision import vlm_run_dtype
+from runtime.options import REQUEST_DEADLINE_S
+from runtime.models import auto_precision
+from runtime.models.auto_precision import FP32, Candidate, PrecisionChoice
 from runtime.models.qwen3_vl import Qwen3VLConfig
 from runtime.errors import ModelLoadError
 from runtime.vlm.sequence import SamplingParams
@@ -233,7 +234,7 @@ def test_warmup_describe_close(vlm_cascade_models, routing, tmp_path, engines):
     assert first.wait(60)
     engine.close()
     engine.close()
-    assert not engine.cascade.vlm.thread.is_alive()
+    assert not engine.cascade.vlm.loop.thread.is_alive()
     assert outputs[-1].finished and outputs[-1].finish_reason == "cancelled"
     with pytest.raises(RuntimeError, match="vlm stage 'vlm' is closed"):
         engine.explain_stream(routing["images"][0], True, outputs.append)
@@ -295,6 +296,32 @@ def test_failing_vlm_degrades_opens_and_recovers(vlm_cascade_models, routing, tm
     vlm.time_budget_s = 0.0  # every scoring call overruns
     results = engine.predict(imgs)
     assert engine.stage_states() == {"vlm": "open"} and sum(r.degraded for r in results) == 6
+
+
+def test_scoring_waits_until_the_callers_deadline(vlm_cascade_models, routing, tmp_path, engines):
+    """Engine.predict's deadline reaches the VLM: scoring waits for what is left of it (REQUEST_DEADLINE_S without
+    one), within the stage's time budget; once it has passed, the VLM's images are degraded."""
+    imgs = routing["images"]
+    bundle = write_bundle(tmp_path, classifier_stage(vlm_cascade_models, routing["low"], routing["high"])
+                          + vlm_stage(vlm_cascade_models, "failure_threshold = 1\ncooldown_s = 5.0"))
+    engine = engines(bundle, max_batch=16)
+    vlm = engine.cascade.vlm
+    assert vlm.score_timeout(None) == REQUEST_DEADLINE_S
+    assert 50.0 < vlm.score_timeout(time.monotonic() + 60.0) <= 60.0
+    assert vlm.score_timeout(time.monotonic() - 1.0) == 0.0
+    vlm.time_budget_s = 0.5
+    assert vlm.score_timeout(time.monotonic() + 60.0) == vlm.score_timeout(None) == 0.5
+    vlm.time_budget_s = None
+    seen = []
+    score = vlm.score
+    vlm.score = lambda images, digests=None, deadline=None: seen.append(deadline) or score(images, digests, deadline)
+    deadline = time.monotonic() + 60.0
+    results = engine.predict(imgs, deadline=deadline)
+    assert seen == [deadline] and not any(r.degraded for r in results)
+    results = engine.predict(imgs, deadline=time.monotonic() - 1.0)
+    assert sum(r.degraded for r in results) == 6 and engine.stage_states() == {"vlm": "open"}
+    stats = engine.vlm_stats()
+    assert stats["running"] == stats["waiting"] == 0
 
 
 @pytest.mark.parametrize("extra, kv_cache_gb, message", [
@@ -363,9 +390,9 @@ def test_vlm_dtype_auto_measures_bf16_at_the_vlms_own_products(vlm_cascade_model
                          rows))
         return {FP32: 1.0, bf16: speeds[bf16]}
 
-    monkeypatch.setattr(precision, "measure_speed", measure_speed)
+    monkeypatch.setattr(auto_precision, "measure_speed", measure_speed)
     speeds = {bf16: 0.4}
-    assert run_dtype(spec, "here", cpu, torch.float32, auto) == torch.bfloat16
+    assert vlm_run_dtype(spec, "here", cpu, torch.float32, auto) == torch.bfloat16
     text = Qwen3VLConfig.from_dict(json.loads((spec.model / "config.json").read_text())).text
     h, kv = text.hidden_size, text.num_kv_heads * text.head_dim
     candidates, shapes, rows = measured[0]
@@ -373,10 +400,10 @@ def test_vlm_dtype_auto_measures_bf16_at_the_vlms_own_products(vlm_cascade_model
     assert (h, kv, 2 * text.num_layers) in shapes and (h, text.intermediate_size, 2 * text.num_layers) in shapes
     for slower in (1.0, None):  # within the noise margin; dropped as over 4x slower
         speeds = {bf16: slower}
-        assert run_dtype(spec, "here", cpu, torch.float32, auto) == torch.float32
+        assert vlm_run_dtype(spec, "here", cpu, torch.float32, auto) == torch.float32
     measured.clear()
-    assert run_dtype(spec, "here", cpu, torch.float32, None) == torch.float32  # nothing chosen by auto
-    assert run_dtype(spec, "here", cpu, torch.float32, replace(auto, how="explicit")) == torch.float32
-    assert run_dtype(spec, "here", cuda, torch.float16, auto) == torch.float16  # CUDA: the engine's choice
-    assert run_dtype(replace(spec, dtype="float32"), "here", cpu, torch.bfloat16, auto) == torch.float32
+    assert vlm_run_dtype(spec, "here", cpu, torch.float32, None) == torch.float32  # nothing chosen by auto
+    assert vlm_run_dtype(spec, "here", cpu, torch.float32, replace(auto, how="explicit")) == torch.float32
+    assert vlm_run_dtype(spec, "here", cuda, torch.float16, auto) == torch.float16  # CUDA: the engine's choice
+    assert vlm_run_dtype(replace(spec, dtype="float32"), "here", cpu, torch.bfloat16, auto) == torch.float32
     assert measured == []

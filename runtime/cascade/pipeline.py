@@ -52,12 +52,15 @@ class Cascade:
         return self.first.runner.chunks(n)
 
     def run(self, images: list[np.ndarray], want_boxes: bool = False, explain: list[bool] | None = None,
-            on_stage: OnStage | None = None, auto_explain: bool = True) -> list[ImageResult]:
+            on_stage: OnStage | None = None, auto_explain: bool = True, deadline: float | None = None
+            ) -> list[ImageResult]:
         """One chunk (at most max_batch images) through every stage. `explain`: per image, ask the VLM for an
-        explanation; `on_stage` is called once per image per stage it reached, as soon as that stage answered."""
+        explanation; `on_stage` is called once per image per stage it reached, as soon as that stage answered;
+        `deadline` (time.monotonic()): when the requests stop waiting, the longest the VLM may score."""
         began = time.perf_counter()
         with nvtx_range("preprocess"):
             chunk = self.first.load(images)
+        chunk.deadline = deadline
         preprocess_s = time.perf_counter() - began  # counted as the first stage's time
         pending = list(range(len(images)))
         answers: list[list[tuple[str, StageAnswer]]] = [[] for _ in images]

@@ -20,6 +20,7 @@ class ChunkImages:
     """The images of one chunk, as every stage may want them."""
     host: list[torch.Tensor]  # (H, W, 3) uint8 views of the decoded arrays (zero-copy, CPU)
     device: list[torch.Tensor]  # the same on the first stage's device
+    deadline: float | None = None  # time.monotonic() after which nobody wants the chunk's answers; None: not given
 
 
 GraphPools = dict[torch.device, tuple]  # one CUDA graph memory pool per device, shared by its captured segments
