@@ -7,14 +7,17 @@ Engines (all fp32 activations unless named):
   transformers            transformers' eager model (its default attention, SDPA)
   runtime                 this runtime's classifier (runtime/models/classifier.py)
   runtime+int8-fbgemm, runtime+int8-onednn
-                          the runtime's int8 kernels (runtime/models/quant.py), as `--quantize` builds them
+                          the runtime's int8 kernels (runtime/models/int8_dynamic.py), as `--quantize` builds them
   runtime+int8, runtime-bf16
                           torch._int_mm int8 and bf16: not defaults, 40-100x slower than fp32 without VNNI or
                           AVX-512 BF16 (name them with --engines where the CPU has them)
   ort                     ONNX Runtime (CPU provider, every graph optimization) on tools.export's classifier.onnx
+  runtime-onnxruntime     the same classifier.onnx as this runtime's classifier stage runs it on backend onnxruntime
+                          (Engine.load with --backend onnxruntime): the stage's static batch and model call, timed
+                          after preprocessing as the other rows are
   ort+int8-dynamic        onnxruntime.quantization.quantize_dynamic (QInt8 weights, dynamic uint8 activations)
   ort+int8-static         quantize_static, QDQ, per-channel QInt8 weights, QInt8 activations calibrated on the 16
-                          images runtime/models/precision.py calibrates on (not the drift inputs)
+                          images runtime/models/auto_precision.py calibrates on (not the drift inputs)
 The model calls are timed round-robin (bench.common.time_interleaved, median of `--rounds` calls each), so a busy
 machine slows all alike. Drift: max |P - P_fp32| over `--inputs` synthetic street images (another seed than the
 calibration's) against the runtime's fp32, and the decisions (P > 0.5) that flip. Needs onnxruntime and onnx
@@ -22,6 +25,7 @@ for the ort engines (the test extra has them) and transformers for the baseline.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -30,13 +34,13 @@ import numpy as np
 import torch
 
 from bench.common import PRESETS, make_checkpoint, machine, print_table, time_interleaved, write_json
-from runtime.models import precision
+from runtime.models import auto_precision
 from runtime.models.classifier import load_classifier
 from runtime.models.preprocessor import read_preprocess
-from runtime.models.quant import backend_available
+from runtime.models.int8_dynamic import backend_available
 
-DEFAULT_ENGINES = ("transformers", "runtime", "runtime+int8-fbgemm", "runtime+int8-onednn", "ort", "ort+int8-dynamic",
-                   "ort+int8-static")
+DEFAULT_ENGINES = ("transformers", "runtime", "runtime+int8-fbgemm", "runtime+int8-onednn", "ort",
+                   "runtime-onnxruntime", "ort+int8-dynamic", "ort+int8-static")
 OPTIONAL_ENGINES = ("runtime-bf16", "runtime+int8")  # 40-100x slower than fp32 without AVX-512 BF16 / VNNI
 DRIFT_SEED = 27
 Predict = Callable[[torch.Tensor], torch.Tensor]  # pixels -> P(roadwork) [B] fp32
@@ -58,10 +62,32 @@ def ort_predict(path: Path) -> Predict:
 
 
 def export_classifier(model_dir: Path, out: Path) -> Path:
+    """classifier.onnx and the export.json the runtime's onnxruntime backend reads beside it, as tools.export writes."""
     from tools.export import Graph, export_one
     model = load_classifier(model_dir, torch.float32)
-    export_one(Graph("classifier.onnx", model, read_preprocess(model_dir), ["p_roadwork", "logits"]), out, 17)
+    entry = export_one(Graph("classifier.onnx", model, read_preprocess(model_dir), ["p_roadwork", "logits"]), out, 17)
+    (out / "export.json").write_text(json.dumps({"bundle": str(model_dir), "exported": [entry], "not_exported": []}))
     return out / "classifier.onnx"
+
+
+def stage_predict(model_dir: Path, fp32: Path, work: Path, max_batch: int) -> Predict:
+    """The classifier stage of an Engine on backend onnxruntime, its static batch filled with the given pixels (what
+    Engine.predict runs after preprocessing)."""
+    from runtime.cascade.engine import Engine
+    bundle = work / "bundle"
+    bundle.mkdir()
+    (bundle / "cascade.toml").write_text(f'[[stage]]\nkind = "classifier"\nmodel = "{model_dir}"\n'
+                                         f'backend = "onnxruntime"\nonnx = "{fp32}"\n')
+    stage = Engine.load(bundle, "cpu", "float32", max_batch, quantize="none").cascade.first  # its runner's segment
+    # holds the stage weakly: the closure keeps it
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        probs = []
+        for start, count in stage.runner.chunks(len(x)):
+            stage.runner.input[:count].copy_(x[start:start + count])
+            probs.append(stage.runner.run(count)[0].clone())
+        return torch.cat(probs)
+    return predict
 
 
 def static_int8(fp32: Path, out: Path, calibration: torch.Tensor) -> Path:
@@ -91,17 +117,18 @@ def dynamic_int8(fp32: Path, out: Path) -> Path:
     return path
 
 
-def build(name: str, model_dir: Path, hf_model, work: Path, calibration: torch.Tensor) -> Predict | str:
+def build(name: str, model_dir: Path, hf_model, work: Path, calibration: torch.Tensor, max_batch: int
+          ) -> Predict | str:
     """The engine's predict, or why it does not run here."""
     if name == "transformers":
         hf_model = hf_model.eval()
         return lambda x: torch.softmax(hf_model(pixel_values=x).logits.float(), -1)[:, 1]
-    if name.startswith("runtime"):
+    if name.startswith("runtime") and name != "runtime-onnxruntime":
         quantize = name.split("+", 1)[1] if "+" in name else "none"
         if quantize != "none" and not backend_available(quantize):
             return f"{quantize} is not available in this torch build"
         dtype = torch.bfloat16 if name == "runtime-bf16" else torch.float32
-        model = precision.in_precision(load_classifier(model_dir, torch.float32), precision.Candidate(dtype, quantize))
+        model = auto_precision.in_precision(load_classifier(model_dir, torch.float32), auto_precision.Candidate(dtype, quantize))
         return lambda x: model(x.to(dtype))[0].float()
     try:
         import onnx  # noqa: F401
@@ -113,6 +140,8 @@ def build(name: str, model_dir: Path, hf_model, work: Path, calibration: torch.T
         export_classifier(model_dir, work)
     if name == "ort":
         return ort_predict(fp32)
+    if name == "runtime-onnxruntime":
+        return stage_predict(model_dir, fp32, work, max_batch)
     if name == "ort+int8-dynamic":
         return ort_predict(dynamic_int8(fp32, work))
     if name == "ort+int8-static":
@@ -135,9 +164,9 @@ def run(preset: str, engines: list[str], batches: list[int], rounds: int, inputs
         model_dir, work = Path(tmp) / "model", Path(tmp) / "onnx"
         work.mkdir()
         hf_model = make_checkpoint(preset, model_dir)
-        drift_pixels = pixels_of(model_dir, precision.calibration_images(inputs, seed=DRIFT_SEED))
-        calibration = pixels_of(model_dir, precision.calibration_images())
-        built = {name: build(name, model_dir, hf_model, work, calibration) for name in engines}
+        drift_pixels = pixels_of(model_dir, auto_precision.calibration_images(inputs, seed=DRIFT_SEED))
+        calibration = pixels_of(model_dir, auto_precision.calibration_images())
+        built = {name: build(name, model_dir, hf_model, work, calibration, max(batches)) for name in engines}
         skipped = [(name, why) for name, why in built.items() if isinstance(why, str)]
         live = {name: fn for name, fn in built.items() if not isinstance(fn, str)}
         reference = live["runtime"](drift_pixels) if "runtime" in live else None

@@ -4,7 +4,7 @@
     python -m bench.int8 --model DIR        # a trained classifier: MCC against the labels means something
 
 Accuracy: JPEG bytes -> Engine.predict with the model loaded in fp32, in bf16, and in bf16 with its encoder
-Linear layers converted by runtime.models.quant.quantize_int8 (Engine.load(quantize="int8")), on the
+Linear layers converted by runtime.models.int8_dynamic.quantize_int8 (Engine.load(quantize="int8")), on the
 synthetic eval set (train.generate: street scenes with and without roadwork, the validator's augmentations).
 Per dtype: max and mean |P - P_fp32|, decisions (P > 0.5) that differ from fp32's, and MCC of the decisions
 against fp32's and against the scene labels. Random-weight checkpoints ("parity-*" are fixtures/checkpoints.py's
@@ -59,7 +59,7 @@ def write_case(case: str, path: Path) -> None:
 
 
 def load_engine(path: Path, dtype_name: str, max_batch: int) -> Engine:
-    return Engine.load(path, "cpu", "fp32" if dtype_name == "fp32" else "bf16", max_batch=max_batch,
+    return Engine.load(path, "cpu", "float32" if dtype_name == "fp32" else "bfloat16", max_batch=max_batch,
                        quantize="int8" if dtype_name == "int8" else "none")
 
 

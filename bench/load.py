@@ -15,13 +15,14 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import logging
 import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,6 +30,7 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
+from deploy.load import ClosedLoop, LoadResult
 from runtime.cascade.settings import EngineSettings, add_engine_flags, engine_settings
 
 log = logging.getLogger("bench.load")
@@ -37,30 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-@dataclass
-class Phase:
-    name: str
-    sent: int = 0
-    ok: int = 0
-    errors: dict[str, int] = field(default_factory=dict)   # status -> count ("conn" for no answer)
-    seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list, repr=False)
-
-    def record(self, status: str, latency_s: float) -> None:
-        self.sent += 1
-        if status == "200":
-            self.ok += 1
-            self.latencies_ms.append(latency_s * 1e3)
-        else:
-            self.errors[status] = self.errors.get(status, 0) + 1
-
-    def summary(self) -> dict:
-        lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([np.nan])
-        p50, p90, p99 = (float(np.percentile(lat, q)) for q in (50, 90, 99))
-        return {"phase": self.name, "sent": self.sent, "ok": self.ok, "errors": sum(self.errors.values()),
-                "errors_by_status": self.errors, "seconds": round(self.seconds, 3),
-                "throughput_per_s": round(self.ok / self.seconds, 2) if self.seconds else 0.0,
-                "p50_ms": round(p50, 2), "p90_ms": round(p90, 2), "p99_ms": round(p99, 2)}
+def summary(phase: str, result: LoadResult) -> dict:
+    seconds = result.elapsed_s
+    return {"phase": phase, "sent": result.sent, "ok": result.ok, "errors": result.failed,
+            "errors_by_status": {str(status): n for status, n in result.statuses.items() if status != 200},
+            "seconds": round(seconds, 3), "throughput_per_s": round(result.ok / seconds, 2) if seconds else 0.0,
+            **{f"p{q}_ms": round(result.percentile_ms(q), 2) for q in (50, 90, 99)}}
 
 
 def make_jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
@@ -145,37 +129,29 @@ async def wait_ready(client: aiohttp.ClientSession, url: str, timeout_s: float =
         await asyncio.sleep(0.05)
 
 
-async def send(client: aiohttp.ClientSession, url: str, body: bytes) -> str:
+async def closed_loop(url: str, bodies: list[bytes], concurrency: int, requests: int, duration_s: float) -> dict:
+    """deploy/load.py's ClosedLoop, on worker threads while this event loop keeps draining the server's output."""
+    counter = itertools.count()
+    where = urlsplit(url)
+    loop = ClosedLoop(where.hostname, where.port, lambda: bodies[next(counter) % len(bodies)], concurrency,
+                      limit=requests, content_type="application/json").start()
+    await asyncio.to_thread(loop.wait, duration_s)
+    return summary(f"closed(concurrency={concurrency})", await asyncio.to_thread(loop.stop))
+
+
+async def send(client: aiohttp.ClientSession, url: str, body: bytes) -> int | str:
     try:
         async with client.post(url + "/v1/predict", data=body, headers={"Content-Type": "application/json"}) as r:
             await r.read()
-            return str(r.status)
+            return r.status
     except (aiohttp.ClientError, asyncio.TimeoutError):
-        return "conn"
-
-
-async def closed_loop(url: str, bodies: list[bytes], concurrency: int, requests: int, duration_s: float) -> Phase:
-    phase = Phase(f"closed(concurrency={concurrency})")
-    counter = iter(range(requests))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as client:
-        start = time.perf_counter()
-        stop_at = start + duration_s
-
-        async def worker() -> None:
-            for i in counter:
-                if time.perf_counter() > stop_at:
-                    return
-                sent = time.perf_counter()
-                phase.record(await send(client, url, bodies[i % len(bodies)]), time.perf_counter() - sent)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        phase.seconds = time.perf_counter() - start
-    return phase
+        return "error"  # no answer, as ClosedLoop records it
 
 
 async def open_loop(url: str, bodies: list[bytes], rate: float, requests: int, duration_s: float,
-                    seed: int = 0) -> Phase:
-    phase = Phase(f"open(rate={rate:g}/s)")
+                    seed: int = 0) -> dict:
+    """Poisson arrivals at `rate`, each latency counted from its scheduled arrival (no coordinated omission)."""
+    result = LoadResult()
     gaps = np.random.default_rng(seed).exponential(1 / rate, size=requests)
     arrivals = np.cumsum(gaps)
     arrivals = arrivals[arrivals <= duration_s]
@@ -183,7 +159,8 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, requests: int, d
         start = time.perf_counter()
 
         async def one(i: int, at: float) -> None:
-            phase.record(await send(client, url, bodies[i % len(bodies)]), time.perf_counter() - (start + at))
+            status = await send(client, url, bodies[i % len(bodies)])
+            result.record(status, time.perf_counter() - (start + at))
 
         tasks = []
         for i, at in enumerate(arrivals):
@@ -192,11 +169,11 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, requests: int, d
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(i, float(at))))
         await asyncio.gather(*tasks)
-        phase.seconds = time.perf_counter() - start
-    return phase
+        result.elapsed_s = time.perf_counter() - start
+    return summary(f"open(rate={rate:g}/s)", result)
 
 
-async def run_load(args: argparse.Namespace, images: list[bytes]) -> tuple[list[Phase], int | None]:
+async def run_load(args: argparse.Namespace, images: list[bytes]) -> tuple[list[dict], int | None]:
     bodies = [json.dumps({"image": base64.b64encode(im).decode()}).encode() for im in images]
     proc, url = (None, args.url) if args.url else await start_server(args)
     try:
@@ -247,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     offline = offline_throughput(args.engine, args.offline_batches, images)
     log.info("offline Engine.predict: %.1f images/s (batch %d); decode %.2f ms/image",
              offline["images_per_s"], offline["batch"], offline["decode_ms_per_image"])
-    phases, exit_code = asyncio.run(run_load(args, images))
-    summaries = [p.summary() for p in phases]
+    summaries, exit_code = asyncio.run(run_load(args, images))
     for s in summaries:
         log.info("%-24s sent %5d  ok %5d  errors %3d  %8.1f req/s  p50 %7.2f  p90 %7.2f  p99 %7.2f ms",
                  s["phase"], s["sent"], s["ok"], s["errors"], s["throughput_per_s"], s["p50_ms"], s["p90_ms"],

@@ -7,11 +7,11 @@ Per preset, the model in every dtype and the matmul peak of every dtype are time
 the runtime's model-only path: the classifier (backbone + head) on a static preprocessed batch, as the graph
 runner calls it on CPU. FLOPs come from bench/flops.py (matrix products only).
 
-int8 is the bf16 model with its encoder Linear layers converted by runtime.models.quant.quantize_int8; its
+int8 is the bf16 model with its encoder Linear layers converted by runtime.models.int8_dynamic.quantize_int8; its
 utilization is taken against the int8 (torch._int_mm) peak although attention and the patch embedding still
 run in bf16, so it understates how busy the integer units are. speedup_vs_bf16 compares with the bf16 row.
-int8-fbgemm / int8-onednn: the fp32 model on those int8 kernels (runtime/models/quant.py), against their peaks.
-auto: runtime.models.precision.choose on the checkpoint (its choice, measure time and speedup are printed), then
+int8-fbgemm / int8-onednn: the fp32 model on those int8 kernels (runtime/models/int8_dynamic.py), against their peaks.
+auto: runtime.models.auto_precision.choose on the checkpoint (its choice, measure time and speedup are printed), then
 the chosen model, against the fp32 peak; speedup_vs_fp32 compares with the fp32 row."""
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from bench.common import PRESETS, make_checkpoint, preset_config, print_table, t
 from bench.flops import vision_flops
 from bench.peak import matmul_fn
 from runtime.models.classifier import load_classifier
-from runtime.models import precision
-from runtime.models.quant import quantize_int8
+from runtime.models import auto_precision
+from runtime.models.int8_dynamic import quantize_int8
 
 MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16,
                 "int8-fbgemm": torch.float32, "int8-onednn": torch.float32, "auto": None}
@@ -39,11 +39,11 @@ def load_model(path: Path, dtype_name: str, device: str = "cpu") -> torch.nn.Mod
     return model
 
 
-def auto_model(path: Path, batch: int, device: str) -> tuple[torch.nn.Module, precision.PrecisionChoice]:
+def auto_model(path: Path, batch: int, device: str) -> tuple[torch.nn.Module, auto_precision.PrecisionChoice]:
     from runtime.models.preprocessor import read_preprocess
 
-    load = precision.load_in(path, torch.device(device))
-    choice = precision.choose(load, read_preprocess(path), batch, None, None)
+    load = auto_precision.load_in(path, torch.device(device))
+    choice = auto_precision.choose(load, read_preprocess(path), batch, None, None)
     return load(choice.candidate), choice
 
 

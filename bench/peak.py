@@ -3,7 +3,7 @@
     python -m bench.peak [--size 2048] [--rounds 5]
 
 fp32, bf16 and fp16: torch.mm of two n x n matrices; int8: torch._int_mm (int8 x int8 -> int32, the product
-runtime/models/quant.py's "int8" kernel runs); int8-fbgemm / int8-onednn: quantized::linear_dynamic on packed
+runtime/models/int8_dynamic.py's "int8" kernel runs); int8-fbgemm / int8-onednn: quantized::linear_dynamic on packed
 weights, float32 in and out (activation quantization and dequantization included), as quant.PackedInt8Linear. Each figure is the median over `rounds` calls taken round-robin, so a
 burst of background load hits all alike and the ratios stay fair. A dtype over 20x slower than fp32 on a
 256 x 256 probe is reported at the probe's size (its `size` column says so). The peak is what the BLAS reaches on
@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 
 from bench.common import print_table, time_interleaved, write_json
+from runtime.options import INT8_BACKENDS
 
-PEAK_DTYPES = ("fp32", "bf16", "fp16", "int8", "int8-fbgemm", "int8-onednn")
+PEAK_DTYPES = ("fp32", "bf16", "fp16", *INT8_BACKENDS)
 PROBE_SIZE = 256
 PROBE_SLOWER = 20
 
@@ -30,7 +31,7 @@ def matmul_fn(dtype_name: str, size: int, device: str = "cpu") -> tuple[Callable
         b = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=g).to(device)
         product = lambda: torch._int_mm(a, b)  # noqa: E731
     elif dtype_name.startswith("int8-"):
-        from runtime.models.quant import PackedInt8Linear
+        from runtime.models.int8_dynamic import PackedInt8Linear
 
         assert device == "cpu", f"{dtype_name} runs on CPU"
         layer = PackedInt8Linear(torch.nn.Linear(size, size, bias=False), dtype_name)

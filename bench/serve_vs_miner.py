@@ -31,23 +31,24 @@ import argparse
 import asyncio
 import base64
 import gc
+import itertools
 import os
 import signal
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
-import numpy as np
 import orjson
 
 from bench.common import PRESETS, jpeg_images, machine, make_checkpoint, print_table, write_json
 from bench.load import start_listening
 from bench.peak import measure_peaks
-from runtime.cascade.settings import CPU_BATCH
+from deploy.load import ClosedLoop
+from runtime.options import default_max_batch
 
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = ("baseline", "server-auto", "server", "server-int8", "server-fbgemm", "server-onednn")
@@ -56,74 +57,42 @@ OURS = {"server-auto": "auto", "server": "none", "server-int8": "int8", "server-
         "server-onednn": "int8-onednn"}  # our server kinds -> their --quantize
 
 
-@dataclass
-class Level:
-    server: str
-    concurrency: int
-    ok: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # reason -> count
-    seconds: float = 0.0
-    client_cpu_s: float = 0.0  # CPU time of this process (the load generator) during the level
-    load_avg: float = field(default_factory=lambda: os.getloadavg()[0])  # at the start: background load drifts
-    latencies_ms: list[float] = field(default_factory=list, repr=False)
-
-    def record(self, outcome: str, latency_s: float) -> None:
-        if outcome == "ok":
-            self.ok += 1
-            self.latencies_ms.append(latency_s * 1e3)
-        else:
-            self.errors[outcome] = self.errors.get(outcome, 0) + 1
-
-    def summary(self) -> dict:
-        lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([np.nan])
-        return {"server": self.server, "concurrency": self.concurrency, "load_avg": self.load_avg, "ok": self.ok,
-                "errors": sum(self.errors.values()), "errors_by_kind": dict(self.errors),
-                "seconds": self.seconds, "req_s": self.ok / self.seconds if self.seconds else 0.0,
-                "client_cpu": self.client_cpu_s / (self.seconds * CORES) if self.seconds else 0.0,
-                "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
-
-
 def synapse_bodies(jpegs: list[bytes], timeout_s: float) -> list[bytes]:
     """ImageSynapse JSON as the validator's dendrite sends it (the fields a miner reads, plus its envelope)."""
     return [orjson.dumps({"name": "ImageSynapse", "timeout": timeout_s, "image": base64.b64encode(j).decode(),
                           "prediction": -1.0, "testnet_label": -1}) for j in jpegs]
 
 
-async def post(client: aiohttp.ClientSession, url: str, body: bytes) -> str:
-    """'ok', or why not: an HTTP status, 'bad_prediction', 'timeout' or 'connection'."""
+def judge_synapse(status: int, payload: bytes) -> int | str:
+    """200 only for an answer whose `prediction` is a probability; else the status, or 'bad_prediction'."""
+    if status != 200:
+        return status
     try:
-        async with client.post(url + "/ImageSynapse", data=body, headers={"Content-Type": "application/json"}) as r:
-            data = await r.read()
-            if r.status != 200:
-                return str(r.status)
-        prediction = orjson.loads(data).get("prediction")
-        return "ok" if isinstance(prediction, (int, float)) and 0.0 <= prediction <= 1.0 else "bad_prediction"
-    except asyncio.TimeoutError:
-        return "timeout"
-    except aiohttp.ClientError:
-        return "connection"
+        prediction = orjson.loads(payload).get("prediction")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "bad_prediction"
+    return 200 if isinstance(prediction, (int, float)) and 0.0 <= prediction <= 1.0 else "bad_prediction"
 
 
 async def closed_loop(server: str, url: str, bodies: list[bytes], concurrency: int, requests: int,
-                      duration_s: float, timeout_s: float) -> Level:
-    level = Level(server, concurrency)
-    counter = iter(range(requests))
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        stop_at = start + duration_s
-
-        async def client_loop() -> None:
-            for i in counter:
-                if time.perf_counter() > stop_at:
-                    return
-                sent = time.perf_counter()
-                level.record(await post(client, url, bodies[i % len(bodies)]), time.perf_counter() - sent)
-
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        level.seconds = time.perf_counter() - start
-        level.client_cpu_s = time.process_time() - cpu_start
-    return level
+                      duration_s: float, timeout_s: float) -> dict:
+    """One concurrency level on deploy/load.py's ClosedLoop, with the load generator's own CPU share."""
+    load_avg = os.getloadavg()[0]  # at the start: background load drifts
+    counter = itertools.count()
+    where = urlsplit(url)
+    cpu_start = time.process_time()
+    loop = ClosedLoop(where.hostname, where.port, lambda: bodies[next(counter) % len(bodies)], concurrency,
+                      path="/ImageSynapse", limit=requests, content_type="application/json", timeout_s=timeout_s,
+                      judge=judge_synapse).start()
+    await asyncio.to_thread(loop.wait, duration_s)
+    result = await asyncio.to_thread(loop.stop)
+    seconds, client_cpu_s = result.elapsed_s, time.process_time() - cpu_start
+    return {"server": server, "concurrency": concurrency, "load_avg": load_avg, "ok": result.ok,
+            "errors": result.failed,
+            "errors_by_kind": {str(kind): n for kind, n in result.statuses.items() if kind != 200},
+            "seconds": seconds, "req_s": result.ok / seconds if seconds else 0.0,
+            "client_cpu": client_cpu_s / (seconds * CORES) if seconds else 0.0,
+            "p50_ms": result.percentile_ms(50), "p99_ms": result.percentile_ms(99)}
 
 
 async def wait_answering(url: str, path: str, timeout_s: float) -> None:
@@ -158,8 +127,8 @@ async def measure_server(name: str, model: Path, bodies: list[bytes], args: argp
         first = await closed_loop(name, url, bodies, 1, 1, args.timeout, args.timeout)
         levels = []
         for concurrency in args.concurrency:
-            levels.append((await closed_loop(name, url, bodies, concurrency, args.requests, args.duration,
-                                             args.timeout)).summary())
+            levels.append(await closed_loop(name, url, bodies, concurrency, args.requests, args.duration,
+                                            args.timeout))
             await wait_answering(url, "/healthz", args.drain_timeout)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -168,7 +137,7 @@ async def measure_server(name: str, model: Path, bodies: list[bytes], args: argp
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
-    return {"server": name, "ready_after_s": ready_s, "first_request": first.summary(), "levels": levels,
+    return {"server": name, "ready_after_s": ready_s, "first_request": first, "levels": levels,
             "exit_code": proc.returncode}
 
 
@@ -195,7 +164,7 @@ def offline(model: Path, jpegs: list[bytes], batch: int, batches: int, dtype: st
     result = {"batch": batch, "img_s": batch / statistics.median(times),
               "e2e_img_s": batch / statistics.median(e2e_times), "dtype": str(engine.dtype).removeprefix("torch."),
               "quantize": quantize, "quantized": engine.describe()["stages"][0]["quantize"],
-              "precision": None if engine.precision is None else engine.precision.describe()["chosen"]}
+              "precision": None if engine.precision.choice is None else engine.precision.choice.describe()["chosen"]}
     del engine
     gc.collect()
     return result
@@ -300,8 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--duration", type=float, default=20.0, help="most seconds per level")
     ap.add_argument("--timeout", type=float, default=9.0, help="per-request client timeout (the validator's 9 s)")
     ap.add_argument("--images", type=int, default=64, help="distinct 224x224 JPEGs cycled through")
-    ap.add_argument("--max-batch", type=int, default=CPU_BATCH,
-                    help=f"the servers' --max-batch and the offline batch (default {CPU_BATCH}, the server's CPU default)")
+    cpu_batch = default_max_batch("cpu")
+    ap.add_argument("--max-batch", type=int, default=cpu_batch,
+                    help=f"the servers' --max-batch and the offline batch (default {cpu_batch}, the server's CPU "
+                         "default)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for python -m server")
     ap.add_argument("--offline-batches", type=int, default=3)
     ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for listening and ready")

@@ -34,6 +34,7 @@ import numpy as np
 from bench.load import make_jpegs, offline_throughput, start_listening, wait_ready
 from fixtures.hostile import flat_webp, png_header_only, scan_bomb, strip_png
 from runtime.cascade.settings import EngineSettings
+from runtime.options import default_max_batch
 
 log = logging.getLogger("bench.soak")
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=20.0, help="mean requests/s of the mixed traffic")
     parser.add_argument("--window-s", type=float, default=60.0, help="reporting window")
     parser.add_argument("--model", type=Path, default=REPO / "bundles" / "default")
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=default_max_batch("cpu"))
     parser.add_argument("--queue-size", type=int, default=1024, help="the server's; small makes overload refuse")
     parser.add_argument("--overload-clients", type=int, default=32)
     parser.add_argument("--overload-s", type=float, default=60.0)

@@ -31,6 +31,7 @@ from torch import nn
 
 from bench.common import machine, print_table, time_interleaved, write_json
 from runtime.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
+from runtime.options import KV_CACHE_DTYPES
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from runtime.vlm.sequence import SamplingParams
 
@@ -157,7 +158,7 @@ def drift_rows(bundle_vlm: Path, samples: Path, explain_tokens: int) -> list[dic
     """int8 vs float KV cache on the bundled VLM over the sample images."""
     images = [np.array(Image.open(f).convert("RGB")) for f in sorted(samples.glob("*.jpg"))]
     runs = {}
-    for kv in ("auto", "int8"):
+    for kv in KV_CACHE_DTYPES:
         engine = VLMEngine.load(bundle_vlm, config=VLMEngineConfig(kv_cache_bytes=1 << 26, kv_cache_dtype=kv))
         scores = [s.p_yes for s in engine.score(images, QUESTION)]
         texts = engine.generate(["Describe the roadwork you see, briefly."] * len(images), [[im] for im in images],

@@ -1,5 +1,6 @@
-"""Closed-loop HTTP load for the stack's tests and benchmark: W workers, each sending its next request as soon as the
-last one answered, over one keep-alive connection each. Every request's outcome is kept: a test can say "0 lost"."""
+"""The closed-loop HTTP load generator (the stack's tests, bench.stack and bench.load): W workers, each sending its
+next request as soon as the last one answered, over one keep-alive connection each. Every request's outcome is
+kept: a test can say "0 lost"."""
 from __future__ import annotations
 
 import http.client
@@ -54,17 +55,36 @@ class LoadResult:
     def failed(self) -> int:
         return sum(count for status, count in self.statuses.items() if status != 200)
 
+    @property
+    def sent(self) -> int:
+        return sum(self.statuses.values())
+
+    def record(self, status: int | str, took_s: float, error: str | None = None, max_errors_kept: int = 20) -> None:
+        self.statuses[status] += 1
+        if status == 200:
+            self.latencies_s.append(took_s)
+        elif error is not None and len(self.errors) < max_errors_kept:
+            self.errors.append(error)
+
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q) * 1e3) if self.latencies_s else float("nan")
 
 
 class ClosedLoop:
-    def __init__(self, host: str, port: int, images, workers: int = 8, path: str = "/v1/predict",
-                 max_errors_kept: int = 20) -> None:
+    """`bodies()`: the next request body, called from the workers. `limit`: most requests in all (None: until
+    stop()); `content_type`: the bodies' (raw JPEG, or the JSON validators send). `judge(status, payload)`: the
+    outcome recorded for an answer, 200 only for a good one (default: its HTTP status). No answer within
+    `timeout_s` is "timeout", none at all "error"."""
+
+    def __init__(self, host: str, port: int, bodies, workers: int = 8, path: str = "/v1/predict",
+                 max_errors_kept: int = 20, limit: int | None = None, content_type: str = "image/jpeg",
+                 timeout_s: float = REQUEST_TIMEOUT_S, judge=lambda status, payload: status) -> None:
         self.host, self.port, self.path = host, port, path
-        self.images = images
+        self.bodies = bodies
         self.workers = workers
         self.max_errors_kept = max_errors_kept
+        self.limit, self.content_type, self.timeout_s, self.judge = limit, content_type, timeout_s, judge
+        self.claimed = 0  # requests workers have started (<= limit)
         self.result = LoadResult()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -77,11 +97,16 @@ class ClosedLoop:
             thread.start()
         return self
 
+    def wait(self, timeout_s: float) -> None:
+        """Until the workers have sent `limit` requests and had them answered, or `timeout_s` passed."""
+        for thread in self.threads:
+            thread.join(max(0.0, self.started + timeout_s - time.perf_counter()))
+
     def stop(self) -> LoadResult:
         """Stop sending; requests in flight finish and count."""
         self.stopping.set()
         for thread in self.threads:
-            thread.join(REQUEST_TIMEOUT_S + 5)
+            thread.join(self.timeout_s + 5)
         self.result.elapsed_s = time.perf_counter() - self.started
         return self.result
 
@@ -92,31 +117,35 @@ class ClosedLoop:
 
     def _record(self, status: int | str, took_s: float, error: str | None = None) -> None:
         with self.lock:
-            self.result.statuses[status] += 1
-            if status == 200:
-                self.result.latencies_s.append(took_s)
-            elif error is not None and len(self.result.errors) < self.max_errors_kept:
-                self.result.errors.append(error)
+            self.result.record(status, took_s, error, self.max_errors_kept)
+
+    def _claim(self) -> bool:
+        with self.lock:
+            if self.limit is not None and self.claimed >= self.limit:
+                return False
+            self.claimed += 1
+            return True
 
     def _worker(self) -> None:
         connection: http.client.HTTPConnection | None = None
-        while not self.stopping.is_set():
-            body = self.images()
+        while not self.stopping.is_set() and self._claim():
+            body = self.bodies()
             if connection is None:
-                connection = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT_S)
+                connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
             start = time.perf_counter()
             try:
-                connection.request("POST", self.path, body=body, headers={"Content-Type": "image/jpeg"})
+                connection.request("POST", self.path, body=body, headers={"Content-Type": self.content_type})
                 response = connection.getresponse()
                 payload = response.read()
             except (OSError, http.client.HTTPException) as e:
-                self._record("error", time.perf_counter() - start, f"{type(e).__name__}: {e}")
+                self._record("timeout" if isinstance(e, TimeoutError) else "error", time.perf_counter() - start,
+                             f"{type(e).__name__}: {e}")
                 connection.close()
                 connection = None
                 continue
             took = time.perf_counter() - start
-            self._record(response.status, took,
-                         None if response.status == 200 else f"{response.status}: {payload[:200]!r}")
+            outcome = self.judge(response.status, payload)
+            self._record(outcome, took, None if outcome == 200 else f"{outcome}: {payload[:200]!r}")
             if response.will_close:
                 connection.close()
                 connection = None

@@ -34,8 +34,10 @@ def computed_or_error(item: WorkItem) -> Computed | ApiError:
         raise error
     return item.future.result()
 
+
 def decode_error(e: ImageDecodeError) -> ApiError:
     return ApiError(DECODE_ERROR_STATUS[e.code], e.code, str(e))
+
 
 def answer_json(result: Any, cached: bool, detail: bool, explain: bool, total_s: float, decode_s: float = 0.0,
             queue_s: float = 0.0, compute_s: float = 0.0, scale: int = 1) -> dict:
@@ -61,6 +63,7 @@ def answer_json(result: Any, cached: bool, detail: bool, explain: bool, total_s:
             answer["boxes"] = [{"detector": b.detector, "label": b.label, "score": b.score,
                                 "xyxy": [v * scale for v in b.xyxy]} for b in result.boxes]
     return answer
+
 
 def warmup_jpeg() -> bytes:
     """224x224, JPEG quality 75: what the subnet's validators send."""

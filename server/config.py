@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from runtime.cascade.settings import ENV_PREFIX, EngineSettings, add_engine_flags, env_default, env_name, flag
+from runtime.options import REQUEST_DEADLINE_S
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class ServerConfig(EngineSettings):
     port: int = 8080
     max_delay_ms: float = 5.0             # longest an image waits for its batch to fill
     queue_size: int = 1024                # images being decoded or waiting for a batch; beyond this: 503
-    timeout_s: float = 9.0                # per-request deadline (the validator's timeout)
+    timeout_s: float = REQUEST_DEADLINE_S  # per-request deadline (the validator's timeout)
     max_body_mb: float = 32.0
     body_memory_mb: float = 256.0         # request bodies being read and parsed at once; beyond: 503
     max_pixels: int = 16_777_216          # decoded width*height limit (422 above; big JPEGs decode reduced)
@@ -53,7 +54,7 @@ class ServerConfig(EngineSettings):
     log_level: str = "info"
     log_format: str = "text"              # "json": one JSON object per log line (server/logs.py)
     hardcases: Path | None = None         # capture hard cases into this directory (off when None)
-    hardcases_rules: Path | None = None   # TOML with the capture rates and caps (server/hardcase_capture.py)
+    hardcases_rules: Path | None = None   # TOML with the capture rates and caps (imagesets/hardcase_capture.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()

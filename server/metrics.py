@@ -168,7 +168,7 @@ class ServerMetrics:
                                        registry=r)
 
     def report_precision(self, choice: dict | None) -> None:
-        """Engine.describe()["precision"] (runtime/models/precision.py PrecisionChoice.describe()), or None."""
+        """Engine.describe()["precision"] (runtime/models/auto_precision.py PrecisionChoice.describe()), or None."""
         if choice is None:
             return
         self.precision.labels(choice["dtype"], choice["quantize"], choice["how"]).set(1)

@@ -65,7 +65,7 @@ class Service:
         self.metrics.explanations.set_function(lambda: self.explanations)
         self.metrics.track(lambda: len(self.batcher), lambda: len(self.cache), lambda: self.cache.bytes,
                            engine.stage_states, engine.vlm_stats, engine.stage_timings, engine.member_timings)
-        self.metrics.report_precision(None if engine.precision is None else engine.precision.describe())
+        self.metrics.report_precision(None if engine.precision.choice is None else engine.precision.choice.describe())
         self.has_vlm = engine.vlm_stats() is not None
         self.explain_above = engine.explain_above  # the bundle's rule: results above it are explained unasked
         self.hardcases = hard_case_capture(engine, config, self.metrics)  # None without --hardcases

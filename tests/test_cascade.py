@@ -17,7 +17,7 @@ from runtime.models.detect_postprocess import center_to_corners
 from runtime.models.preprocessor import read_preprocess
 from runtime.cascade.engine import Engine
 from runtime.errors import ModelLoadError
-from runtime.models.quant import Int8Linear
+from runtime.models.int8_dynamic import Int8Linear
 from fixtures.bundles import classifier_stage, detector_stage, thresholds_splitting, write_bundle
 from fixtures.checkpoints import write_preprocessor
 from fixtures.deimv2_checkpoints import classifier_sharing_backbone, make_deimv2

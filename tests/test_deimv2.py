@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from types import SimpleNamespace
 
@@ -169,13 +168,23 @@ def test_bf16_drift_within_transformers_bf16_drift(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_drift_deimv2_s_real_shape(tmp_path):
-    # Measured at DEIMv2-S shapes, 640x640 (this CPU), three images: ours 0.024, 0.012, 0.011; transformers' bf16
-    # 0.016, 0.013, 0.011 (NaN on other inputs and thread counts). Ours: finite always, within 0.1 (4x our worst),
-    # and within 1.5x of transformers' drift plus 0.01 where theirs is finite.
+    # DEIMv2-S shapes, 640x640, three images. The detections' distance to fp32 is set by whether the encoder's top-k
+    # swaps a near-tie proposal, which bf16 rounding decides image by image and CPU by CPU: on an AVX2 EPYC ours
+    # 0.024, 0.012, 0.011 against transformers' 0.016, 0.013, 0.011; on an AVX-512 BF16/AMX Xeon ours 0.024, 0.051,
+    # 0.071 against 0.012, 0.010, 0.011 (one swap each on images 2 and 3, with the head in fp32 too). So the
+    # comparison with transformers is made where drift is continuous, at the encoder maps the head reads (there ours
+    # is 0.0099, 0.0117, 0.0076 of scale against their 0.0138, 0.0135, 0.0115), and the detections keep a bound:
+    # finite always, within 0.1.
     pixels = torch.randn(3, 3, 640, 640, generator=torch.Generator().manual_seed(0))
     theirs, ours = bf16_drifts(tmp_path, pixels, backbone=DEIMV2_S_BACKBONE, **DEIMV2_S)
-    assert max(ours) <= 0.1, ours
-    assert all(math.isnan(t) or o <= 1.5 * t + 0.01 for t, o in zip(theirs, ours)), (ours, theirs)
+    assert max(ours) <= 0.1, (ours, theirs)
+    ref_model = make_deimv2(tmp_path, backbone=DEIMV2_S_BACKBONE, **DEIMV2_S)
+    with torch.inference_mode():
+        exact = ref_model.model.conv_encoder(pixels)
+        theirs_maps = ref_model.to(torch.bfloat16).model.conv_encoder(pixels.to(torch.bfloat16))
+        ours_maps = Deimv2Detector.from_pretrained(tmp_path, dtype=torch.bfloat16).model.conv_encoder(pixels)
+    for level, (mine, their, want) in enumerate(zip(ours_maps, theirs_maps, exact)):
+        assert rel_err(mine, want) <= 1.5 * rel_err(their, want), level
 
 
 def test_input_size_must_fit_the_adapter(tmp_path):

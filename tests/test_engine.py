@@ -7,8 +7,9 @@ import torch
 
 from kernels.preprocess import preprocess_reference
 from runtime.models.classifier import load_classifier
-import runtime.cascade.engine as engine_module
-from runtime.cascade.engine import Engine, cpu_has_bf16, resolve_dtype
+import runtime.cascade.precision as precision_module
+from runtime.cascade.engine import Engine
+from runtime.cascade.precision import cpu_has_bf16, resolve_dtype
 from runtime.errors import ModelLoadError
 from runtime.models.preprocessor import read_preprocess
 from fixtures.checkpoints import make_dinov3, make_vit
@@ -105,16 +106,16 @@ def test_cpu_kind_picks_the_automatic_dtype(tmp_path, monkeypatch, cpuinfo, has_
     """The automatic CPU dtype is bf16 only where bf16 matmuls are native (and faster than fp32): never an emulated,
     slower-than-fp32 path on Zen 3 or Ice Lake."""
     (tmp_path / "cpuinfo").write_text(cpuinfo * 2)  # two processor blocks, as on a real machine
-    monkeypatch.setattr(engine_module, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(precision_module, "CPUINFO", tmp_path / "cpuinfo")
     assert cpu_has_bf16() is has_bf16
     assert resolve_dtype(None, torch.device("cpu")) == (torch.bfloat16 if has_bf16 else torch.float32)
-    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice wins
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # an explicit choice wins
     make_vit(tmp_path / "model")
     assert Engine.load(tmp_path / "model", max_batch=1).dtype == (torch.bfloat16 if has_bf16 else torch.float32)
 
 
 def test_unreadable_cpuinfo_means_fp32(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_module, "CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(precision_module, "CPUINFO", tmp_path / "missing")
     assert cpu_has_bf16() is False and resolve_dtype(None, torch.device("cpu")) == torch.float32
 
 

@@ -17,7 +17,7 @@ from server.config import ServerConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXPLICIT = ["--device", "cpu", "--dtype", "bfloat16", "--quantize", "int8-onednn", "--max-batch", "3",
-            "--precision-cache", "off"]
+            "--precision-cache", "off", "--backend", "onnxruntime"]
 
 
 class Captured(Exception):
@@ -68,7 +68,7 @@ def front_ends(labeled: Path, tmp_path: Path) -> dict:
     def server(flags):
         config = parse_config(["--model", model, *flags], environ={})
         raise Captured(EngineSettings(config.model, config.device, config.dtype, config.quantize, config.max_batch,
-                                      config.precision_cache))
+                                      config.precision_cache, config.backend))
 
     return {
         "server": server,
@@ -91,7 +91,7 @@ def test_every_front_end_takes_the_engine_flags_and_passes_them_on(name, capture
     tools.score only int8/none, the miner no auto, tune/eval/bench.load a fixed 32 batch)."""
     run = front_ends(labeled, tmp_path)[name]
     assert settings_of(lambda: run(EXPLICIT)) == EngineSettings(DEFAULT_MODEL_DIR, "cpu", "bfloat16", "int8-onednn",
-                                                                3, "off")
+                                                                3, "off", "onnxruntime")
     assert settings_of(lambda: run([])) == EngineSettings(DEFAULT_MODEL_DIR)
 
 

@@ -13,10 +13,10 @@ from torch import nn
 
 from fixtures.quantized_checkpoints import quantize_fp8
 from kernels import paged_attention
-from runtime.models import quantized_linear
-from runtime.models.quantized_linear import (Fp8Linear, fp8_blockwise_reference, fp8_blockwise_supported,
-                                             fp8_gemm_supported, load_quantized_linears)
-from runtime.models.quantized_weights import FP8, Fp8Weight, QuantFormat
+from runtime.models import quantized_checkpoint_layers
+from runtime.models.quantized_checkpoint_layers import (Fp8Linear, fp8_blockwise_reference, fp8_blockwise_supported,
+                                                        fp8_gemm_supported, load_quantized_linears)
+from runtime.models.quantized_checkpoint_formats import FP8, Fp8Weight, QuantFormat
 from runtime.vlm import attention
 
 GPU = torch.device("cuda")
@@ -61,6 +61,21 @@ def test_broken_flashinfer_falls_back_to_triton(monkeypatch, caplog, fresh_cache
     assert attention.choose_decode_backend(GPU, torch.bfloat16, 128, have, group=4) == "triton"
 
 
+@pytest.mark.parametrize("version, six", [("0.6.13", False), ("0.6.17", False), ("0.6.18", True),
+                                          ("0.6.18.post1", True), ("0.7.4", True)])
+def test_gqa_6_goes_to_flashinfer_from_the_version_that_dispatches_it(monkeypatch, version, six):
+    """DISPATCH_GQA_GROUP_SIZE gains 6 in flashinfer 0.6.18: a Qwen-style 6:1 GQA decodes on flashinfer there, on
+    the Triton kernel before (where flashinfer would raise "Unsupported group_size")."""
+    monkeypatch.setattr(attention, "flashinfer_module", lambda: type("flashinfer", (), {"__version__": version}))
+    assert (6 in attention.flashinfer_group_sizes()) is six
+    assert set(attention.flashinfer_group_sizes()) - {6} == {1, 2, 3, 4, 8}
+    assert attention.choose_decode_backend(GPU, torch.bfloat16, 128, True, group=6) == (
+        "flashinfer" if six else "triton")
+    if not six:
+        spec = attention.DecodeAttentionSpec(12, 2, 128, 16, torch.bfloat16, 0.1)  # 6 query heads per kv head
+        assert "GQA group size 6" in attention.flashinfer_unusable(spec, torch.zeros(1, dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("error", BROKEN, ids=lambda e: type(e).__name__)
 def test_broken_flash_attn_falls_back_to_sdpa(monkeypatch, caplog, fresh_caches, error):
     fail_import(monkeypatch, "flash_attn", error)
@@ -100,7 +115,7 @@ def fp8_model() -> tuple[nn.Module, dict[str, torch.Tensor], QuantFormat]:
 def test_sm89_is_refused_with_a_log(monkeypatch, caplog, fresh_caches):
     fake_gpu(monkeypatch, (8, 9))
     model, tensors, fmt = fp8_model()
-    with caplog.at_level(logging.INFO, logger=quantized_linear.__name__):
+    with caplog.at_level(logging.INFO, logger=quantized_checkpoint_layers.__name__):
         assert not fp8_gemm_supported(GPU)
         rest = load_quantized_linears(model, tensors, fmt, torch.bfloat16, GPU, "ckpt")
     assert isinstance(model.proj, nn.Linear) and rest["model.proj.weight"].dtype == torch.float32  # dequantized
@@ -119,7 +134,7 @@ def test_rocm_build_is_refused(monkeypatch, fresh_caches):
 def test_sm90_is_accepted(monkeypatch, caplog, fresh_caches, capability, cuda, blockwise):
     fake_gpu(monkeypatch, capability, cuda)
     model, tensors, fmt = fp8_model()
-    with caplog.at_level(logging.INFO, logger=quantized_linear.__name__):
+    with caplog.at_level(logging.INFO, logger=quantized_checkpoint_layers.__name__):
         assert fp8_gemm_supported(GPU)
         assert fp8_blockwise_supported(GPU) == blockwise
         rest = load_quantized_linears(model, tensors, fmt, torch.bfloat16, GPU, "ckpt")

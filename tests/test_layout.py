@@ -1,10 +1,12 @@
 """The layering, read from the source (ast, nothing imported). No import cycle between top-level packages, between
-runtime's subpackages, or between modules (imports under `if TYPE_CHECKING:` included); graphs/ and kernels/ import nothing from runtime/. Shared test helpers
+runtime's subpackages, or between modules (imports under `if TYPE_CHECKING:` included); graphs/ and kernels/ import nothing from runtime/;
+imagesets/ sits below server/, tools/ and train/, tools/ imports nothing from server/, train/ nothing from tools/. Shared test helpers
 live in fixtures/: no test module imports another, neither bench/ nor fixtures/ imports tests/, and fixtures/
 imports nothing from bench/."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -80,7 +82,7 @@ def test_the_walk_finds_test_imports(source, package, found):
 
 # --- no cycles between packages, runtime's subpackages, or modules ---
 
-PACKAGES = ("kernels", "graphs", "runtime", "server", "tools", "train", "bench", "fixtures")
+PACKAGES = ("kernels", "graphs", "runtime", "imagesets", "server", "tools", "train", "bench", "fixtures")
 LAYERED = {"runtime.models", "runtime.vlm", "runtime.cascade"}  # runtime's subpackages; its own modules: "runtime"
 
 
@@ -170,3 +172,33 @@ def test_graphs_and_kernels_import_nothing_from_runtime():
     offending = [(source, target) for source, targets in graph().items() if group(source) in ("graphs", "kernels")
                  for target, _ in targets if target.startswith("runtime")]
     assert offending == []
+
+
+# Function-level imports count too: a lazy import is still a dependency of the package.
+FORBIDDEN = {"tools": {"server"}, "train": {"tools"}, "imagesets": {"server", "tools", "train", "bench"}}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_nothing_from_the_packages_above_it(package):
+    offending = [(source, target) for source, targets in graph().items() if group(source) == package
+                 for target, _ in targets if group(target) in FORBIDDEN[package]]
+    assert offending == []
+
+
+# --- settings written once -----------------------------------------------------------------------------------------
+
+SOURCE_PACKAGES = ("kernels", "graphs", "runtime", "server", "tools", "train", "bench", "miner", "imagesets")
+
+
+def source_files():
+    return [p for pkg in SOURCE_PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))]
+
+
+def test_option_names_and_the_max_batch_default_are_written_once():
+    """The dtype and int8-backend name lists and the default max_batch live in runtime/options.py only."""
+    spelled = ('"float32", "bfloat16", "float16"', '"int8", "int8-fbgemm", "int8-onednn"', '("auto", "int8")')
+    found = [f"{path.relative_to(REPO)}: {text}" for path in source_files() if path != REPO / "runtime" / "options.py"
+             for text in spelled if text in path.read_text()]
+    assert found == []
+    batch_default = re.compile(r"max_batch: int = \d|--max-batch\", type=int, default=\d|CPU_BATCH|CUDA_BATCH")
+    assert [str(p.relative_to(REPO)) for p in source_files() if batch_default.search(p.read_text())] == []

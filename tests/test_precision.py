@@ -1,4 +1,4 @@
-"""Precision `auto` (runtime/models/precision.py): the choice from injected measurements, never slower or less
+"""Precision `auto` (runtime/models/auto_precision.py): the choice from injected measurements, never slower or less
 accurate than fp32 allows, reported in describe(), the log and the metrics; explicit settings win with a warning."""
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from fixtures.checkpoints import make_dinov3, make_vit
-from runtime.cascade import engine as engine_module
+from runtime.cascade import precision as precision_module
 from runtime.cascade.engine import Engine
-from runtime.models import precision
+from runtime.models import auto_precision
 from runtime.models.classifier import load_classifier
-from runtime.models.precision import FP32, Calibration, Candidate, pick
+from runtime.models.auto_precision import FP32, Calibration, Candidate, pick
 from runtime.models.preprocessor import read_preprocess
-from runtime.models.quant import PackedInt8Linear
+from runtime.models.int8_dynamic import PackedInt8Linear
 from server.config import ServerConfig, parse_config
 from server.metrics import ServerMetrics
 
@@ -56,7 +56,7 @@ def test_picks_fp32_when_faster_candidates_drift_or_flip():
 def test_a_drift_under_the_bound_but_over_its_margin_is_refused():
     """The calibration set must show half the promised bound: what passes at 0.015 on 16 images can exceed 0.02
     on the images served."""
-    assert precision.CHOOSE_DRIFT == precision.MAX_DRIFT / 2
+    assert auto_precision.CHOOSE_DRIFT == auto_precision.MAX_DRIFT / 2
     speeds = {FP32: 1.0, FBGEMM: 0.3, ONEDNN: 0.4}
     chosen, trials = pick(speeds, checker({FBGEMM: (0.015, 0), ONEDNN: (0.009, 0)}, []), [FP32, FBGEMM, ONEDNN])
     assert chosen == ONEDNN
@@ -75,7 +75,7 @@ def test_picks_the_fastest_accurate_candidate_and_stops_checking():
 
 
 def test_explicit_dtype_limits_the_candidates():
-    eligible = precision.candidates_for(torch.bfloat16, None)
+    eligible = auto_precision.candidates_for(torch.bfloat16, None)
     assert FP32 not in eligible and eligible[0] == BF16
     speeds = {FP32: 1.0, **{c: 2.0 for c in eligible}}
     chosen, _ = pick(speeds, checker({}, []), eligible)
@@ -83,10 +83,10 @@ def test_explicit_dtype_limits_the_candidates():
 
 
 def test_candidates():
-    auto = precision.candidates_for(None, None)
+    auto = auto_precision.candidates_for(None, None)
     assert auto[0] == FP32 and BF16 in auto and FP16 in auto and FBGEMM in auto
     assert all(c.dtype == torch.float32 for c in auto if c.quantize != "none")
-    assert precision.candidates_for(torch.float32, "int8-onednn") == [ONEDNN]
+    assert auto_precision.candidates_for(torch.float32, "int8-onednn") == [ONEDNN]
     assert ONEDNN.name == "fp32+int8-onednn" and BF16.name == "bf16"
 
 
@@ -105,14 +105,14 @@ def inject(monkeypatch, speeds: dict[Candidate, float | None]) -> list:
         measured.append((list(candidates), linears, rows))
         return {c: speeds.get(c, 10.0) for c in candidates}
 
-    monkeypatch.setattr(precision, "measure_speed", measure_speed)
-    monkeypatch.setattr(engine_module, "CHOICES", {})
+    monkeypatch.setattr(auto_precision, "measure_speed", measure_speed)
+    monkeypatch.setattr(precision_module, "CHOICES", {})
     return measured
 
 
 def test_engine_auto_falls_back_to_fp32_and_reports_it(vit, monkeypatch, caplog):
     measured = inject(monkeypatch, {FP32: 1.0})
-    with caplog.at_level(logging.INFO, logger="runtime.models.precision"):
+    with caplog.at_level(logging.INFO, logger="runtime.models.auto_precision"):
         engine = Engine.load(vit, "cpu", "auto", max_batch=4, quantize="auto")
     assert engine.dtype == torch.float32 and engine.describe()["stages"][0]["quantize"] == "none"
     reported = engine.describe()["precision"]
@@ -131,11 +131,11 @@ def test_engine_auto_falls_back_to_fp32_and_reports_it(vit, monkeypatch, caplog)
 
 def test_engine_auto_takes_a_faster_accurate_int8_kernel(vit, monkeypatch):
     inject(monkeypatch, {FP32: 1.0, FBGEMM: 0.4})
-    monkeypatch.setattr(precision, "CHOOSE_DRIFT", precision.MAX_DRIFT)  # the tiny ViT's int8 drifts 0.015
+    monkeypatch.setattr(auto_precision, "CHOOSE_DRIFT", auto_precision.MAX_DRIFT)  # the tiny ViT's int8 drifts 0.015
     engine = Engine.load(vit, "cpu", "auto", max_batch=4, quantize="auto")
     reported = engine.describe()["precision"]
     assert reported["chosen"] == "fp32+int8-fbgemm" and reported["speedup_vs_fp32"] == pytest.approx(2.5)
-    assert reported["max_drift"] <= precision.CHOOSE_DRIFT
+    assert reported["max_drift"] <= auto_precision.CHOOSE_DRIFT
     assert engine.describe()["stages"][0]["quantize"] == "int8-fbgemm"
     assert isinstance(engine.classifier.backbone.layer[0].mlp.up_proj, PackedInt8Linear)
     metrics = ServerMetrics()
@@ -145,12 +145,12 @@ def test_engine_auto_takes_a_faster_accurate_int8_kernel(vit, monkeypatch):
 
 def test_explicit_setting_wins_with_a_warning(vit, monkeypatch, caplog):
     inject(monkeypatch, {FP32: 1.0, Candidate(torch.float16): 3.0})
-    with caplog.at_level(logging.WARNING, logger="runtime.models.precision"):
+    with caplog.at_level(logging.WARNING, logger="runtime.models.auto_precision"):
         engine = Engine.load(vit, "cpu", "float16", max_batch=4, quantize="auto")
     assert engine.dtype == torch.float16  # dtype explicit: int8 candidates at fp16 were slower still (10.0)
     assert "measured slower than fp32" not in caplog.text  # quantize was auto: a choice, not an explicit slow path
-    monkeypatch.setattr(engine_module, "CHOICES", {})
-    with caplog.at_level(logging.WARNING, logger="runtime.models.precision"):
+    monkeypatch.setattr(precision_module, "CHOICES", {})
+    with caplog.at_level(logging.WARNING, logger="runtime.models.auto_precision"):
         engine = Engine.load(vit, "cpu", "float16", max_batch=4, quantize="none")
     assert engine.dtype == torch.float16 and engine.describe()["precision"]["how"] == "explicit"
     assert "fp16 was set explicitly but is measured slower than fp32" in caplog.text
@@ -165,12 +165,12 @@ def test_library_defaults_do_not_measure(vit, monkeypatch):
 
 
 def test_real_measurement_is_never_slower_than_fp32(vit, monkeypatch):
-    monkeypatch.setattr(engine_module, "CHOICES", {})
+    monkeypatch.setattr(precision_module, "CHOICES", {})
     engine = Engine.load(vit, "cpu", "auto", max_batch=4, quantize="auto")
-    choice = engine.precision
+    choice = engine.precision.choice
     chosen = choice.trial(choice.candidate)
-    assert choice.candidate == FP32 or chosen.speedup >= precision.MIN_SPEEDUP
-    assert chosen.candidate == FP32 or chosen.max_drift <= precision.CHOOSE_DRIFT and chosen.flips == 0
+    assert choice.candidate == FP32 or chosen.speedup >= auto_precision.MIN_SPEEDUP
+    assert chosen.candidate == FP32 or chosen.max_drift <= auto_precision.CHOOSE_DRIFT and chosen.flips == 0
 
 
 def test_server_defaults_are_auto():
@@ -184,14 +184,14 @@ def test_candidates_built_in_memory_equal_loading_them(maker, tmp_path):
     """auto reads the checkpoint once: a candidate cast and quantized from the fp32 model gives the same outputs
     as loading it in that precision, and building it leaves the fp32 model as it was."""
     maker(tmp_path)
-    load = precision.load_in(tmp_path, torch.device("cpu"))
+    load = auto_precision.load_in(tmp_path, torch.device("cpu"))
     fp32 = load(FP32)
     before = {name: t.clone() for name, t in fp32.state_dict().items()}
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for candidate in (BF16, FBGEMM, INTMM, Candidate(torch.bfloat16, "int8")):
         loaded = load_classifier(tmp_path, candidate.dtype)
         if candidate.quantize != "none":
-            precision.quantize_int8(loaded, backend=candidate.quantize)
+            auto_precision.quantize_int8(loaded, backend=candidate.quantize)
         with torch.inference_mode():
             expected, _ = loaded(pixels.to(candidate.dtype))
             got, _ = load(candidate)(pixels.to(candidate.dtype))
@@ -208,34 +208,34 @@ def test_candidates_built_in_memory_equal_loading_them(maker, tmp_path):
 def test_calibration_stops_at_the_first_chunk_that_fails(vit, monkeypatch):
     """Drift is a maximum: a candidate over MAX_DRIFT on the first chunk is not run on the rest, and fp32's
     reference is computed only as far as some candidate got."""
-    load = precision.load_in(vit, torch.device("cpu"))
+    load = auto_precision.load_in(vit, torch.device("cpu"))
     reference_model = load(FP32)
     calls = []
-    real = precision.probabilities
+    real = auto_precision.probabilities
 
     def probabilities(model, preprocess, images, dtype):
         calls.append(("fp32 reference" if model is reference_model else dtype, len(images)))
         p = real(model, preprocess, images, dtype)
         return p + 0.5 if dtype == torch.bfloat16 else p  # bf16 made to drift
 
-    monkeypatch.setattr(precision, "probabilities", probabilities)
+    monkeypatch.setattr(auto_precision, "probabilities", probabilities)
     calibration = Calibration(load, read_preprocess(vit), reference_model)
     worst, flips = calibration(BF16)
-    chunk = precision.CALIBRATION_CHUNKS[0]
-    assert worst > precision.MAX_DRIFT and calibration.images_checked[BF16] == chunk
+    chunk = auto_precision.CALIBRATION_CHUNKS[0]
+    assert worst > auto_precision.MAX_DRIFT and calibration.images_checked[BF16] == chunk
     assert calls == [("fp32 reference", chunk), (torch.bfloat16, chunk)]
-    assert calibration(FBGEMM)[0] <= precision.MAX_DRIFT
-    assert calibration.images_checked[FBGEMM] == precision.CALIBRATION_IMAGES
+    assert calibration(FBGEMM)[0] <= auto_precision.MAX_DRIFT
+    assert calibration.images_checked[FBGEMM] == auto_precision.CALIBRATION_IMAGES
     assert [what for what, _ in calls].count("fp32 reference") == len(calibration.chunks)  # each chunk once
 
 
 def test_an_early_rejection_is_reported_with_the_images_checked(vit, monkeypatch):
     inject(monkeypatch, {FP32: 1.0, BF16: 0.5})
-    real = precision.probabilities
-    monkeypatch.setattr(precision, "probabilities", lambda model, preprocess, images, dtype:
+    real = auto_precision.probabilities
+    monkeypatch.setattr(auto_precision, "probabilities", lambda model, preprocess, images, dtype:
                         real(model, preprocess, images, dtype) + (0.5 if dtype == torch.bfloat16 else 0.0))
     engine = Engine.load(vit, "cpu", "auto", max_batch=4, quantize="auto")
     trials = {t["candidate"]: t for t in engine.describe()["precision"]["trials"]}
     assert engine.dtype == torch.float32
     assert trials["bf16"]["verdict"].endswith(
-        f"on {precision.CALIBRATION_CHUNKS[0]} of {precision.CALIBRATION_IMAGES} calibration images")
+        f"on {auto_precision.CALIBRATION_CHUNKS[0]} of {auto_precision.CALIBRATION_IMAGES} calibration images")

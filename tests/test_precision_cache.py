@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fixtures.checkpoints import make_vit
-from runtime.cascade import engine as engine_module
+from runtime.cascade import precision as precision_module
 from runtime.cascade.engine import Engine
-from runtime.models import precision, precision_cache
-from runtime.models.precision import FP32, Candidate
+from runtime.models import auto_precision, precision_cache
+from runtime.models.auto_precision import FP32, Candidate
 
 FBGEMM = Candidate(torch.float32, "int8-fbgemm")
 
@@ -33,14 +33,14 @@ def measured(monkeypatch) -> list:
         calls.append(rows)
         return {c: {FP32: 1.0, FBGEMM: 0.4}.get(c, 10.0) for c in candidates}
 
-    monkeypatch.setattr(precision, "measure_speed", measure_speed)
+    monkeypatch.setattr(auto_precision, "measure_speed", measure_speed)
     # The tiny random ViT's int8 drifts 0.015 on the calibration images: let it pass, these tests are of the cache.
-    monkeypatch.setattr(precision, "CHOOSE_DRIFT", precision.MAX_DRIFT)
+    monkeypatch.setattr(auto_precision, "CHOOSE_DRIFT", auto_precision.MAX_DRIFT)
     return calls
 
 
 def start(model, monkeypatch, cache, max_batch: int = 4) -> Engine:
-    monkeypatch.setattr(engine_module, "CHOICES", {})  # a fresh process: nothing remembered in memory
+    monkeypatch.setattr(precision_module, "CHOICES", {})  # a fresh process: nothing remembered in memory
     return Engine.load(model, "cpu", "auto", max_batch=max_batch, quantize="auto", precision_cache=cache)
 
 
@@ -52,7 +52,7 @@ def test_a_cached_start_reads_the_choice(vit, tmp_path, monkeypatch, measured, c
     assert len(entries) == 1
     (entry,) = entries.values()
     assert entry["fields"]["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
-    with caplog.at_level(logging.INFO, logger="runtime.models.precision"):
+    with caplog.at_level(logging.INFO, logger="runtime.models.auto_precision"):
         engine = start(vit, monkeypatch, cache)
     again = engine.describe()["precision"]
     assert len(measured) == 1  # not measured again
@@ -109,7 +109,7 @@ def test_a_malformed_entry_is_measured_again(vit, tmp_path, monkeypatch, measure
     (entry,) = data["entries"].values()
     entry["choice"]["chosen"]["dtype"] = "not_a_dtype"
     cache.write_text(json.dumps(data))
-    with caplog.at_level(logging.WARNING, logger="runtime.models.precision"):
+    with caplog.at_level(logging.WARNING, logger="runtime.models.auto_precision"):
         engine = start(vit, monkeypatch, cache)
     assert len(measured) == 2 and "is malformed" in caplog.text
     assert engine.describe()["precision"]["chosen"] == "fp32+int8-fbgemm"
@@ -141,17 +141,17 @@ def test_replicas_starting_together_measure_once(vit, tmp_path, monkeypatch, mea
     from runtime.models.precision_cache import PrecisionCache
     from runtime.models.preprocessor import read_preprocess
 
-    real = precision.measure_speed
+    real = auto_precision.measure_speed
 
     def slow(*args):
         time.sleep(0.5)  # the second start arrives while the first measures
         return real(*args)
 
-    monkeypatch.setattr(precision, "measure_speed", slow)
+    monkeypatch.setattr(auto_precision, "measure_speed", slow)
     cache, choices = PrecisionCache(tmp_path / "precision.json"), []
 
     def replica():
-        choices.append(precision.choose_cached(vit, torch.device("cpu"), read_preprocess(vit), 4, None, None, cache))
+        choices.append(auto_precision.choose_cached(vit, torch.device("cpu"), read_preprocess(vit), 4, None, None, cache))
 
     threads = [threading.Thread(target=replica) for _ in range(2)]
     for t in threads:

@@ -1,4 +1,4 @@
-"""int8 dynamic quantization (runtime/models/quant.py): exactness where int8 is exact, bounded error elsewhere, and the
+"""int8 dynamic quantization (runtime/models/int8_dynamic.py): exactness where int8 is exact, bounded error elsewhere, and the
 quantized classifier against fp32 transformers-made checkpoints."""
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from runtime.models.classifier import load_classifier
-from runtime.models.quant import (INT8_BACKENDS, QMAX, Int8Linear, PackedInt8Linear, backend_available,
-                                   int_mm_supported, quantize_int8, quantize_rows)
+from runtime.models.int8_dynamic import (QMAX, Int8Linear, PackedInt8Linear, backend_available, int_mm_supported,
+                                         quantize_int8, quantize_rows)
+from runtime.options import INT8_BACKENDS
 from fixtures.checkpoints import make_dinov3, make_vit
 
 

@@ -18,9 +18,9 @@ from kernels.int4_gemm import int4_gemm_reference, pack_int4_k, unpack_int4_k
 from kernels.int4_gemm_triton import int4_gemm_triton
 from runtime.errors import ModelLoadError, WeightError
 from runtime.models.qwen3_vl import load_qwen3_vl
-from runtime.models.quantized_linear import Fp8Linear, Int4Linear
-from runtime.models.quantized_weights import (Fp8Weight, Int4Weight, read_quant_format, read_quantized_linear,
-                                              unpack_awq, unpack_nibbles)
+from runtime.models.quantized_checkpoint_layers import Fp8Linear, Int4Linear
+from runtime.models.quantized_checkpoint_formats import (Fp8Weight, Int4Weight, read_quant_format,
+                                                         read_quantized_linear, unpack_awq, unpack_nibbles)
 from runtime.vlm.engine import VLMEngine, VLMEngineConfig
 from runtime.vlm.sequence import SamplingParams
 

@@ -9,7 +9,8 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry
 
-from runtime.cascade.bundle import load_bundle, with_quantize
+from runtime.cascade.bundle import load_bundle
+from runtime.cascade.precision import with_quantize
 from runtime.cascade.bundle_digest import bundle_digest
 from runtime.cascade.results import Box, ImageResult
 from server.config import parse_config

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import Engine
 from server.service import Service
-from runtime.cascade.settings import CPU_BATCH
+from runtime.options import default_max_batch
 from fixtures.checkpoints import make_vit
 from fixtures.images import b64, jpeg, png
 from fixtures.serving import MAX_BATCH, serving
@@ -432,7 +432,7 @@ def test_models_describes_engine_and_settings(engine, model_dir):
             return described, orjson.loads((await s.get("/v1/models"))[1])
 
     (status, body, content_type), unset = run(scenario())
-    assert unset["server"]["max_batch"] == CPU_BATCH == 8
+    assert unset["server"]["max_batch"] == default_max_batch("cpu") == 8
     described = orjson.loads(body)
     assert status == 200 and content_type.startswith("application/json")
     assert described["ready"] is True

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -170,6 +171,14 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(model_dir):
     assert "shutting down" in log and "stopped" in log
 
 
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=10) as r:
+            return r.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
 def test_json_logs_carry_the_request_id_on_every_request_line(tmp_path, model_dir):
     """--log-format json: every stderr line is one JSON object; the access line and the per-request debug line of a
     request carry the client's X-Request-ID, and a request without one gets the id echoed to it."""
@@ -185,7 +194,7 @@ def test_json_logs_carry_the_request_id_on_every_request_line(tmp_path, model_di
             found = re.search(r"listening on (http://[\d.]+:\d+)", log_file.read_text())
             url = found.group(1) if found else None
             time.sleep(0.05)
-        while urllib.request.urlopen(url + "/readyz", timeout=10).status != 200:
+        while not ready(url):  # 503 while the model loads: the port is taken first
             assert time.monotonic() < give_up, log_file.read_text()
             time.sleep(0.05)
         asked = urllib.request.Request(url + "/v1/predict", data=jpeg(9), method="POST",

@@ -27,6 +27,7 @@ from runtime.cascade.settings import ENGINE_HELP, add_engine_flags, engine_setti
 
 log = logging.getLogger(__name__)
 
+
 class StageClock:
     """Wall time per stage over a run, from the cascade's cumulative stage timings: stage 1 is preprocessing plus
     the classifier segment; a later stage is its call (preprocessing of its own, detectors, vote)."""

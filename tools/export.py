@@ -112,7 +112,7 @@ def graphs_of(engine) -> tuple[list[Graph], list[str]]:
 
 def pixels(spec: PreprocessSpec, batch: int, seed: int) -> torch.Tensor:
     """Synthetic street images through the graph's own preprocessing."""
-    from runtime.models.precision import calibration_images
+    from runtime.models.auto_precision import calibration_images
     out = torch.zeros(batch, 3, spec.height, spec.width)
     for slot, image in enumerate(calibration_images(batch, seed=seed)):
         preprocess_into(out, slot, torch.from_numpy(image), spec)
@@ -166,7 +166,7 @@ def export(bundle: Path, out_dir: Path, opset: int = OPSET) -> dict:
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise ModelLoadError(f"--onnx needs onnx and onnxruntime ({e}); pip install 'roadwork-cascade[onnx]'") from e
-    engine = Engine.load(bundle, "cpu", "float32", max_batch=max(CHECK_BATCHES), quantize="none")
+    engine = Engine.load(bundle, "cpu", "float32", max_batch=max(CHECK_BATCHES), quantize="none", backend="torch")
     try:
         graphs, skipped = graphs_of(engine)
         out_dir.mkdir(parents=True, exist_ok=True)

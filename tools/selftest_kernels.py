@@ -263,7 +263,7 @@ def step_fp8_linear(ctx: Context, details: dict) -> None:
     same quantized activations, and those against x @ the dequantized weight. Without FP8 GEMMs only the reference
     math is checked, and the step is skipped saying why."""
     from runtime.models.quantized_checkpoint_layers import (Fp8Linear, fp8_blockwise_reference, fp8_blockwise_supported,
-                                                 fp8_gemm_supported)
+                                                            fp8_gemm_supported)
 
     g, dev = torch.Generator().manual_seed(6), ctx.device
     supported = fp8_gemm_supported(dev)

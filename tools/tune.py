@@ -34,11 +34,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from imagesets.confusion import Confusion
+from imagesets.labeled import LabeledSet, list_labeled
 from kernels.vote import vote_reference
 from runtime.cascade.bundle import (BUNDLE_FILE, Bundle, ClassifierStageSpec, DetectorStageSpec, VLMStageSpec,
                                     read_bundle)
 from runtime.cascade.settings import EngineSettings, add_engine_flags, engine_settings
-from tools.eval import Confusion, LabeledSet, list_labeled, run_engine
+from tools.eval import run_engine
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,8 @@ def stage_specs(bundle: Bundle) -> tuple[ClassifierStageSpec, DetectorStageSpec,
 def observe(bundle: Bundle, data: LabeledSet, settings: EngineSettings, progress: bool = True) -> Observed:
     """Run every image through every stage, at the precision `settings` give the engine (as Engine.load settles
     it), and collect the scores and stage times."""
-    from runtime.cascade.engine import Engine, resolve_device, settle_precision
+    from runtime.cascade import precision
+    from runtime.cascade.engine import Engine, resolve_device, stage_devices
     from runtime.models.precision_cache import PrecisionCache
 
     first, second, vlm = stage_specs(bundle)
@@ -100,9 +103,10 @@ def observe(bundle: Bundle, data: LabeledSet, settings: EngineSettings, progress
         stages = [stages[0], dataclasses.replace(second, exit_below=0.0, exit_above=1.0), vlm]
     device = resolve_device(settings.device)
     cache = None if settings.precision_cache_path is None else PrecisionCache(settings.precision_cache_path)
-    routed, dtype, choice = settle_precision(dataclasses.replace(bundle, stages=tuple(stages)), device,
-                                             settings.dtype, settings.quantize, settings.batch_size, cache)
-    engine = Engine(routed, device, dtype, settings.batch_size, choice)
+    routed = dataclasses.replace(bundle, stages=tuple(stages))
+    resolved = precision.resolve(routed, stage_devices(routed, device), settings.dtype, settings.quantize,
+                                 settings.batch_size, cache)
+    engine = Engine(resolved, device, settings.batch_size)
     try:
         engine.warmup()
         scored = run_engine(engine, data, progress)
@@ -251,7 +255,9 @@ def bundle_toml(bundle: Bundle, header: str = "") -> str:
     lines = [f"# {line}" for line in header.splitlines()]
     lines += table("[[stage]]", "classifier", {
         "name": first.name, "model": _model_path(root, first.model), "device": first.device,
-        "exit_below": first.exit_below, "exit_above": first.exit_above, "quantize": first.quantize})
+        "exit_below": first.exit_below, "exit_above": first.exit_above, "quantize": first.quantize,
+        "backend": None if first.backend == "torch" else first.backend,
+        "onnx": None if first.onnx is None else _model_path(root, first.onnx)})
     lines += table("[[stage]]", "detectors", {
         "name": second.name, "device": second.device, "majority": second.majority,
         "classifier_weight": second.classifier_weight, "time_budget_ms": second.time_budget_ms,

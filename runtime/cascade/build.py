@@ -3,7 +3,8 @@ exact, quantize, then construct the stages in order (every stage is fully built 
 
 Backbone sharing: a detector reads the classifier's backbone when both are DINOv3 with equal configs, their
 loaded backbone tensors hash equal, both preprocess images identically (so the input sizes agree: DEIMv2's
-adapter also reads the pixels) and both run on one device. The detector then holds no backbone of its own."""
+adapter also reads the pixels) and both run on one device. The detector then holds no backbone of its own.
+A classifier on onnxruntime has no backbone to share: every detector loads its own."""
 from __future__ import annotations
 
 import hashlib
@@ -14,20 +15,22 @@ from typing import Callable
 import torch
 
 from kernels.preprocess import PreprocessSpec
-from runtime.cascade.bundle import Bundle, DetectorStageSpec, StageSpec, VLMStageSpec
+from runtime.cascade.bundle import ClassifierStageSpec, DetectorStageSpec, StageSpec, VLMStageSpec
 from runtime.cascade.classifier_stage import ClassifierStage
 from runtime.cascade.detector_members import LoadedDetector, load_detector
 from runtime.cascade.detector_stage import DetectorStage
 from runtime.cascade.pipeline import Cascade
+from runtime.cascade.precision import Precision
 from runtime.cascade.stage import Stage
-from runtime.cascade.vlm_stage import VLMStage, run_dtype
+from runtime.cascade.vlm_stage import VLMStage
 from runtime.models.classifier import Classifier, load_classifier
 from runtime.models.dinov3 import DINOv3ViT
-from runtime.models.precision import PrecisionChoice
 from runtime.models.preprocessor import read_preprocess
-from runtime.models.quant import quantize_int8
+from runtime.models.int8_dynamic import quantize_int8
+from runtime.models.onnx_classifier import OnnxClassifier
 
 log = logging.getLogger(__name__)
+
 
 def backbone_digest(backbone: torch.nn.Module) -> str:
     """sha256 over the loaded backbone tensors (name, dtype, shape, bytes). The mask token is training-only."""
@@ -41,11 +44,13 @@ def backbone_digest(backbone: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def share_backbone(detector: LoadedDetector, classifier: Classifier, classifier_pre: PreprocessSpec,
-                   classifier_digest: str | None, same_device: bool, classifier_quantize: str | None) -> str | None:
+def share_backbone(detector: LoadedDetector, classifier: Classifier | OnnxClassifier, classifier_pre: PreprocessSpec,
+                   classifier_digest: str | None, same_device: bool, classifier_quantize: str) -> str | None:
     """Point the detector at the classifier's backbone when that is exact; returns why not, or None."""
     if detector.family != "deimv2":
         return "only DEIMv2 reads a DINOv3 classifier's backbone"
+    if isinstance(classifier, OnnxClassifier):
+        return "the classifier runs on onnxruntime"
     own = detector.model.model.conv_encoder.backbone
     if not isinstance(classifier.backbone, DINOv3ViT):
         return "the classifier is not a DINOv3 model"
@@ -64,18 +69,26 @@ def share_backbone(detector: LoadedDetector, classifier: Classifier, classifier_
     return None
 
 
+def load_first_classifier(spec: ClassifierStageSpec, preprocess: PreprocessSpec, dtype: torch.dtype,
+                          device: torch.device, max_batch: int) -> Classifier | OnnxClassifier:
+    if spec.backend == "torch":
+        return load_classifier(spec.model, dtype, device)
+    if spec.quantize != "none":  # set by --quantize or `auto`: bundle.py refuses it in the classifier's own table
+        log.info("classifier '%s' runs on onnxruntime: the exported fp32 graph, not quantize %r", spec.name,
+                 spec.quantize)
+    return OnnxClassifier.load(spec.onnx, spec.model, preprocess, device, max_batch)
+
+
 @dataclass
 class StageContext:
     """What building a later stage may use: where it is named in cascade.toml, its device, the run dtype, the
-    batch size, the first stage, the detectors loaded for it (detector stages only), and the engine's startup
-    precision measurement (None where nothing was measured)."""
+    batch size, the first stage, and the detectors loaded for it (detector stages only)."""
     where: str
     device: torch.device
     dtype: torch.dtype
     max_batch: int
     first: ClassifierStage
     detectors: list[LoadedDetector]
-    precision: PrecisionChoice | None = None
 
 
 def build_detector_stage(spec: DetectorStageSpec, ctx: StageContext) -> DetectorStage:
@@ -83,7 +96,7 @@ def build_detector_stage(spec: DetectorStageSpec, ctx: StageContext) -> Detector
 
 
 def build_vlm_stage(spec: VLMStageSpec, ctx: StageContext) -> VLMStage:
-    return VLMStage(spec, ctx.where, ctx.device, run_dtype(spec, ctx.where, ctx.device, ctx.dtype, ctx.precision))
+    return VLMStage(spec, ctx.where, ctx.device, getattr(torch, spec.dtype))  # resolved by precision.resolve
 
 
 # The stage kinds after the classifier: spec type -> builder.
@@ -93,17 +106,17 @@ LATER_STAGES: dict[type, Callable[[StageSpec, StageContext], Stage]] = {
 }
 
 
-def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtype, max_batch: int,
-                  precision: PrecisionChoice | None = None) -> Cascade:
+def build_cascade(resolved: Precision, devices: list[torch.device], max_batch: int) -> Cascade:
+    bundle, dtype = resolved.bundle, resolved.dtype
     assert len(devices) == len(bundle.stages)
     first_spec, *later_specs = bundle.stages
     assert first_spec.kind == "classifier"
-    toml = bundle.root / "cascade.toml"
-    where = [f"{toml} stage {i + 1} ('{spec.name}')" for i, spec in enumerate(bundle.stages)]
-    classifier = load_classifier(first_spec.model, dtype, devices[0])
+    where = [bundle.where(i) for i in range(len(bundle.stages))]
     preprocess = read_preprocess(first_spec.model)
+    classifier = load_first_classifier(first_spec, preprocess, dtype, devices[0], max_batch)
     detector_stages = [i for i, s in enumerate(bundle.stages) if s.kind == "detectors"]
-    digest = backbone_digest(classifier.backbone) if detector_stages else None
+    on_torch = first_spec.backend == "torch"
+    digest = backbone_digest(classifier.backbone) if detector_stages and on_torch else None
     loaded: dict[int, list[LoadedDetector]] = {}
     for i in detector_stages:
         group = loaded.setdefault(i, [])
@@ -115,11 +128,11 @@ def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtyp
             why_not = share_backbone(d, classifier, preprocess, digest, device == devices[0], first_spec.quantize)
             log.info("detector '%s' (%s, %s on %s): %s", det.name, det.format, d.family, device,
                      "shares the classifier's backbone" if why_not is None else f"runs its own model ({why_not})")
-            if det.quantize is not None and not d.shared:
+            if det.quantize != "none" and not d.shared:
                 quantize_int8(d.model.model.conv_encoder.backbone if d.family == "deimv2" else d.model,
                               exclude=(), backend=det.quantize)
             group.append(d)
-    if first_spec.quantize is not None:  # after sharing: a shared backbone is converted once, here
+    if first_spec.quantize != "none" and on_torch:  # after sharing: a shared backbone is converted once, here
         quantize_int8(classifier, backend=first_spec.quantize)
     keep = tuple(sorted({layer for group in loaded.values() for d in group if d.shared
                          for layer in d.model.hidden_layers}))
@@ -127,7 +140,7 @@ def build_cascade(bundle: Bundle, devices: list[torch.device], dtype: torch.dtyp
                             routes=bool(later_specs), keep_layers=keep)
     # In bundle order; a VLM comes last, so its memory check sees what the vision stages already hold on a device.
     later = [LATER_STAGES[type(spec)](spec, StageContext(where[i], devices[i], dtype, max_batch, first,
-                                                         loaded.get(i, []), precision))
+                                                         loaded.get(i, [])))
              for i, spec in enumerate(bundle.stages) if i > 0]
     vlm = next((stage for spec, stage in zip(later_specs, later) if spec.kind == "vlm"), None)
     return Cascade(first, later, vlm)

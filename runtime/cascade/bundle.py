@@ -12,9 +12,9 @@ from typing import Callable, ClassVar, Union
 
 from runtime.config import REQUIRED, ConfigReader
 from runtime.errors import ModelLoadError
+from runtime.options import BACKENDS, DTYPE_MODES, KV_CACHE_DTYPES, QUANTIZE_MODES
 
 BUNDLE_FILE = "cascade.toml"
-QUANTIZE_MODES = ("auto", "none", "int8", "int8-fbgemm", "int8-onednn")  # runtime/models/{precision,quant}.py
 DETECTOR_FORMATS = ("safetensors", "onnx", "transformers")
 
 
@@ -27,11 +27,13 @@ class ClassifierStageSpec:
     device: str | None = None  # None: the device Engine.load was given
     exit_below: float | None = None  # p < exit_below or p > exit_above: the image exits here (set iff a later
     exit_above: float | None = None  # stage exists)
-    quantize: str | None = None  # a QUANTIZE_MODES name; None: unset (the engine's setting). Cascade gets None
-    # (float) or an int8 backend: the encoder's Linear layers compute in int8 (runtime/models/quant.py)
+    quantize: str | None = None  # a QUANTIZE_MODES name; None: unset (the engine's setting). Resolved
+    # (runtime/cascade/precision.py): "none" or an int8 backend, whose kernel computes the encoder's Linear layers
+    backend: str = "torch"  # BACKENDS: our modules, or `onnx` on ONNX Runtime (runtime/models/onnx_classifier.py)
+    onnx: Path | None = None  # the classifier.onnx python -m tools.export wrote (its export.json beside it)
 
     def model_dirs(self) -> list[Path]:
-        return [self.model]
+        return [self.model] + ([self.onnx] if self.onnx is not None else [])
 
     def quantize_modes(self) -> list[str | None]:
         """The quantize setting of each model the stage quantizes (none for a VLM)."""
@@ -105,7 +107,7 @@ class VLMStageSpec:
     failure_threshold: int = 3
     cooldown_s: float = 30.0
     kv_cache_dtype: str = "auto"  # "auto": the run dtype; "int8": int8 keys/values with per-block-per-head scales
-    dtype: str = "auto"  # the VLM's own dtype; "auto": runtime/cascade/vlm_stage.run_dtype
+    dtype: str = "auto"  # the VLM's own dtype, a DTYPE_MODES name; resolved (runtime/cascade/precision.py): DTYPES
 
     def model_dirs(self) -> list[Path]:
         return [self.model]
@@ -126,6 +128,10 @@ class Bundle:
     root: Path  # the bundle directory, or the classifier directory of a one-stage cascade
     stages: tuple[StageSpec, ...]
     from_toml: bool
+
+    def where(self, index: int) -> str:
+        """How errors and logs name stage `index` (0-based)."""
+        return f"{self.root / BUNDLE_FILE} stage {index + 1} ('{self.stages[index].name}')"
 
 
 def keys_of(spec: type, renamed: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -180,7 +186,44 @@ def parse_classifier_stage(root: Path, table: ConfigReader, has_next: bool) -> C
     model = model_dir(root, table)
     device = table.get("device", str, None)
     below, above = exit_thresholds(table, has_next)
-    return ClassifierStageSpec(name, model, device, below, above, quantize_of(table))
+    quantize = quantize_of(table)
+    backend = table.choice("backend", "torch", BACKENDS)
+    onnx = classifier_onnx(root, table)
+    if backend == "onnxruntime" and onnx is None:
+        table.fail("backend 'onnxruntime' needs key 'onnx': the classifier.onnx python -m tools.export wrote")
+    if backend == "onnxruntime" and quantize not in (None, "none"):
+        table.fail(f"key 'quantize' ({quantize!r}) is for backend 'torch': backend 'onnxruntime' runs the "
+                   f"exported fp32 graph")
+    return ClassifierStageSpec(name, model, device, below, above, quantize, backend, onnx)
+
+
+def classifier_onnx(root: Path, table: ConfigReader) -> Path | None:
+    value = table.get("onnx", str, None)
+    if value is None:
+        return None
+    path = (root / value).resolve()
+    if not path.is_file() or path.suffix != ".onnx":
+        table.fail(f"key 'onnx' must be an .onnx file; '{value}' ({path}) is not one")
+    return path
+
+
+def with_backend(bundle: Bundle, backend: str) -> Bundle:
+    """The bundle with its classifier on `backend` (BACKENDS): the --backend override of cascade.toml."""
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    first = bundle.stages[0]
+    if backend == "onnxruntime":
+        if not bundle.from_toml:
+            raise ModelLoadError(f"{bundle.root}: --backend onnxruntime needs a bundle (cascade.toml) whose "
+                                 f"classifier stage names its exported graph in key 'onnx'")
+        where = bundle.where(0)
+        if first.onnx is None:
+            raise ModelLoadError(f"{where}: --backend onnxruntime needs key 'onnx' (the classifier.onnx python -m "
+                                 f"tools.export wrote)")
+        if first.quantize not in (None, "none"):
+            raise ModelLoadError(f"{where}: key 'quantize' ({first.quantize!r}) is for backend 'torch': "
+                                 f"--backend onnxruntime runs the exported fp32 graph")
+    return replace(bundle, stages=(replace(first, backend=backend), *bundle.stages[1:]))
 
 
 def quantize_mode(mode: str, what: str) -> str:
@@ -285,8 +328,8 @@ def parse_vlm_stage(root: Path, table: ConfigReader, has_next: bool) -> VLMStage
                                high_open=True)
     max_num_seqs = positive_int(table, "max_num_seqs", defaults.max_num_seqs)
     budget, threshold, cooldown = breaker_keys(table)
-    kv_cache_dtype = table.choice("kv_cache_dtype", defaults.kv_cache_dtype, ("auto", "int8"))
-    dtype = table.choice("dtype", defaults.dtype, ("auto", "float32", "bfloat16", "float16"))
+    kv_cache_dtype = table.choice("kv_cache_dtype", defaults.kv_cache_dtype, KV_CACHE_DTYPES)
+    dtype = table.choice("dtype", defaults.dtype, DTYPE_MODES)
     return VLMStageSpec(name, model, prompt, yes_token, no_token, explain_prompt, explain_above, max_explain_tokens,
                         device, kv_cache_gb, max_num_seqs, budget, threshold, cooldown, kv_cache_dtype, dtype)
 
@@ -358,25 +401,6 @@ def map_quantize(bundle: Bundle, change) -> Bundle:
 
 def quantize_settings(bundle: Bundle) -> list[str | None]:
     return [mode for stage in bundle.stages for mode in stage.quantize_modes()]
-
-
-def with_quantize(bundle: Bundle, mode: str) -> Bundle:
-    """The bundle with every classifier and detector set to `mode` (QUANTIZE_MODES): a command-line override."""
-    value = quantize_mode(mode, "quantize")
-    return map_quantize(bundle, lambda _: value)
-
-
-def with_unset_quantize(bundle: Bundle, mode: str) -> Bundle:
-    """The models whose cascade.toml entry has no quantize key set to `mode`; the others keep theirs."""
-    value = quantize_mode(mode, "quantize")
-    return map_quantize(bundle, lambda q: value if q is None else q)
-
-
-def resolved_quantize(bundle: Bundle, auto: str) -> Bundle:
-    """Quantize settings as Cascade takes them: "auto" -> `auto` (the measured choice), then "none" -> None."""
-    assert None not in quantize_settings(bundle), "resolve unset quantize settings first (with_unset_quantize)"
-    return map_quantize(bundle, lambda q: None if (auto if q == "auto" else q) == "none" else
-                        (auto if q == "auto" else q))
 
 
 def load_bundle(path: str | Path) -> Bundle:

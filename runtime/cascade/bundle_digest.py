@@ -11,20 +11,22 @@ CHUNK_BYTES = 1 << 20
 
 
 def model_dirs(bundle: Bundle) -> list[Path]:
-    """Every model directory a bundle's stages read, in stage order."""
+    """Every model directory (or single model file: an .onnx) a bundle's stages read, in stage order."""
     return [directory for stage in bundle.stages for directory in stage.model_dirs()]
 
 
 def bundle_digest(bundle: Bundle) -> str:
-    """sha256 (hex) over cascade.toml and every file of every model directory, each named by its path relative to
-    its directory (so a moved bundle keeps its digest), plus each stage's quantize mode (a command-line override
-    changes answers without changing a file)."""
+    """sha256 (hex) over cascade.toml and every file of every model directory (and every single model file), each
+    named by its path relative to its directory (so a moved bundle keeps its digest), plus each stage's quantize
+    mode (a command-line override changes answers without changing a file)."""
     h = hashlib.sha256()
     if bundle.from_toml:
         h.update(b"toml\0" + (bundle.root / BUNDLE_FILE).read_bytes())
     for directory in model_dirs(bundle):
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-            h.update(b"\0file\0" + path.relative_to(directory).as_posix().encode() + b"\0")
+        files = [directory] if directory.is_file() else sorted(p for p in directory.rglob("*") if p.is_file())
+        for path in files:
+            name = path.name if path == directory else path.relative_to(directory).as_posix()
+            h.update(b"\0file\0" + name.encode() + b"\0")
             with path.open("rb") as f:
                 while chunk := f.read(CHUNK_BYTES):
                     h.update(chunk)

@@ -13,6 +13,7 @@ from runtime.cascade.bundle import ClassifierStageSpec
 from runtime.cascade.results import StageAnswer
 from runtime.cascade.stage import ChunkImages, GraphPools, warm_segment
 from runtime.models.classifier import Classifier
+from runtime.models.onnx_classifier import OnnxClassifier
 from runtime.transfer import to_device
 
 
@@ -25,23 +26,30 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 
 class ClassifierStage:
     """Segment 1: backbone -> head -> P(roadwork) -> route kernel (exit mask, index list, count) on the device.
-    The raw backbone layers that sharing detectors need are kept in static max-batch buffers."""
+    The raw backbone layers that sharing detectors need are kept in static max-batch buffers.
+    On backend "onnxruntime" the model is an OnnxClassifier: the exported fp32 graph on fp32 pixels, run eagerly
+    (ONNX Runtime runs it through host memory, so no CUDA graph is captured), and no detector reads its backbone."""
     breaker = None
     time_budget_s = None
 
-    def __init__(self, spec: ClassifierStageSpec, model: Classifier, preprocess: PreprocessSpec,
+    def __init__(self, spec: ClassifierStageSpec, model: Classifier | OnnxClassifier, preprocess: PreprocessSpec,
                  device: torch.device, dtype: torch.dtype, max_batch: int, routes: bool,
                  keep_layers: tuple[int, ...] = ()):
         self.spec, self.name, self.model, self.preprocess = spec, spec.name, model, preprocess
         self.device, self.routes, self.keep_layers = device, routes, keep_layers
-        self.runner = GraphRunner(weak_method(self.segment), (3, preprocess.height, preprocess.width), dtype, device,
-                                  default_buckets(max_batch))
+        self.on_onnxruntime = spec.backend == "onnxruntime"
+        assert not (self.on_onnxruntime and keep_layers), "no detector shares an onnxruntime classifier's backbone"
+        self.runner = GraphRunner(weak_method(self.segment), (3, preprocess.height, preprocess.width),
+                                  torch.float32 if self.on_onnxruntime else dtype, device, default_buckets(max_batch),
+                                  use_cuda_graphs=False if self.on_onnxruntime else None)
         self.prob = torch.zeros(max_batch, dtype=torch.float32, device=device)
-        backbone = model.backbone
-        tokens = backbone.num_prefix_tokens + (preprocess.height // backbone.cfg.patch_size[0]) * (
-            preprocess.width // backbone.cfg.patch_size[1])
-        self.hidden = [torch.zeros(max_batch, tokens, backbone.cfg.block.hidden_size, dtype=dtype, device=device)
-                       for _ in keep_layers]
+        self.hidden = []
+        if keep_layers:
+            backbone = model.backbone
+            tokens = backbone.num_prefix_tokens + (preprocess.height // backbone.cfg.patch_size[0]) * (
+                preprocess.width // backbone.cfg.patch_size[1])
+            self.hidden = [torch.zeros(max_batch, tokens, backbone.cfg.block.hidden_size, dtype=dtype, device=device)
+                           for _ in keep_layers]
         # count and index list in one buffer, so the host reads both in one transfer.
         self.route_buf = torch.zeros(1 + max_batch, dtype=torch.int32, device=device)
         self.count, self.index = self.route_buf[:1], self.route_buf[1:]
@@ -49,10 +57,13 @@ class ClassifierStage:
 
     def segment(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b = x.shape[0]
-        seq, hidden = self.model.backbone(x, hidden_layers=self.keep_layers)
-        self.prob[:b].copy_(self.model.probability(self.model.classifier(self.model.head_features(seq))))
-        for buf, h in zip(self.hidden, hidden):
-            buf[:b].copy_(h)
+        if self.on_onnxruntime:
+            self.prob[:b].copy_(self.model(x)[0])
+        else:
+            seq, hidden = self.model.backbone(x, hidden_layers=self.keep_layers)
+            self.prob[:b].copy_(self.model.probability(self.model.classifier(self.model.head_features(seq))))
+            for buf, h in zip(self.hidden, hidden):
+                buf[:b].copy_(h)
         if self.routes:
             route(self.prob[:b], self.runner.rows, self.spec.exit_below, self.spec.exit_above, self.exits[:b],
                   self.index, self.count)
@@ -91,7 +102,11 @@ class ClassifierStage:
         out = {"name": self.name, "kind": "classifier", "model_type": self.model.model_type,
                "model": str(spec.model), "labels": list(labels.names),
                "roadwork_label": labels.names[labels.roadwork_index], "device": str(self.device),
-               "input_size": [self.preprocess.height, self.preprocess.width], "quantize": spec.quantize or "none"}
+               "input_size": [self.preprocess.height, self.preprocess.width], "quantize": spec.quantize,
+               "backend": spec.backend}
+        if self.on_onnxruntime:
+            out.update(quantize="none", onnx=str(spec.onnx), providers=self.model.providers,
+                       cuda_graphs="no: ONNX Runtime runs the graph through host memory")
         if self.routes:
             out.update(exit_below=spec.exit_below, exit_above=spec.exit_above)
         return out

@@ -267,7 +267,7 @@ class DetectorStage:
                            "cuda_graphs": d.graphed and self.member_graphs[d.spec.name].use_cuda_graphs,
                            "roadwork_classes": d.class_names, "weight": d.spec.weight,
                            "box_threshold": d.spec.box_threshold, "shared_backbone": d.shared,
-                           "quantize": d.spec.quantize or "none", "breaker": d.breaker.state,
+                           "quantize": d.spec.quantize, "breaker": d.breaker.state,
                            "input_size": None if d.preprocess is None else [d.preprocess.height, d.preprocess.width]}
                           for d in self.detectors],
         }

@@ -16,95 +16,22 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from runtime.cascade.bundle import (BUNDLE_FILE, Bundle, load_bundle, quantize_settings,
-                                    resolved_quantize, with_quantize, with_unset_quantize)
+from runtime.cascade.bundle import BUNDLE_FILE, Bundle, load_bundle, with_backend
 from runtime.cascade.build import build_cascade
 from runtime.cascade.bundle_digest import bundle_digest
 from runtime.cascade.classifier_stage import image_tensor
 from runtime.cascade.results import Box, ImageResult, OnStage, StageTiming
 from runtime.errors import ModelLoadError
-from runtime.cascade.vlm_stage import VLMOutput, VLMStage
-from runtime.models import precision
-from runtime.models.precision import Candidate, PrecisionChoice
+from runtime.cascade.vlm_prompt import VLMOutput
+from runtime.cascade.vlm_stage import VLMStage
+from runtime.cascade import precision
+from runtime.cascade.precision import Precision
 from runtime.models.precision_cache import PrecisionCache
-from runtime.models.preprocessor import read_preprocess
+from runtime.options import default_max_batch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Box", "Engine", "ImageResult", "VLMOutput", "cpu_has_bf16", "image_tensor", "resolve_device",
-           "resolve_dtype"]
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run ~3x faster than fp32 there, and are slow emulation elsewhere."""
-    try:
-        text = CPUINFO.read_text()
-    except OSError:
-        return False
-    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"dtype '{dtype}' is not supported (choose from {', '.join(DTYPES)})")
-    return DTYPES[dtype]
-
-
-CHOICES: dict[tuple, PrecisionChoice] = {}  # one measurement per model and setting per process (tests load often)
-
-
-def settle_precision(bundle: Bundle, device: torch.device, dtype: str | torch.dtype | None, quantize: str | None,
-                     max_batch: int, cache: PrecisionCache | None = None
-                     ) -> tuple[Bundle, torch.dtype, PrecisionChoice | None]:
-    """(bundle with quantize resolved for Cascade, dtype, the measurement or None) for Engine.load's settings.
-
-    dtype "auto" / any model's quantize "auto" (the server's defaults; quantize "auto" fills the models that
-    cascade.toml leaves unset): the first stage's classifier is measured (runtime/models/precision.py) and the
-    choice applies to the engine's dtype and every "auto" model. An explicit non-fp32 setting is measured against
-    fp32 for a warning. dtype None / quantize None: the library defaults (the device's dtype, unset = "none").
-    `cache`: where measurements persist across starts (runtime/models/precision_cache.py); None: measured here."""
-    if quantize == "auto" or quantize is None:
-        bundle = with_unset_quantize(bundle, quantize or "none")
-    else:
-        bundle = with_quantize(bundle, quantize)
-    first = bundle.stages[0]
-    assert first.kind == "classifier"
-    quantize_auto = "auto" in quantize_settings(bundle)
-    dtype_auto = dtype == "auto"
-    fixed_dtype = None if dtype_auto else resolve_dtype(dtype, device)
-    if device.type != "cpu":
-        chosen = Candidate(resolve_dtype(None, device) if dtype_auto else fixed_dtype, "none")
-        choice = PrecisionChoice(chosen, "cuda default") if dtype_auto or quantize_auto else None
-    else:
-        fixed_quantize = None if quantize_auto else first.quantize
-        explicit = Candidate(fixed_dtype, fixed_quantize) if not (dtype_auto or quantize_auto) else None
-        if explicit is not None and (dtype is None or explicit == precision.FP32):
-            choice = None  # the library default or plain fp32: nothing to choose or warn about
-        else:
-            config = first.model / "config.json"
-            key = (str(first.model.resolve()), config.stat().st_mtime_ns, max_batch, fixed_dtype, fixed_quantize,
-                   None if cache is None else str(cache.path))
-            if key not in CHOICES:
-                CHOICES[key] = precision.choose_cached(first.model, device, read_preprocess(first.model), max_batch,
-                                                       fixed_dtype, fixed_quantize, cache)
-            choice = CHOICES[key]
-            if explicit is None:
-                log.info("precision auto chose %s for this engine", choice.candidate.name)
-        chosen = choice.candidate if choice is not None else Candidate(fixed_dtype, first.quantize)
-    return resolved_quantize(bundle, chosen.quantize), chosen.dtype if dtype_auto else fixed_dtype, choice
+__all__ = ["Box", "Engine", "ImageResult", "VLMOutput", "image_tensor", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -125,29 +52,30 @@ class Engine:
     """One worker thread calls predict (a lock enforces it). explain_stream, cancel and vlm_stats may be called from
     any thread: they go through the VLM stage's loop thread. close() stops that thread."""
 
-    def __init__(self, bundle: Bundle, device: torch.device, dtype: torch.dtype, max_batch: int,
-                 precision: PrecisionChoice | None = None):
+    def __init__(self, resolved: Precision, device: torch.device, max_batch: int):
+        bundle = resolved.bundle
         self.model_dir = bundle.root
-        self.precision = precision
+        self.precision = resolved
         self.bundle = bundle
         self.device = device
-        self.dtype = dtype
+        self.dtype = resolved.dtype
         self.max_batch = max_batch
-        devices = [device if stage.device is None else stage_device(bundle, stage.name, stage.device)
-                   for stage in bundle.stages]
-        self.cascade = build_cascade(bundle, devices, dtype, max_batch, precision)
+        self.cascade = build_cascade(resolved, stage_devices(bundle, device), max_batch)
         first = self.cascade.first
         self.classifier, self.spec, self.runner = first.model, first.preprocess, first.runner
         self.lock = threading.Lock()
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-             max_batch: int = 32, quantize: str | None = None, precision_cache: str | Path | None = None) -> Engine:
+             max_batch: int | None = None, quantize: str | None = None, precision_cache: str | Path | None = None,
+             backend: str | None = None) -> Engine:
         """`model_dir`: a bundle directory with cascade.toml, or one Hugging Face classifier directory.
-        `dtype`: a DTYPES name, "auto" (measured, runtime/models/precision.py) or None (bf16 where the CPU has it).
-        `quantize`: a bundle QUANTIZE_MODES name for every classifier and detector, over what cascade.toml says;
-        "auto": for those cascade.toml leaves unset; None: unset means "none". See settle_precision.
-        `precision_cache`: a JSON file keeping `auto`'s measurements across starts; None: measure every start."""
+        `dtype`: a DTYPES name, "auto" (measured, runtime/models/auto_precision.py) or None (bf16 where the CPU has it).
+        `quantize`: a QUANTIZE_MODES name for every classifier and detector, over what cascade.toml says;
+        "auto": for those cascade.toml leaves unset; None: unset means "none". See runtime/cascade/precision.py.
+        `max_batch`: images per model call; None: the device's default (runtime/options.py).
+        `precision_cache`: a JSON file keeping `auto`'s measurements across starts; None: measure every start.
+        `backend`: a BACKENDS name for the classifier, over cascade.toml's `backend`; None or "auto": cascade.toml's."""
         model_dir = Path(model_dir)
         if not model_dir.exists():
             raise ModelLoadError(f"model directory '{model_dir}' does not exist")
@@ -157,14 +85,17 @@ class Engine:
         if not (model_dir / BUNDLE_FILE).is_file() and not (model_dir / "config.json").is_file():
             raise ModelLoadError(f"'{model_dir}' has neither {BUNDLE_FILE} (a bundle) nor config.json (a Hugging Face "
                                  f"classifier); --model takes one of those directories, e.g. bundles/default")
+        device = resolve_device(device)
+        max_batch = default_max_batch(device.type) if max_batch is None else max_batch
         if max_batch < 1:
             raise ModelLoadError(f"max_batch must be >= 1, got {max_batch}")
-        device = resolve_device(device)
         try:
             cache = None if precision_cache is None else PrecisionCache(Path(precision_cache))
-            bundle, dtype, choice = settle_precision(load_bundle(model_dir), device, dtype, quantize, max_batch,
-                                                     cache)
-            return cls(bundle, device, dtype, max_batch, choice)
+            bundle = load_bundle(model_dir)
+            if backend not in (None, "auto"):
+                bundle = with_backend(bundle, backend)
+            resolved = precision.resolve(bundle, stage_devices(bundle, device), dtype, quantize, max_batch, cache)
+            return cls(resolved, device, max_batch)
         except ModelLoadError:
             raise
         except ValueError as e:  # config values a model or the preprocessing spec rejects
@@ -175,7 +106,8 @@ class Engine:
             self.cascade.warmup()
 
     def predict(self, images: list[np.ndarray], boxes: bool = False, explain: Sequence[bool] | None = None,
-                on_stage: OnStage | None = None, auto_explain: bool = True) -> list[ImageResult]:
+                on_stage: OnStage | None = None, auto_explain: bool = True,
+                deadline: float | None = None) -> list[ImageResult]:
         """Decoded RGB uint8 images (H, W, 3), any sizes and count; results in the same order.
 
         `boxes`: also return the roadwork boxes of images the detectors scored. `explain`: per image, have the VLM
@@ -183,7 +115,8 @@ class Engine:
         explain_above rule names (the server turns it off and explains on the VLM's loop thread instead, so
         decoding never holds the inference worker). `on_stage(index, stage, p, decided)`: called on this thread
         once per image per stage it reached, as soon as the stage answered its chunk and before later stages
-        run."""
+        run. `deadline` (time.monotonic()): when the caller stops waiting, the longest VLM scoring may wait
+        (without one: runtime/options.py REQUEST_DEADLINE_S)."""
         if explain is not None and len(explain) != len(images):
             raise ValueError(f"explain has {len(explain)} entries for {len(images)} images")
         results: list[ImageResult] = []
@@ -192,7 +125,7 @@ class Engine:
                 shifted = None if on_stage is None else partial(on_chunk_stage, on_stage, start)
                 results.extend(self.cascade.run(images[start:start + count], boxes,
                                                 None if explain is None else list(explain[start:start + count]),
-                                                shifted, auto_explain))
+                                                shifted, auto_explain, deadline))
         return results
 
     def explain_stream(self, image: np.ndarray, roadwork: bool, on_output: Callable[[VLMOutput], None]) -> int:
@@ -260,13 +193,19 @@ class Engine:
             "input_size": [self.spec.height, self.spec.width],
             "batch_buckets": list(self.runner.buckets),
             "cuda_graphs": bool(self.runner.graphs),
-            "precision": None if self.precision is None else self.precision.describe(),
+            "precision": None if self.precision.choice is None else self.precision.choice.describe(),
         }
 
 
 def on_chunk_stage(on_stage: OnStage, start: int, index: int, stage: str, p: float, decided: bool) -> None:
     """A chunk's image index -> the index in the predict() call."""
     on_stage(start + index, stage, p, decided)
+
+
+def stage_devices(bundle: Bundle, device: torch.device) -> list[torch.device]:
+    """Each stage's device: its cascade.toml `device`, else the engine's."""
+    return [device if stage.device is None else stage_device(bundle, stage.name, stage.device)
+            for stage in bundle.stages]
 
 
 def stage_device(bundle: Bundle, stage: str, device: str) -> torch.device:

@@ -1,6 +1,6 @@
 """The engine flags, defined once for every front end that loads an Engine (python -m server, tools.eval, tools.score,
-tools.tune, python -m miner, bench.load, bench.score): --model, --device, --dtype, --quantize, --max-batch and
---precision-cache, with one set of choices, defaults, help and checks, parsed into one EngineSettings."""
+tools.tune, python -m miner, bench.load, bench.score): --model, --device, --dtype, --quantize, --max-batch,
+--precision-cache and --backend, with one set of choices, defaults, help and checks, parsed into one EngineSettings."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.cascade.bundle import QUANTIZE_MODES
+from runtime.options import BACKEND_MODES, DTYPE_MODES, MAX_BATCH, QUANTIZE_MODES, default_max_batch
 from runtime.models.precision_cache import default_path as default_precision_cache
 
 if TYPE_CHECKING:  # the engine pulls in torch; --help and argument errors answer without it
@@ -18,8 +18,6 @@ if TYPE_CHECKING:  # the engine pulls in torch; --help and argument errors answe
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "bundles" / "default"
 ENV_PREFIX = "ROADWORK_"
-CPU_BATCH, CUDA_BATCH = 8, 32  # default max_batch per device
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def flag(name: str) -> str:
@@ -35,28 +33,28 @@ def env_name(name: str) -> str:
 class EngineSettings:
     model: Path = DEFAULT_MODEL_DIR
     device: str = "cpu"
-    dtype: str = "auto"                   # "auto": measured at startup (runtime/models/precision.py)
+    dtype: str = "auto"                   # "auto": measured at startup (runtime/models/auto_precision.py)
     quantize: str = "auto"                # "auto": models cascade.toml leaves unset are measured; else every one
     max_batch: int | None = None          # images per Engine.predict call; None: the device's (batch_size)
     precision_cache: str = "default"      # auto's measurements across starts: "default", "off" or a file
+    backend: str = "auto"                 # the classifier's; "auto": cascade.toml's `backend` (torch where unset)
 
     def __post_init__(self) -> None:
         if self.max_batch is not None and self.max_batch <= 0:
             raise ValueError(f"--max-batch must be > 0, got {self.max_batch}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_MODES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPE_MODES)}, got {self.dtype!r}")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
+        if self.backend not in BACKEND_MODES:
+            raise ValueError(f"--backend must be one of {', '.join(BACKEND_MODES)}, got {self.backend!r}")
 
     @property
     def batch_size(self) -> int:
-        """max_batch, else 8 on CPU and 32 on CUDA: on CPU, ViT-B/16 runs slower per image at batch 32 than at 8
-        (BENCHMARKS.md, sections 3 and 5)."""
-        if self.max_batch is not None:
-            return self.max_batch
-        return CPU_BATCH if self.device == "cpu" else CUDA_BATCH
+        """max_batch, else the device's default (runtime/options.py)."""
+        return self.max_batch if self.max_batch is not None else default_max_batch(self.device)
 
     @property
     def precision_cache_path(self) -> Path | None:
@@ -68,7 +66,7 @@ class EngineSettings:
         from runtime.cascade.engine import Engine
 
         return Engine.load(self.model, self.device, self.dtype, self.batch_size, self.quantize,
-                           self.precision_cache_path)
+                           self.precision_cache_path, self.backend)
 
     def argv(self) -> list[str]:
         """The flags that give these settings, for a front end started as another process (bench.load's server)."""
@@ -91,7 +89,11 @@ ENGINE_HELP = {
                        "the library versions and the settings: a start that finds its key runs the same "
                        "precision without measuring; 'off' measures every start; 'default' is "
                        "$XDG_CACHE_HOME/roadwork-cascade/precision.json, else ~/.cache/... (default %(default)s)",
-    "max_batch": f"largest batch per model call (default {CPU_BATCH} on cpu, {CUDA_BATCH} on cuda)%(default).0s",
+    "backend": "auto, torch or onnxruntime: what runs the classifier, over cascade.toml's 'backend' (default "
+               "%(default)s); onnxruntime runs the graph python -m tools.export wrote, named by the classifier's "
+               "'onnx' key (the onnx extra); auto: cascade.toml's, torch where unset",
+    "max_batch": f"largest batch per model call (default {MAX_BATCH['cpu']} on cpu, {MAX_BATCH['cuda']} on "
+                 f"cuda)%(default).0s",
 }
 
 
@@ -123,7 +125,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]
         if environ is not None:
             default = env_default(parser, environ, f.name, kind, default)
             help_text += f" [{env_name(f.name)}]"
-        choices = {"dtype": DTYPE_CHOICES, "quantize": QUANTIZE_MODES}.get(f.name)
+        choices = {"dtype": DTYPE_MODES, "quantize": QUANTIZE_MODES, "backend": BACKEND_MODES}.get(f.name)
         group.add_argument(flag(f.name), type=kind, default=default, choices=choices, help=help_text)
 
 
@@ -133,4 +135,3 @@ def engine_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         return EngineSettings(**{f.name: getattr(args, f.name) for f in fields(EngineSettings)})
     except ValueError as e:
         parser.error(str(e))
-

@@ -43,7 +43,8 @@ from torch import nn
 from kernels.preprocess import PreprocessSpec, preprocess_into
 from runtime.models import precision_cache
 from runtime.models.precision_cache import PrecisionCache
-from runtime.models.quant import INT8_BACKENDS, Int8Linear, PackedInt8Linear, backend_available, quantize_int8
+from runtime.models.int8_dynamic import Int8Linear, PackedInt8Linear, backend_available, quantize_int8
+from runtime.options import INT8_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ MEASUREMENT = f"drift<={CHOOSE_DRIFT} on {CALIBRATION_IMAGES} images, speedup>={
 @dataclass(frozen=True)
 class Candidate:
     dtype: torch.dtype
-    quantize: str = "none"  # "none" or a runtime.models.quant.INT8_BACKENDS name
+    quantize: str = "none"  # "none" or a runtime.options.INT8_BACKENDS name
 
     @property
     def name(self) -> str:

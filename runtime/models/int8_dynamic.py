@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.options import INT8_BACKENDS
+
 log = logging.getLogger(__name__)
 
 QMAX = 127  # symmetric: -127..127, so negating a value never overflows
-INT8_BACKENDS = ("int8", "int8-fbgemm", "int8-onednn")
 PACKED_ENGINES = {"int8-fbgemm": "fbgemm", "int8-onednn": "onednn"}  # torch.backends.quantized.engine names
 
 

@@ -119,7 +119,8 @@ def machine() -> dict:
     # Imported here: server/config.py reads default_path() and must answer --help without loading torch.
     import torch
 
-    from runtime.models.quant import INT8_BACKENDS, backend_available
+    from runtime.models.int8_dynamic import backend_available
+    from runtime.options import INT8_BACKENDS
     return {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "int8_backends": [b for b in INT8_BACKENDS if backend_available(b)]}

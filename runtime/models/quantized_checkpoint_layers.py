@@ -25,8 +25,9 @@ from torch import nn
 from kernels.int4_gemm import int4_gemm, pack_int4_k
 from runtime.config import read_json
 from runtime.errors import WeightError
-from runtime.models.quantized_weights import (FP8, FP8_MAX, Fp8Weight, Int4Weight, QuantFormat, quantized_tensor_keys,
-                                              read_quant_format, read_quantized_linear)
+from runtime.models.quantized_checkpoint_formats import (FP8, FP8_MAX, Fp8Weight, Int4Weight, QuantFormat,
+                                                         quantized_tensor_keys, read_quant_format,
+                                                         read_quantized_linear)
 from runtime.models.weights import checkpoint_files
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Protocol
@@ -30,9 +31,6 @@ log = logging.getLogger(__name__)
 
 FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
-# Query heads per kv head its decode kernels are dispatched for: DISPATCH_GQA_GROUP_SIZE in the pinned flashinfer
-# 0.6.13's include/flashinfer/utils.cuh (6 arrives with 0.6.18; until then 6 raises "Unsupported group_size").
-FLASHINFER_GROUP_SIZES = (1, 2, 3, 4, 8)
 FLASHINFER_PROBE_TOLERANCE = 5e-2  # bf16/fp16 attention of a random row vs the float32 reference
 FLASHINFER_WORKSPACE_BYTES = 128 << 20  # the float workspace size flashinfer's documentation recommends
 BACKENDS = ("flashinfer", "triton", "cpu", "reference")
@@ -73,12 +71,25 @@ def flashinfer_module() -> ModuleType | None:
     return flashinfer
 
 
+def group_sizes_of(version: str) -> tuple[int, ...]:
+    """Query heads per kv head that flashinfer `version`'s decode kernels dispatch (DISPATCH_GQA_GROUP_SIZE in its
+    include/flashinfer/utils.cuh): 6 from 0.6.18 on; before, 6 raises "Unsupported group_size"."""
+    release = tuple(int(n) for n in re.findall(r"\d+", version)[:3])
+    return (1, 2, 3, 4, 6, 8) if release >= (0, 6, 18) else (1, 2, 3, 4, 8)
+
+
+def flashinfer_group_sizes() -> tuple[int, ...]:
+    """Those of the flashinfer that imports (the gpu extra pins 0.6.13: the newest whose flashinfer-cubin and
+    flashinfer-jit-cache the project's index has; a newer install brings GQA 6 onto flashinfer)."""
+    return group_sizes_of(getattr(flashinfer_module(), "__version__", "0"))
+
+
 def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: int, have_flashinfer: bool,
                           group: int = 1) -> str:
     if device.type != "cuda":
         return "cpu"
     if (have_flashinfer and dtype in FLASHINFER_DTYPES and head_dim in FLASHINFER_HEAD_DIMS
-            and group in FLASHINFER_GROUP_SIZES):
+            and group in flashinfer_group_sizes()):
         return "flashinfer"
     return "triton"
 
@@ -87,8 +98,8 @@ def flashinfer_unusable(spec: DecodeAttentionSpec, workspace: torch.Tensor) -> s
     """Why flashinfer cannot serve this decode attention on the workspace's device, or None. Plans and runs one
     row of two pages (the first use compiles or loads its kernel) and compares it with the reference."""
     group = spec.num_heads // spec.num_kv_heads
-    if group not in FLASHINFER_GROUP_SIZES:
-        return f"GQA group size {group} is not one of flashinfer's {FLASHINFER_GROUP_SIZES}"
+    if group not in flashinfer_group_sizes():
+        return f"GQA group size {group} is not one of flashinfer's {flashinfer_group_sizes()}"
     device = workspace.device
     try:
         g = torch.Generator().manual_seed(0)
