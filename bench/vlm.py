@@ -137,8 +137,11 @@ def run(preset: str, dtype: torch.dtype, concurrency: list[int], new_tokens: int
             # Untimed: first runs at a batch size pay one-time costs (oneDNN primitives, allocator growth).
             ours_generation(path, config, dtype, c, 3, seed=0)
             hf_generation(path, model, c, 3, 0, prompt)
-            ours = [ours_generation(path, config, dtype, c, new_tokens, seed=c * 7 + r) for r in range(repeats)]
-            theirs = [hf_generation(path, model, c, new_tokens, c * 7 + r, prompt) for r in range(repeats)]
+            # Alternated, ours then theirs per repeat: on a shared machine a load change between a block of our
+            # runs and a block of theirs would land on one side of the ratio only.
+            pairs = [(ours_generation(path, config, dtype, c, new_tokens, seed=c * 7 + r),
+                      hf_generation(path, model, c, new_tokens, c * 7 + r, prompt)) for r in range(repeats)]
+            ours, theirs = zip(*pairs)
             prompt_tokens = ours[0][2]
             decode_tokens = c * (new_tokens - 1)
             row = {"concurrency": c, "prompt_tokens": prompt_tokens,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.vlm.kv_cache import BlockManager
+from runtime.vlm.block_manager import BlockManager
 from runtime.vlm.scheduler import Scheduler
 from runtime.vlm.sequence import SequenceStatus
 from fixtures.sequences import make_seq
@@ -13,7 +13,8 @@ BS = 4
 
 
 def fake_step(scheduler: Scheduler):
-    """What the engine does around the model: commit written blocks, append one token per sequence."""
+    """One step without a model: what postprocess does after it, reduced to committing written blocks and
+    appending one token per sequence."""
     batch = scheduler.schedule()
     for seq in batch.seqs:
         scheduler.block_manager.commit(seq, len(seq))

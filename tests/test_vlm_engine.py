@@ -189,3 +189,18 @@ def test_bench_runs_at_tiny_size(capsys):
     cold, hit, partial = result["prefix_cache"]
     assert cold["cached_tokens"] == 0 < partial["cached_tokens"] < hit["cached_tokens"] < hit["prompt_tokens"]
     assert "served from the cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_the_unfused_formula(dtype):
+    # The text model's RMSNorm normalizes with one fused kernel (the engine's prefill and decode speed); it must
+    # equal the reference's float32 pow/mean/rsqrt chain, cast and weight outside.
+    from runtime.models.qwen3_vl_text import RMSNorm
+
+    norm = RMSNorm(128, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(128).to(dtype)
+    x = torch.randn(96, 4, 128).to(dtype) * 3
+    xf = x.float()
+    unfused = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {}  # bf16: torch's defaults (1 ulp)
+    torch.testing.assert_close(norm(x), unfused, **tolerance)

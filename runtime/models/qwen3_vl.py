@@ -15,8 +15,8 @@ from runtime.config import ConfigReader, read_json
 from runtime.errors import ModelLoadError
 from runtime.models.qwen3_vl_text import AttentionMetadata, TextConfig, TextModel
 from runtime.models.qwen3_vl_vision import VisionConfig, VisionTower
-from runtime.models.quantized_linear import load_quantized_linears
-from runtime.models.quantized_weights import read_quant_format
+from runtime.models.quantized_checkpoint_layers import load_quantized_linears
+from runtime.models.quantized_checkpoint_formats import read_quant_format
 from runtime.models.weights import check_all_used, load_into, read_safetensors
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.kv_int8 import Int8Pages, int8_attention
@@ -107,8 +108,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # One fused kernel for the normalization in float32 (~5x faster on CPU than pow/mean/rsqrt/mul, and
+        # equal to them); the cast and the weight stay outside, as in the reference.
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * xf.to(x.dtype)
 
 
@@ -221,5 +223,7 @@ class TextModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, meta, kv_cache[0, i], kv_cache[1, i])
             if i < len(deepstack):
-                x = x.index_add(0, visual_rows, deepstack[i].to(x.dtype))
+                # In place on the layer's fresh output; rows are unique, so this equals index_add, which runs
+                # serially on CPU (~7x slower at 32 images).
+                x[visual_rows] += deepstack[i].to(x.dtype)
         return self.norm(x)

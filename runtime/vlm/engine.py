@@ -22,8 +22,9 @@ import torch
 from kernels.vlm_preprocess import VisionPreprocessSpec, vision_input
 from runtime.config import read_json
 from runtime.errors import InputError, ModelLoadError
+from runtime.options import KV_CACHE_DTYPES
 from runtime.models.preprocessor import read_vision_preprocess
-from runtime.vlm.kv_cache import BlockManager, KVCacheSpec
+from runtime.vlm.block_manager import BlockManager, KVCacheSpec
 from runtime.models.qwen3_vl import Qwen3VL, load_qwen3_vl, mrope_positions
 from runtime.vlm.scheduler import Scheduler
 from runtime.vlm.sequence import ImageInput, SamplingParams, Sequence, image_digest, image_key
@@ -34,9 +35,6 @@ log = logging.getLogger(__name__)
 
 Image = np.ndarray | torch.Tensor  # (H, W, 3) uint8 RGB
 Prompt = str | list[dict] | list[int]
-
-
-KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -127,12 +125,11 @@ class VLMEngine:
         kv_cache = spec.allocate(config.kv_cache_bytes, config.max_model_len, self.device)
         self.block_manager = BlockManager(kv_cache.shape[2], config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len)
+                                   config.max_model_len, torch.Generator(self.device).manual_seed(config.seed))
         decode_graphs = self.device.type == "cuda" if config.decode_graphs is None else config.decode_graphs
         self.runner = ModelRunner(model, kv_cache, config.block_size, config.vision_cache_entries,
                                   max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
                                   decode_graphs=decode_graphs)
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.score_token_ids: tuple[int, int] | None = None
         if tokenizer is not None:
             self.score_token_ids = (tokenizer.single_token_id(config.yes_token),
@@ -141,8 +138,6 @@ class VLMEngine:
         self._callbacks: dict[int, Callable[[RequestOutput], None]] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._next_id = 0
-        self.num_prefill_tokens = 0  # tokens computed by prefills (recomputed ones after preemption included)
-        self.num_cached_prefill_tokens = 0  # tokens prefills took from the prefix cache instead
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -249,52 +244,9 @@ class VLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        for seq in batch.prefill:
-            self.num_prefill_tokens += len(seq) - seq.num_cached_tokens
-            self.num_cached_prefill_tokens += seq.num_cached_tokens
         logits = self.runner.run(batch)
-        next_tokens = self._sample(logits, batch.seqs)
-        p_yes = self._score(logits, batch.seqs)
-        outputs = []
-        for row, seq in enumerate(batch.seqs):
-            self.block_manager.commit(seq, len(seq))
-            new: list[int] = []
-            if seq.score_token_ids is not None:
-                seq.p_yes = p_yes[row]
-                self.scheduler.finish(seq, "scored")
-            elif seq.sampling.max_new_tokens == 0:
-                self.scheduler.finish(seq, "length")
-            else:
-                token = next_tokens[row]
-                seq.token_ids.append(token)
-                new.append(token)
-                if token in seq.stop_token_ids and not seq.sampling.ignore_eos:
-                    self.scheduler.finish(seq, "stop")
-                elif (seq.num_generated_tokens >= seq.sampling.max_new_tokens
-                      or len(seq) >= self.config.max_model_len):
-                    self.scheduler.finish(seq, "length")
-            outputs.append(self._emit(seq, new))
-        return outputs
-
-    @staticmethod
-    def _score(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, float]:
-        """P(yes) over {yes, no} by row, for the scoring rows: one device-to-host read for all of them."""
-        rows = [row for row, seq in enumerate(seqs) if seq.score_token_ids is not None]
-        if not rows:
-            return {}
-        pairs = torch.tensor([seqs[row].score_token_ids for row in rows], dtype=torch.int64)  # (n, 2): yes, no
-        picked = logits[torch.tensor(rows)[:, None].to(logits.device), pairs.to(logits.device)]
-        return dict(zip(rows, torch.softmax(picked, dim=1)[:, 0].tolist()))
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        greedy = logits.argmax(dim=-1)
-        temps = [s.sampling.temperature for s in seqs]
-        if not any(temps):
-            return greedy.tolist()
-        t = torch.tensor([max(x, 1e-6) for x in temps], device=logits.device)[:, None]
-        sampled = torch.multinomial(torch.softmax(logits / t, dim=-1), 1, generator=self.generator)[:, 0]
-        use_greedy = torch.tensor([x == 0 for x in temps], device=logits.device)
-        return torch.where(use_greedy, greedy, sampled).tolist()
+        new_tokens = self.scheduler.postprocess(batch.seqs, logits)
+        return [self._emit(seq, new) for seq, new in zip(batch.seqs, new_tokens)]
 
     def _emit(self, seq: Sequence, new: list[int]) -> RequestOutput:
         finished = seq.finish_reason is not None
@@ -374,6 +326,7 @@ class VLMEngine:
             "num_blocks": len(bm.blocks), "free_blocks": bm.num_free_blocks, "cached_blocks": len(bm.cached),
             "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
             "preemptions": self.scheduler.num_preemptions,
-            "prefill_tokens": self.num_prefill_tokens, "cached_prefill_tokens": self.num_cached_prefill_tokens,
+            "prefill_tokens": self.scheduler.num_prefill_tokens,
+            "cached_prefill_tokens": self.scheduler.num_cached_prefill_tokens,
             "vision_cache_hits": self.runner.vision_cache.hits, "vision_cache_misses": self.runner.vision_cache.misses,
         }

@@ -9,6 +9,9 @@ prefills of waiting ones, so requests join and leave between steps.
     front of the queue, to be prefilled again with its generated tokens;
   * no admissions in a step that preempted, so a victim is not re-admitted only to be preempted again;
   * a prefill costs its uncached tokens against max_num_batched_tokens; prefills are never split.
+
+After the model ran a batch, postprocess() samples each generating sequence's next token, reads P(yes) of each
+scoring one, and finishes those that are done (scored, a stop token, max_new_tokens or max_model_len).
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.vlm.kv_cache import BlockManager
+import torch
+
+from runtime.vlm.block_manager import BlockManager
 from runtime.vlm.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -38,7 +43,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, generator: torch.Generator | None = None):
         if max_num_batched_tokens < max_model_len:
             raise ValueError(f"max_num_batched_tokens {max_num_batched_tokens} must be >= max_model_len "
                              f"{max_model_len}: prefills are not split, so one full prompt must fit a step")
@@ -51,6 +56,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
+        self.num_prefill_tokens = 0  # tokens computed by prefills (recomputed ones after preemption included)
+        self.num_cached_prefill_tokens = 0  # tokens prefills took from the prefix cache instead
+        self.generator = generator  # for temperature sampling; None: torch's default
 
     def add(self, seq: Sequence) -> None:
         if len(seq) > self.max_model_len:
@@ -94,6 +102,8 @@ class Scheduler:
             if cost > budget or not bm.can_allocate(seq, matched):
                 break
             bm.allocate(seq, matched)
+            self.num_prefill_tokens += len(seq) - seq.num_cached_tokens
+            self.num_cached_prefill_tokens += seq.num_cached_tokens
             if seq.first_cached_tokens is None:
                 seq.first_cached_tokens = seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
@@ -102,6 +112,32 @@ class Scheduler:
             budget -= cost
         self.running = batch.decode + batch.prefill
         return batch
+
+    def postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[list[int]]:
+        """After the model ran `seqs` (logits row i is seqs[i]'s last token): register their written blocks, then
+        score, extend or finish each one; returns the tokens each sequence gained."""
+        next_tokens = sample(logits, seqs, self.generator)
+        p_yes = yes_probabilities(logits, seqs)
+        new_tokens: list[list[int]] = []
+        for row, seq in enumerate(seqs):
+            self.block_manager.commit(seq, len(seq))
+            if seq.score_token_ids is not None:
+                seq.p_yes = p_yes[row]
+                self.finish(seq, "scored")
+                new_tokens.append([])
+                continue
+            if seq.sampling.max_new_tokens == 0:
+                self.finish(seq, "length")
+                new_tokens.append([])
+                continue
+            token = next_tokens[row]
+            seq.token_ids.append(token)
+            new_tokens.append([token])
+            if token in seq.stop_token_ids and not seq.sampling.ignore_eos:
+                self.finish(seq, "stop")
+            elif seq.num_generated_tokens >= seq.sampling.max_new_tokens or len(seq) >= self.max_model_len:
+                self.finish(seq, "length")
+        return new_tokens
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End seq now and release its blocks (they stay in the prefix cache until reused)."""
@@ -120,3 +156,25 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+
+def yes_probabilities(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, float]:
+    """P(yes) over {yes, no} by row, for the scoring rows: one device-to-host read for all of them."""
+    rows = [row for row, seq in enumerate(seqs) if seq.score_token_ids is not None]
+    if not rows:
+        return {}
+    pairs = torch.tensor([seqs[row].score_token_ids for row in rows], dtype=torch.int64)  # (n, 2): yes, no
+    picked = logits[torch.tensor(rows)[:, None].to(logits.device), pairs.to(logits.device)]
+    return dict(zip(rows, torch.softmax(picked, dim=1)[:, 0].tolist()))
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> list[int]:
+    """The next token of every row: greedy where the sequence's temperature is 0, else sampled."""
+    greedy = logits.argmax(dim=-1)
+    temps = [s.sampling.temperature for s in seqs]
+    if not any(temps):
+        return greedy.tolist()
+    t = torch.tensor([max(x, 1e-6) for x in temps], device=logits.device)[:, None]
+    sampled = torch.multinomial(torch.softmax(logits / t, dim=-1), 1, generator=generator)[:, 0]
+    use_greedy = torch.tensor([x == 0 for x in temps], device=logits.device)
+    return torch.where(use_greedy, greedy, sampled).tolist()
