@@ -46,6 +46,7 @@ setup(
         "transformers": ["transformers==5.23.0"],
         # Detector members with format = "onnx" (YOLO exports; runtime/models/onnx_detector.py); python -m tools.export.
         "onnx": ["onnxruntime>=1.18", "onnx>=1.16"],
+        "tensorrt": ["tensorrt-cu12>=10.0,<11"],  # backend = "tensorrt"; 10.x: 11.x dropped the fp16 builder flag
         # tritonclient: NVIDIA's client against our KServe v2 routes; pycocotools loads the hard cases' COCO files.
         # triton: the tests run every kernel under TRITON_INTERPRET=1 against its reference.
         "test": ["triton>=3.2", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "transformers==5.23.0",

@@ -7,7 +7,9 @@ DTYPE_MODES = ("auto", *DTYPES)
 INT8_BACKENDS = ("int8", "int8-fbgemm", "int8-onednn")
 QUANTIZE_MODES = ("auto", "none", *INT8_BACKENDS)
 KV_CACHE_DTYPES = ("auto", "int8")  # "auto": the VLM's run dtype
-BACKENDS = ("torch", "onnxruntime")  # what runs the classifier: our modules, or the tools.export graph on ONNX Runtime
+# What runs the classifier: our modules, or the tools.export graph on ONNX Runtime or as a TensorRT engine (CUDA).
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")  # run the graph in the classifier's `onnx` key
 BACKEND_MODES = ("auto", *BACKENDS)  # --backend; "auto": each classifier's cascade.toml `backend` (torch where unset)
 
 REQUEST_DEADLINE_S = 9.0  # the validators' timeout: a request's deadline, and the VLM's scoring wait without one

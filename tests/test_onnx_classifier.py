@@ -84,8 +84,8 @@ def test_backend_flag_overrides_cascade_toml(models, tmp_path):
     assert backend(Engine.load(on_ort, "cpu", "float32", MAX_BATCH, backend="torch")) == "torch"
     settings = EngineSettings(on_torch, "cpu", "float32", "none", MAX_BATCH, "off", "onnxruntime")
     assert backend(settings.load()) == "onnxruntime"
-    with pytest.raises(ValueError, match="--backend must be one of auto, torch, onnxruntime, got 'tensorrt'"):
-        EngineSettings(backend="tensorrt")
+    with pytest.raises(ValueError, match="--backend must be one of auto, torch, onnxruntime, tensorrt, got 'openvino'"):
+        EngineSettings(backend="openvino")
 
 
 def test_the_bundle_digest_covers_the_onnx_graph_and_tune_keeps_its_keys(models, tmp_path):
@@ -143,7 +143,7 @@ def test_cuda_providers_and_the_fallback_to_the_cpu_provider(models, caplog):
 
 
 @pytest.mark.parametrize("keys, message", [
-    ('backend = "tensorrt"\n', "backend='tensorrt' is not supported (supported: torch, onnxruntime)"),
+    ('backend = "openvino"\n', "backend='openvino' is not supported (supported: torch, onnxruntime, tensorrt)"),
     ('backend = "onnxruntime"\n', "backend 'onnxruntime' needs key 'onnx'"),
     ('onnx = "nowhere.onnx"\n', "key 'onnx' must be an .onnx file; 'nowhere.onnx'"),
     ("onnx = 3\n", "key 'onnx' must be str, got 3"),

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 STEPS = [step.name for step in selftest.STEPS]
 # Steps that cannot run on the CPU, and the start of the reason they give.
 CPU_SKIPS = {"graph_lifetime": "needs CUDA graphs", "flashinfer": "needs CUDA", "cascade_split": "needs two CUDA",
-             "fp8_linear": "FP8 GEMMs need CUDA sm90+"}
+             "fp8_linear": "FP8 GEMMs need CUDA sm90+", "tensorrt": "needs a CUDA device"}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -19,6 +19,7 @@ with its own timeout, so a hang, a segfault or a sticky CUDA error fails that st
   cascade_split   the cascade with its later stages on a second GPU against one GPU (when two are present)
   vision          classifier img/s per batch bucket (DINOv3 ViT-S/16 and ViT-B/16 shapes, random weights)
   vlm             VLM prefill and decode tok/s (Qwen3-VL-2B head shapes, fewer layers, random weights)
+  tensorrt        a tiny classifier's fp16 TensorRT engine against its fp32 modules, then read from the engine cache
 
 DIR/report.json holds every step (status pass/fail/skip, or "running" while it runs; seconds, details, error) and is
 rewritten before and after each step, as is DIR/summary.txt; DIR/logs/NAME.log is each step's output. Exit status 1
@@ -65,7 +66,7 @@ STEPS: list[Step] = [
     Step("graph_lifetime", steps.step_graph_lifetime, 60), Step("flashinfer", steps.step_flashinfer, 120),
     Step("decode_graphs", steps.step_decode_graphs, 120), Step("cascade", steps.step_cascade, 180),
     Step("cascade_split", steps.step_cascade_split, 180), Step("vision", steps.step_vision, 120),
-    Step("vlm", steps.step_vlm, 120),
+    Step("vlm", steps.step_vlm, 120), Step("tensorrt", steps.step_tensorrt, 240),
 ]
 FAULTS = ("raise", "hang", "abort")
 FAULT_STEP = "fault"  # only with --fault, right after environment
@@ -204,7 +205,7 @@ def summary(results: list[StepResult], mode: str) -> str:
         line = f"{r.status.upper():7} {r.name:14} {r.seconds:7.1f} s"
         if r.error:
             line += "  " + r.error.splitlines()[0]
-        elif r.name in ("vision", "vlm", "flashinfer", "int8", "fp8_linear", "decode_graphs"):
+        elif r.name in ("vision", "vlm", "flashinfer", "int8", "fp8_linear", "decode_graphs", "tensorrt"):
             line += "  " + json.dumps({k: v for k, v in r.details.items() if k != "log"})[:300]
         lines.append(line)
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -367,6 +368,54 @@ def step_vision(ctx: Context, details: dict) -> None:
         details[preset] = {"img_s_by_bucket": rates, "dtype": str(ctx.dtype).removeprefix("torch.")}
         runner.close()
         del runner, model
+
+
+TENSORRT_BATCHES = (1, 3, 8)
+TENSORRT_TOLERANCE = 2e-2  # fp16 engine against the fp32 modules, of the logits' scale and on P(roadwork)
+
+
+def step_tensorrt(ctx: Context, details: dict) -> None:
+    """The tiny classifier exported to ONNX, built as an fp16 TensorRT engine into a fresh cache, against our fp32
+    modules at batch 1, 3 and 8; a second load reads the engine from the cache."""
+    from runtime.models.classifier import load_classifier
+    from runtime.models.preprocessor import read_preprocess
+    from runtime.models.tensorrt_classifier import TensorRTClassifier, missing_for_tensorrt
+
+    missing = missing_for_tensorrt(ctx.device)
+    if missing:
+        raise Skip(f"needs {' and '.join(missing)}")
+    for name in ("onnx", "onnxruntime"):  # tools.export writes and checks the graph with them
+        if importlib.util.find_spec(name) is None:
+            raise Skip(f"{name} does not import (python -m tools.export needs the onnx extra)")
+    from tools import export as export_tool
+
+    model_dir = write_classifier(ctx.tmp / f"tensorrt-classifier.{os.getpid()}", "tiny")
+    export_tool.export(model_dir, ctx.tmp / "tensorrt-onnx")
+    graph, preprocess = ctx.tmp / "tensorrt-onnx" / "classifier.onnx", read_preprocess(model_dir)
+    cache_dir = ctx.tmp / "tensorrt-cache"
+    reference = load_classifier(model_dir, torch.float32, ctx.device)
+    start = time.perf_counter()
+    engine = TensorRTClassifier.load(graph, model_dir, preprocess, ctx.device, max(TENSORRT_BATCHES), torch.float16,
+                                     cache_dir)
+    details.update(tensorrt=importlib.import_module("tensorrt").__version__, precision=engine.precision,
+                   build_s=round(time.perf_counter() - start, 2))
+    check(not engine.cached, "a fresh cache directory held an engine")
+    g = torch.Generator().manual_seed(0)
+    for b in TENSORRT_BATCHES:
+        x = torch.randn(b, 3, preprocess.height, preprocess.width, generator=g).to(ctx.device)
+        with torch.inference_mode():
+            want_p, want_logits = reference(x)
+        got_p, got_logits = engine(x)
+        ctx.sync()
+        errors = {"p": max_error(got_p, want_p), "logits": relative_error(got_logits, want_logits)}
+        details[f"batch_{b}"] = {k: round(v, 5) for k, v in errors.items()}
+        check(max(errors.values()) <= TENSORRT_TOLERANCE, f"batch {b}: the engine is {errors} off the fp32 modules "
+                                                          f"(bound {TENSORRT_TOLERANCE})")
+    start = time.perf_counter()
+    again = TensorRTClassifier.load(graph, model_dir, preprocess, ctx.device, max(TENSORRT_BATCHES), torch.float16,
+                                    cache_dir)
+    details["cached_load_s"] = round(time.perf_counter() - start, 2)
+    check(again.cached, f"the second load built again instead of reading {again.engine_path}")
 
 
 def step_vlm(ctx: Context, details: dict) -> None:

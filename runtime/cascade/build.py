@@ -4,7 +4,7 @@ exact, quantize, then construct the stages in order (every stage is fully built 
 Backbone sharing: a detector reads the classifier's backbone when both are DINOv3 with equal configs, their
 loaded backbone tensors hash equal, both preprocess images identically (so the input sizes agree: DEIMv2's
 adapter also reads the pixels) and both run on one device. The detector then holds no backbone of its own.
-A classifier on onnxruntime has no backbone to share: every detector loads its own."""
+A classifier on onnxruntime or TensorRT has no backbone to share: every detector loads its own."""
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +28,7 @@ from runtime.models.dinov3 import DINOv3ViT
 from runtime.models.preprocessor import read_preprocess
 from runtime.models.int8_dynamic import quantize_int8
 from runtime.models.onnx_classifier import OnnxClassifier
+from runtime.models.tensorrt_classifier import TensorRTClassifier
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,14 @@ def backbone_digest(backbone: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def share_backbone(detector: LoadedDetector, classifier: Classifier | OnnxClassifier, classifier_pre: PreprocessSpec,
-                   classifier_digest: str | None, same_device: bool, classifier_quantize: str) -> str | None:
+def share_backbone(detector: LoadedDetector, classifier: Classifier | OnnxClassifier | TensorRTClassifier,
+                   classifier_pre: PreprocessSpec, classifier_digest: str | None, same_device: bool,
+                   classifier_quantize: str) -> str | None:
     """Point the detector at the classifier's backbone when that is exact; returns why not, or None."""
     if detector.family != "deimv2":
         return "only DEIMv2 reads a DINOv3 classifier's backbone"
-    if isinstance(classifier, OnnxClassifier):
-        return "the classifier runs on onnxruntime"
+    if not isinstance(classifier, Classifier):
+        return f"the classifier runs on {classifier.backend}"
     own = detector.model.model.conv_encoder.backbone
     if not isinstance(classifier.backbone, DINOv3ViT):
         return "the classifier is not a DINOv3 model"
@@ -70,12 +72,14 @@ def share_backbone(detector: LoadedDetector, classifier: Classifier | OnnxClassi
 
 
 def load_first_classifier(spec: ClassifierStageSpec, preprocess: PreprocessSpec, dtype: torch.dtype,
-                          device: torch.device, max_batch: int) -> Classifier | OnnxClassifier:
+                          device: torch.device, max_batch: int) -> Classifier | OnnxClassifier | TensorRTClassifier:
     if spec.backend == "torch":
         return load_classifier(spec.model, dtype, device)
     if spec.quantize != "none":  # set by --quantize or `auto`: bundle.py refuses it in the classifier's own table
-        log.info("classifier '%s' runs on onnxruntime: the exported fp32 graph, not quantize %r", spec.name,
+        log.info("classifier '%s' runs on %s: the exported graph, not quantize %r", spec.name, spec.backend,
                  spec.quantize)
+    if spec.backend == "tensorrt":  # an fp16 engine; fp32 at run dtype float32
+        return TensorRTClassifier.load(spec.onnx, spec.model, preprocess, device, max_batch, dtype)
     return OnnxClassifier.load(spec.onnx, spec.model, preprocess, device, max_batch)
 
 

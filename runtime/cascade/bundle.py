@@ -12,10 +12,11 @@ from typing import Callable, ClassVar, Union
 
 from runtime.config import REQUIRED, ConfigReader
 from runtime.errors import ModelLoadError
-from runtime.options import BACKENDS, DTYPE_MODES, KV_CACHE_DTYPES, QUANTIZE_MODES
+from runtime.options import BACKENDS, DTYPE_MODES, EXPORTED_BACKENDS, KV_CACHE_DTYPES, QUANTIZE_MODES
 
 BUNDLE_FILE = "cascade.toml"
 DETECTOR_FORMATS = ("safetensors", "onnx", "transformers")
+EXPORTED_PRECISION = {"onnxruntime": "fp32 graph", "tensorrt": "graph as a TensorRT engine"}  # neither takes int8
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ClassifierStageSpec:
     quantize: str | None = None  # a QUANTIZE_MODES name; None: unset (the engine's setting). Resolved
     # (runtime/cascade/precision.py): "none" or an int8 backend, whose kernel computes the encoder's Linear layers
     backend: str = "torch"  # BACKENDS: our modules, or `onnx` on ONNX Runtime (runtime/models/onnx_classifier.py)
+    # or as a TensorRT engine (runtime/models/tensorrt_classifier.py)
     onnx: Path | None = None  # the classifier.onnx python -m tools.export wrote (its export.json beside it)
 
     def model_dirs(self) -> list[Path]:
@@ -189,11 +191,11 @@ def parse_classifier_stage(root: Path, table: ConfigReader, has_next: bool) -> C
     quantize = quantize_of(table)
     backend = table.choice("backend", "torch", BACKENDS)
     onnx = classifier_onnx(root, table)
-    if backend == "onnxruntime" and onnx is None:
-        table.fail("backend 'onnxruntime' needs key 'onnx': the classifier.onnx python -m tools.export wrote")
-    if backend == "onnxruntime" and quantize not in (None, "none"):
-        table.fail(f"key 'quantize' ({quantize!r}) is for backend 'torch': backend 'onnxruntime' runs the "
-                   f"exported fp32 graph")
+    if backend in EXPORTED_BACKENDS and onnx is None:
+        table.fail(f"backend '{backend}' needs key 'onnx': the classifier.onnx python -m tools.export wrote")
+    if backend in EXPORTED_BACKENDS and quantize not in (None, "none"):
+        table.fail(f"key 'quantize' ({quantize!r}) is for backend 'torch': backend '{backend}' runs the "
+                   f"exported {EXPORTED_PRECISION[backend]}")
     return ClassifierStageSpec(name, model, device, below, above, quantize, backend, onnx)
 
 
@@ -212,17 +214,17 @@ def with_backend(bundle: Bundle, backend: str) -> Bundle:
     if backend not in BACKENDS:
         raise ModelLoadError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     first = bundle.stages[0]
-    if backend == "onnxruntime":
+    if backend in EXPORTED_BACKENDS:
         if not bundle.from_toml:
-            raise ModelLoadError(f"{bundle.root}: --backend onnxruntime needs a bundle (cascade.toml) whose "
+            raise ModelLoadError(f"{bundle.root}: --backend {backend} needs a bundle (cascade.toml) whose "
                                  f"classifier stage names its exported graph in key 'onnx'")
         where = bundle.where(0)
         if first.onnx is None:
-            raise ModelLoadError(f"{where}: --backend onnxruntime needs key 'onnx' (the classifier.onnx python -m "
+            raise ModelLoadError(f"{where}: --backend {backend} needs key 'onnx' (the classifier.onnx python -m "
                                  f"tools.export wrote)")
         if first.quantize not in (None, "none"):
             raise ModelLoadError(f"{where}: key 'quantize' ({first.quantize!r}) is for backend 'torch': "
-                                 f"--backend onnxruntime runs the exported fp32 graph")
+                                 f"--backend {backend} runs the exported {EXPORTED_PRECISION[backend]}")
     return replace(bundle, stages=(replace(first, backend=backend), *bundle.stages[1:]))
 
 

@@ -14,6 +14,7 @@ from runtime.cascade.results import StageAnswer
 from runtime.cascade.stage import ChunkImages, GraphPools, warm_segment
 from runtime.models.classifier import Classifier
 from runtime.models.onnx_classifier import OnnxClassifier
+from runtime.models.tensorrt_classifier import TensorRTClassifier
 from runtime.transfer import to_device
 
 
@@ -28,20 +29,21 @@ class ClassifierStage:
     """Segment 1: backbone -> head -> P(roadwork) -> route kernel (exit mask, index list, count) on the device.
     The raw backbone layers that sharing detectors need are kept in static max-batch buffers.
     On backend "onnxruntime" the model is an OnnxClassifier: the exported fp32 graph on fp32 pixels, run eagerly
-    (ONNX Runtime runs it through host memory, so no CUDA graph is captured), and no detector reads its backbone."""
+    (ONNX Runtime runs it through host memory, so no CUDA graph is captured), and no detector reads its backbone.
+    On "tensorrt" a TensorRTClassifier: the graph as a TensorRT engine on fp32 pixels, likewise eager, unshared."""
     breaker = None
     time_budget_s = None
 
-    def __init__(self, spec: ClassifierStageSpec, model: Classifier | OnnxClassifier, preprocess: PreprocessSpec,
-                 device: torch.device, dtype: torch.dtype, max_batch: int, routes: bool,
+    def __init__(self, spec: ClassifierStageSpec, model: Classifier | OnnxClassifier | TensorRTClassifier,
+                 preprocess: PreprocessSpec, device: torch.device, dtype: torch.dtype, max_batch: int, routes: bool,
                  keep_layers: tuple[int, ...] = ()):
         self.spec, self.name, self.model, self.preprocess = spec, spec.name, model, preprocess
         self.device, self.routes, self.keep_layers = device, routes, keep_layers
-        self.on_onnxruntime = spec.backend == "onnxruntime"
-        assert not (self.on_onnxruntime and keep_layers), "no detector shares an onnxruntime classifier's backbone"
+        self.exported = spec.backend != "torch"  # the tools.export graph: fp32 pixels in, P(roadwork) out
+        assert not (self.exported and keep_layers), f"no detector shares a {spec.backend} classifier's backbone"
         self.runner = GraphRunner(weak_method(self.segment), (3, preprocess.height, preprocess.width),
-                                  torch.float32 if self.on_onnxruntime else dtype, device, default_buckets(max_batch),
-                                  use_cuda_graphs=False if self.on_onnxruntime else None)
+                                  torch.float32 if self.exported else dtype, device, default_buckets(max_batch),
+                                  use_cuda_graphs=False if self.exported else None)
         self.prob = torch.zeros(max_batch, dtype=torch.float32, device=device)
         self.hidden = []
         if keep_layers:
@@ -57,7 +59,7 @@ class ClassifierStage:
 
     def segment(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b = x.shape[0]
-        if self.on_onnxruntime:
+        if self.exported:
             self.prob[:b].copy_(self.model(x)[0])
         else:
             seq, hidden = self.model.backbone(x, hidden_layers=self.keep_layers)
@@ -104,9 +106,13 @@ class ClassifierStage:
                "roadwork_label": labels.names[labels.roadwork_index], "device": str(self.device),
                "input_size": [self.preprocess.height, self.preprocess.width], "quantize": spec.quantize,
                "backend": spec.backend}
-        if self.on_onnxruntime:
+        if spec.backend == "onnxruntime":
             out.update(quantize="none", onnx=str(spec.onnx), providers=self.model.providers,
                        cuda_graphs="no: ONNX Runtime runs the graph through host memory")
+        elif spec.backend == "tensorrt":
+            out.update(quantize="none", onnx=str(spec.onnx), precision=self.model.precision,
+                       engine=str(self.model.engine_path), engine_cached=self.model.cached,
+                       cuda_graphs="no: the engine is enqueued eagerly on the current stream")
         if self.routes:
             out.update(exit_below=spec.exit_below, exit_above=spec.exit_above)
         return out

@@ -89,9 +89,10 @@ ENGINE_HELP = {
                        "the library versions and the settings: a start that finds its key runs the same "
                        "precision without measuring; 'off' measures every start; 'default' is "
                        "$XDG_CACHE_HOME/roadwork-cascade/precision.json, else ~/.cache/... (default %(default)s)",
-    "backend": "auto, torch or onnxruntime: what runs the classifier, over cascade.toml's 'backend' (default "
-               "%(default)s); onnxruntime runs the graph python -m tools.export wrote, named by the classifier's "
-               "'onnx' key (the onnx extra); auto: cascade.toml's, torch where unset",
+    "backend": "auto, torch, onnxruntime or tensorrt: what runs the classifier, over cascade.toml's 'backend' "
+               "(default %(default)s); onnxruntime runs the graph python -m tools.export wrote, named by the "
+               "classifier's 'onnx' key (the onnx extra), tensorrt builds it into a cached TensorRT engine (CUDA, "
+               "the tensorrt extra); auto: cascade.toml's, torch where unset",
     "max_batch": f"largest batch per model call (default {MAX_BATCH['cpu']} on cpu, {MAX_BATCH['cuda']} on "
                  f"cuda)%(default).0s",
 }
