@@ -9,7 +9,7 @@ assumed from CPU flags; each candidate is measured:
    PROBE_SLOWER x slower than fp32 there without running them at full size (bf16 without native support would
    take seconds per call). The rest run in interleaved rounds for about SPEED_BUDGET_S; each keeps its best round
    (the least disturbed by other processes). A candidate over DROP_SLOWER x slower than fp32 in its first
-   full-size call, or in a round, runs no more.
+   timed full-size call (after one untimed call that creates its kernels), or in a round, runs no more.
 2. accuracy: from the fastest down, only candidates faster than fp32 by MIN_SPEEDUP: the first stage's model,
    loaded once in fp32 and cast and quantized in memory as a load in the candidate's precision would be, scores
    a fixed calibration set (CALIBRATION_IMAGES synthetic street images, seeded) in CALIBRATION_CHUNKS; it passes
@@ -62,7 +62,8 @@ MAX_ROUNDS = 20
 SPEED_BUDGET_S = 0.2
 STARTUP_BUDGET_S = 10.0  # a longer first measurement is logged as a warning
 # Changes whenever the rules above do, so a cached choice is one these rules would make.
-MEASUREMENT = f"drift<={CHOOSE_DRIFT} on {CALIBRATION_IMAGES} images, speedup>={MIN_SPEEDUP} at <={MAX_ROWS} rows"
+MEASUREMENT = (f"drift<={CHOOSE_DRIFT} on {CALIBRATION_IMAGES} images, speedup>={MIN_SPEEDUP} at <={MAX_ROWS} rows, "
+               "kernels created untimed")
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,12 @@ def measure_speed(candidates: Sequence[Candidate], linears: Sequence[tuple[nn.Li
         gemms.run(probe_rows)  # first call: kernel selection, primitive creation
         probe[c] = min(gemms.run(probe_rows), gemms.run(probe_rows))
     sets = {c: g for c, g in sets.items() if c == FP32 or probe[c] <= PROBE_SLOWER * probe[FP32]}
+    for gemms in sets.values():
+        # The first call at a new size creates its kernels (oneDNN JIT-compiles bf16/AMX ones: hundreds of ms,
+        # measured on a Xeon with AMX), which must not drop a candidate that is faster once they exist.
+        gemms.run(rows)
     best: dict[Candidate, float | None] = {c: None for c in candidates}
-    best.update({c: gemms.run(rows) for c, gemms in sets.items()})  # the first call at full size, replaced below
+    best.update({c: gemms.run(rows) for c, gemms in sets.items()})  # the first timed call, replaced below
     start = time.perf_counter()
     for round_ in range(MAX_ROUNDS):
         # a candidate this much slower than fp32 cannot be chosen: the rounds go to the rest
