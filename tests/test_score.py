@@ -56,6 +56,34 @@ def test_scores_every_kind_of_input_and_reports_bad_files(engine, tmp_path):
     assert summary["scored"] == 8 and summary["errors"] == 2 and summary["labels"] and summary["images_per_s"] > 0
 
 
+def test_file_lists_name_the_images_to_score(engine, tmp_path):
+    """A .txt of paths (relative to the list, comments skipped) and a .parquet with a `path` column score what
+    they name, in their order, as naming the files does; a listed file that is not there is an error row."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    make_inputs(tmp_path)
+    named = [tmp_path / "dir" / "a" / "1.jpg", tmp_path / "loose" / "x4.jpg", tmp_path / "dir" / "b" / "3.png"]
+    (tmp_path / "list.txt").write_text("# the validators' picks\ndir/a/1.jpg\n\n" + f"{named[1]}\ndir/b/3.png\n"
+                                       "gone.jpg\n")
+    pq.write_table(pa.table({"path": ["dir/a/1.jpg", str(named[1]), "dir/b/3.png", "gone.jpg"]}),
+                   tmp_path / "list.parquet")
+    by_name = rows_of_run(engine, [str(p) for p in named], tmp_path / "named.jsonl")
+    for listing in ("list.txt", "list.parquet"):
+        rows = rows_of_run(engine, [str(tmp_path / listing)], tmp_path / f"{listing}.jsonl")
+        assert [r["id"] for r in rows] == [str(p) for p in named] + [str(tmp_path / "gone.jpg")]
+        assert [r["prediction"] for r in rows[:3]] == [r["prediction"] for r in by_name]
+        assert rows[3]["error"] is not None and rows[3]["prediction"] is None
+    pq.write_table(pa.table({"file": ["dir/a/1.jpg"]}), tmp_path / "columns.parquet")
+    [row] = rows_of_run(engine, [str(tmp_path / "columns.parquet")], tmp_path / "columns.jsonl")
+    assert "unreadable file list: no 'path' column (columns: file)" in row["error"]
+
+
+def rows_of_run(engine, inputs: list[str], out) -> list[dict]:
+    tool.score(engine, inputs, out, decode_threads=2, progress=False)
+    return rows_of(out)
+
+
 def test_resume_after_an_interruption_scores_nothing_twice(engine, tmp_path, monkeypatch):
     make_inputs(tmp_path)
     out = tmp_path / "out.jsonl"

@@ -23,6 +23,7 @@ from runtime.image_decode import ImageDecodeError, decode_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+LIST_SUFFIXES = (".txt", ".parquet")  # file lists: a path per line; a table with a `path` column
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 COLUMNS = ("id", "prediction", "label", "stage", "degraded", "error", "scores")
 DETAIL_COLUMNS = ("detector_scores", "boxes", "tokens")
@@ -50,14 +51,37 @@ def tar_items(path: Path) -> list[Item]:
                 if m.isfile() and is_image_name(m.name)]
 
 
+def listed_paths(path: Path) -> list[Path]:
+    """The images a file list names: a .txt of one path per line (blank lines and '#' comments skipped), or a
+    .parquet table's `path` column; relative paths are relative to the list's folder."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"a parquet input needs pyarrow: {PARQUET_EXTRA}") from None
+        table = pq.read_table(path)
+        if "path" not in table.column_names:
+            raise ValueError(f"no 'path' column (columns: {', '.join(table.column_names)})")
+        names = [str(v) for v in table.column("path").to_pylist() if v is not None]
+    else:
+        lines = (line.strip() for line in path.read_text().splitlines())
+        names = [line for line in lines if line and not line.startswith("#")]
+    return [p if p.is_absolute() else path.parent / p for p in map(Path, names)]
+
+
 def collect(inputs: Sequence[str]) -> tuple[list[Item], list[tuple[str, str]]]:
-    """Items to score, in input order (folders and archives sorted inside), each once; and (input, problem) for
-    inputs that name nothing."""
+    """Items to score, in input order (folders and archives sorted inside, file lists in their order), each once;
+    and (input, problem) for inputs that name nothing. A listed file that does not read is an error row."""
     items: list[Item] = []
     problems: list[tuple[str, str]] = []
 
     def add(path: Path) -> None:
-        if path.is_dir():
+        if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            try:
+                items.extend(Item(str(p), p) for p in listed_paths(path))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                problems.append((str(path), f"unreadable file list: {e}"))
+        elif path.is_dir():
             items.extend(Item(str(p), p) for p in sorted(path.rglob("*")) if p.is_file() and is_image_name(p.name))
         elif path.is_file() and is_tar(path):
             try:

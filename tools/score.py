@@ -1,4 +1,5 @@
-"""Score images in bulk: files, folders (recursive), globs and tar archives, into jsonl, csv or parquet.
+"""Score images in bulk: files, folders (recursive), globs, tar archives and file lists (a .txt of one path per
+line, or a .parquet with a `path` column; relative to the list), into jsonl, csv or parquet.
 
     python -m tools.score PATH... --out results.jsonl [--model bundles/default] [--detail] [--explain]
                           [--hardcases DIR [--hardcases-rules FILE]] [--decode-threads 4] [--summary s.json]
@@ -64,7 +65,8 @@ def score(engine: Any, inputs: Sequence[str], out: Path, detail: bool = False, e
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tools.score", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("paths", nargs="+", help="image files, folders (recursive), glob patterns, tar archives")
+    ap.add_argument("paths", nargs="+", help="image files, folders (recursive), glob patterns, tar archives, file lists (.txt: a path per line; "
+                         ".parquet: a 'path' column)")
     ap.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
     add_engine_flags(ap)
     ap.add_argument("--decode-threads", type=int, default=min(4, os.cpu_count() or 1))
