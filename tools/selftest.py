@@ -222,7 +222,7 @@ def write_report(out: Path, mode: str, start: float, budget_s: float, results: l
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.selftest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for report.json, summary.txt and logs/")
     parser.add_argument("--cpu", action="store_true", help="every step's logic on the CPU, small shapes (CI)")
     parser.add_argument("--device", default="cuda:0", help="the GPU to check (default cuda:0)")
