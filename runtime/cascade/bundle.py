@@ -191,12 +191,22 @@ def parse_classifier_stage(root: Path, table: ConfigReader, has_next: bool) -> C
     quantize = quantize_of(table)
     backend = table.choice("backend", "torch", BACKENDS)
     onnx = classifier_onnx(root, table)
-    if backend in EXPORTED_BACKENDS and onnx is None:
-        table.fail(f"backend '{backend}' needs key 'onnx': the classifier.onnx python -m tools.export wrote")
-    if backend in EXPORTED_BACKENDS and quantize not in (None, "none"):
-        table.fail(f"key 'quantize' ({quantize!r}) is for backend 'torch': backend '{backend}' runs the "
-                   f"exported {EXPORTED_PRECISION[backend]}")
+    problem = exported_backend_problem(backend, onnx, quantize, f"backend '{backend}'")
+    if problem is not None:
+        table.fail(problem)
     return ClassifierStageSpec(name, model, device, below, above, quantize, backend, onnx)
+
+
+def exported_backend_problem(backend: str, onnx: Path | None, quantize: str | None, what: str) -> str | None:
+    """Why a classifier cannot run on `backend` (`what` names how it was asked for), or None."""
+    if backend not in EXPORTED_BACKENDS:
+        return None
+    if onnx is None:
+        return f"{what} needs key 'onnx' (the classifier.onnx python -m tools.export wrote)"
+    if quantize not in (None, "none"):
+        return (f"key 'quantize' ({quantize!r}) is for backend 'torch': {what} runs the exported "
+                f"{EXPORTED_PRECISION[backend]}")
+    return None
 
 
 def classifier_onnx(root: Path, table: ConfigReader) -> Path | None:
@@ -214,17 +224,12 @@ def with_backend(bundle: Bundle, backend: str) -> Bundle:
     if backend not in BACKENDS:
         raise ModelLoadError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     first = bundle.stages[0]
-    if backend in EXPORTED_BACKENDS:
-        if not bundle.from_toml:
-            raise ModelLoadError(f"{bundle.root}: --backend {backend} needs a bundle (cascade.toml) whose "
-                                 f"classifier stage names its exported graph in key 'onnx'")
-        where = bundle.where(0)
-        if first.onnx is None:
-            raise ModelLoadError(f"{where}: --backend {backend} needs key 'onnx' (the classifier.onnx python -m "
-                                 f"tools.export wrote)")
-        if first.quantize not in (None, "none"):
-            raise ModelLoadError(f"{where}: key 'quantize' ({first.quantize!r}) is for backend 'torch': "
-                                 f"--backend {backend} runs the exported {EXPORTED_PRECISION[backend]}")
+    if backend in EXPORTED_BACKENDS and not bundle.from_toml:
+        raise ModelLoadError(f"{bundle.root}: --backend {backend} needs a bundle (cascade.toml) whose "
+                             f"classifier stage names its exported graph in key 'onnx'")
+    problem = exported_backend_problem(backend, first.onnx, first.quantize, f"--backend {backend}")
+    if problem is not None:
+        raise ModelLoadError(f"{bundle.where(0)}: {problem}")
     return replace(bundle, stages=(replace(first, backend=backend), *bundle.stages[1:]))
 
 
