@@ -17,7 +17,7 @@ import numpy as np
 import safetensors.torch as st
 import torch
 
-from imagesets.labeled import list_labeled
+from imagesets.labeled import LabeledSet, list_labeled
 from kernels.preprocess import PreprocessSpec, preprocess_reference
 from runtime.image_decode import decode_image
 from runtime.cascade.engine import image_tensor
@@ -26,16 +26,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class LabeledFolder:
-    root: Path
-    files: list[str]                       # relative to root, e.g. "roadwork/000012.jpg"
-    labels: np.ndarray                     # (N,) int64: 1 roadwork, 0 none
-    levels: np.ndarray                     # (N,) int64 augmentation level, -1 where meta.jsonl says nothing
+class LabeledFolder(LabeledSet):
+    """A labeled folder (imagesets/labeled.py) with its annotations.json boxes, when it has them."""
     boxes: list[np.ndarray] | None         # per image (M, 4) float32 x0, y0, x1, y1 as fractions of width/height
     box_classes: list[list[str]] | None    # per image M category names
-
-    def __len__(self) -> int:
-        return len(self.files)
 
     def subset(self, index: np.ndarray) -> LabeledFolder:
         pick = [int(i) for i in index]
